@@ -1,0 +1,32 @@
+"""preimage: invert deep generative models exactly, one layer at a time.
+
+>>> import preimage
+>>> net = preimage.random_network([20, 100, 500], seed=0)
+>>> x = net.forward(z)
+>>> result = preimage.invert(net, x)
+"""
+
+from preimage.certificate import Certificate, certify_unique
+from preimage.invert import InversionResult, LayerReport, invert
+from preimage.layer_inversion import STATUSES, LayerResult, invert_layer
+from preimage.network import Activation, Layer, Network, random_network
+from preimage.operators import DenseOperator, LinearOperator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STATUSES",
+    "Activation",
+    "Certificate",
+    "DenseOperator",
+    "InversionResult",
+    "Layer",
+    "LayerReport",
+    "LayerResult",
+    "LinearOperator",
+    "Network",
+    "certify_unique",
+    "invert",
+    "invert_layer",
+    "random_network",
+]

@@ -1,0 +1,285 @@
+"""The layer-wise driver: invert a deep network from the output down.
+
+x_d = x is the observation; for i = d, ..., 1 the preimage of x_i under
+layer i (an LP, `invert_layer`) becomes the observation of layer i - 1, and
+x_0 = z. The per-layer verdicts compose into one verdict per sample:
+
+- every layer "unique"                     -> "unique" (the chain is forced);
+- the output layer (or a layer below only
+  unique ones) has no preimage             -> "infeasible": x is not in the
+                                              range of G, proved;
+- a layer has no preimage after a layer
+  above picked one point of many           -> "failed": the pick may have
+                                              been poor, x may be in range;
+- a layer has several preimages and the
+  witness maps back to a second z          -> "non_unique" (with that z);
+- otherwise                                -> "feasible" (a checked preimage,
+                                              uniqueness unsettled).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from preimage._validation import check_observation, check_positive, input_precision
+from preimage.layer_inversion import STATUSES, LayerResult, invert_layer
+from preimage.network import Network
+
+ProgressCallback = Callable[[int, int], None]
+
+#: Default relative tolerance by the precision of the observation or the model.
+DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-5}
+
+
+@dataclass
+class LayerReport:
+    """Per-layer diagnostics over the batch (arrays of shape (B,)).
+
+    A sample whose inversion stopped at a layer above has status "not_reached".
+    """
+
+    index: int
+    status: np.ndarray
+    n_active: np.ndarray
+    rank: np.ndarray
+    sigma_min: np.ndarray
+    residual: np.ndarray
+    used_lp: np.ndarray
+    time: np.ndarray
+
+
+@dataclass
+class InversionResult:
+    """What `invert` found.
+
+    Attributes
+    ----------
+    z : ndarray of shape (k,) or (B, k)
+        The recovered codes (NaN rows where no preimage was found).
+    status : str or ndarray of str of shape (B,)
+        One of "unique", "non_unique", "feasible", "infeasible", "failed".
+    success : bool or ndarray of bool
+        True where z is a checked preimage (unique, non_unique or feasible).
+    residual : float or ndarray
+        |G(z) - x|_inf / max(|x|_inf, tiny): relative misfit of the answer.
+    witness : ndarray like z
+        A second preimage z' != z where status is "non_unique", else NaN.
+    message : str or list of str
+        Why each sample ended as it did.
+    layers : tuple of LayerReport
+        Per-layer diagnostics, `layers[i]` for network layer i (0 = latent side).
+    method : str
+    rtol : float
+    time : float
+        Wall-clock seconds for the whole call.
+    """
+
+    z: np.ndarray
+    status: Any
+    success: Any
+    residual: Any
+    witness: np.ndarray
+    message: Any
+    layers: tuple[LayerReport, ...]
+    method: str
+    rtol: float
+    time: float
+
+    def counts(self) -> dict[str, int]:
+        """How many samples ended in each status."""
+        status = np.atleast_1d(np.asarray(self.status))
+        return {s: int(np.sum(status == s)) for s in STATUSES if np.any(status == s)}
+
+    def __repr__(self) -> str:
+        n = int(np.atleast_1d(np.asarray(self.status)).size)
+        return (
+            f"InversionResult(method={self.method!r}, samples={n}, counts={self.counts()}, "
+            f"time={self.time:.3g}s)"
+        )
+
+
+@dataclass
+class _SampleOutcome:
+    z: np.ndarray
+    status: str
+    message: str
+    witness: np.ndarray
+    layers: list[LayerResult | None]
+
+
+def _nonneg_input(net: Network, i: int) -> bool:
+    """Whether layer i's input is a ReLU (or sigmoid) output, hence >= 0."""
+    return i > 0 and net.layers[i - 1].activation.output_nonnegative
+
+
+def _descend(
+    net: Network, y: np.ndarray, top: int, rtol: float
+) -> tuple[np.ndarray | None, list[LayerResult | None]]:
+    """Invert layers top, top-1, ..., 0 starting from observation y of layer `top`."""
+    results: list[LayerResult | None] = [None] * len(net.layers)
+    h = y
+    for i in range(top, -1, -1):
+        res = invert_layer(net.layers[i], h, nonneg=_nonneg_input(net, i), rtol=rtol)
+        results[i] = res
+        if res.status in ("infeasible", "failed"):
+            return None, results
+        h = res.h
+    return h, results
+
+
+def _invert_one(net: Network, x: np.ndarray, rtol: float) -> _SampleOutcome:
+    k = net.latent_dim
+    nan = np.full(k, np.nan)
+    top = len(net.layers) - 1
+    z, results = _descend(net, x, top, rtol)
+    reached = [r for r in results if r is not None]
+    if z is None:
+        bad = min(i for i, r in enumerate(results) if r is not None)
+        last = results[bad]
+        assert last is not None
+        above = [results[i] for i in range(bad + 1, top + 1)]
+        forced = all(r is not None and r.status == "unique" for r in above)
+        if last.status == "infeasible" and forced:
+            where = "the output layer" if bad == top else f"layer {bad} (all layers above unique)"
+            return _SampleOutcome(
+                nan, "infeasible", f"x is not in the range of G: {where}: {last.message}",
+                nan, results,
+            )
+        return _SampleOutcome(
+            nan,
+            "failed",
+            f"layer {bad}: {last.message}"
+            + ("" if forced else " (after a layer above chose one of several preimages)"),
+            nan,
+            results,
+        )
+    if all(r.status == "unique" for r in reached):
+        return _SampleOutcome(z, "unique", "every layer's preimage is unique", nan, results)
+    # Look for a second z: a layer's witness, carried down the layers below it
+    # (the lowest such layer first: fewest layers for the witness to survive).
+    for i in range(len(results)):
+        r = results[i]
+        if r is None or r.status != "non_unique" or r.witness is None:
+            continue
+        if i == 0:
+            return _SampleOutcome(
+                z, "non_unique", f"layer 0: {r.message}", r.witness.copy(), results
+            )
+        z2, _ = _descend(net, r.witness, i - 1, rtol)
+        if z2 is not None:
+            return _SampleOutcome(
+                z,
+                "non_unique",
+                f"layer {i} has a second preimage that maps back to a second z",
+                z2,
+                results,
+            )
+    unsettled = [i for i, r in enumerate(results) if r is not None and r.status != "unique"]
+    return _SampleOutcome(
+        z,
+        "feasible",
+        f"a preimage of x; uniqueness unsettled at layer(s) {unsettled}",
+        nan,
+        results,
+    )
+
+
+def invert(
+    net: Network,
+    x: Any,
+    *,
+    method: str = "exact",
+    rtol: float | None = None,
+    progress: ProgressCallback | None = None,
+) -> InversionResult:
+    """Find z with G(z) = x, layer by layer, and say whether it is unique.
+
+    Parameters
+    ----------
+    net : Network
+        The generator G.
+    x : array-like of shape (n,) or (B, n)
+        Observations (NumPy array or torch tensor; never modified).
+    method : "exact"
+        The layer-wise LP method of Lei et al. (2019).
+    rtol : float, optional
+        Relative tolerance for the activation threshold and the checks
+        (see `preimage.layer_inversion`). Default 1e-9 for float64 data and
+        models, 1e-5 when either is float32.
+    progress : callable(done, total), optional
+        Called after each sample.
+
+    Returns
+    -------
+    InversionResult
+    """
+    if not isinstance(net, Network):
+        raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
+    if method != "exact":
+        raise ValueError(f"`method` must be one of ('exact',); got {method!r}.")
+    if rtol is None:
+        low = "float32" in (input_precision(x), net.source_dtype)
+        rtol = DEFAULT_RTOL["float32" if low else "float64"]
+    rtol = check_positive(rtol, "rtol")
+    xb, single = check_observation(x, net.output_dim)
+    start = time.perf_counter()
+
+    outcomes = []
+    for b in range(xb.shape[0]):
+        outcomes.append(_invert_one(net, xb[b], rtol))
+        if progress is not None:
+            progress(b + 1, xb.shape[0])
+    return _collect(net, xb, outcomes, single, "exact", rtol, time.perf_counter() - start)
+
+
+def _collect(
+    net: Network,
+    xb: np.ndarray,
+    outcomes: list[_SampleOutcome],
+    single: bool,
+    method: str,
+    rtol: float,
+    elapsed: float,
+) -> InversionResult:
+    z = np.stack([o.z for o in outcomes])
+    witness = np.stack([o.witness for o in outcomes])
+    status = np.array([o.status for o in outcomes], dtype=object)
+    success = np.isin(status, ("unique", "non_unique", "feasible"))
+    residual = np.full(len(outcomes), np.nan)
+    if success.any():
+        fx = net.forward(z[success])
+        scale = np.maximum(np.max(np.abs(xb[success]), axis=1), 1e-300)
+        residual[success] = np.max(np.abs(fx - xb[success]), axis=1) / scale
+    reports = []
+    for i in range(len(net.layers)):
+        rs = [o.layers[i] for o in outcomes]
+
+        def col(attr: str, missing: Any, rs: list[LayerResult | None] = rs) -> np.ndarray:
+            return np.array([missing if r is None else getattr(r, attr) for r in rs])
+
+        reports.append(
+            LayerReport(
+                index=i,
+                status=col("status", "not_reached").astype(object),
+                n_active=col("n_active", -1),
+                rank=col("rank", -1),
+                sigma_min=col("sigma_min", np.nan).astype(float),
+                residual=col("residual", np.nan).astype(float),
+                used_lp=col("used_lp", False).astype(bool),
+                time=col("time", 0.0).astype(float),
+            )
+        )
+    messages = [o.message for o in outcomes]
+    if single:
+        return InversionResult(
+            z[0], str(status[0]), bool(success[0]), float(residual[0]), witness[0], messages[0],
+            tuple(reports), method, rtol, elapsed,
+        )
+    return InversionResult(
+        z, status, success, residual, witness, messages, tuple(reports), method, rtol, elapsed
+    )

@@ -1,0 +1,252 @@
+"""Exact inversion of one layer y = act(W h + b).
+
+ReLU (the paper's Theorem: one layer is inverted exactly in polynomial time).
+With A = {i : y_i > tau} the active units and I the rest, the preimage is
+the polyhedron (../NOTES-math.md section 1)
+
+    P(y) = { h in D :  W_A h + b_A = y_A,     (active: equalities)
+                       W_I h + b_I <= 0 }     (inactive: inequalities)
+
+with D = R^n_+ when h is itself a ReLU output, else R^n. Bijective
+activations (LeakyReLU, identity, tanh, sigmoid) are undone elementwise and
+leave only equalities: the same polyhedron with A = all units.
+
+The equalities are solved first through an SVD of W_A: when W_A has full
+column rank they fix h (unique; the inequalities are then only checked).
+Otherwise h = h0 + N u with N a basis of null(W_A), and the LP runs over the
+k = n - rank(W_A) coordinates u only (`_polyhedron_lp`).
+
+Tolerances: every threshold is ``rtol`` times the scale of the data,
+``scale = max(|y|_inf, |b|_inf)``: units with y_i <= rtol * scale count as
+inactive, and inactive rows may reach rtol * scale (the observation cannot
+tell a pre-activation of 1e-12 from 0). Equalities hold within
+``rtol * size``, the size of the rounding
+error of w_i h + b_i, size = scale + max_i sum_j |w_ij h_j|. The answer is
+accepted only after a forward pass: |act(W h + b) - y|_inf <= 10 rtol size.
+Tightness (for the uniqueness certificate) uses TIGHT_RTOL * size instead:
+it reflects the accuracy of the float64 solve, not of the data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linprog
+
+from preimage.certificate import certify_unique
+from preimage.network import Layer
+
+#: The statuses a layer (and a whole inversion) can end with.
+STATUSES: tuple[str, ...] = ("unique", "non_unique", "feasible", "infeasible", "failed")
+
+#: Relative tolerance for "this constraint is tight at h" (float64 solve accuracy).
+TIGHT_RTOL = 1e-8
+
+
+@dataclass
+class LayerResult:
+    """The outcome of inverting one layer for one sample.
+
+    Attributes
+    ----------
+    h : ndarray of shape (n,)
+        The chosen preimage (NaN when infeasible or failed).
+    status : one of STATUSES
+        "unique": h is proved to be the only preimage; "non_unique": `witness`
+        is a second one; "feasible": h is a preimage, uniqueness unsettled;
+        "infeasible": y has no preimage under this layer; "failed": the
+        solver gave no usable answer (see `message`).
+    message : str
+    n_active : number of units taken as equalities
+    rank : rank of W_A
+    sigma_min : smallest nonzero singular value of W_A (for error bounds)
+    residual : |act(W h + b) - y|_inf (NaN when there is no h)
+    used_lp : whether an LP was solved (the rank-deficient case)
+    witness : ndarray of shape (n,) or None
+    time : seconds spent
+    """
+
+    h: np.ndarray
+    status: str
+    message: str
+    n_active: int
+    rank: int
+    sigma_min: float
+    residual: float
+    used_lp: bool = False
+    witness: np.ndarray | None = None
+    time: float = 0.0
+    tol: float = field(default=0.0, repr=False)
+
+
+def _polyhedron_lp(
+    h0: np.ndarray,
+    null_basis: np.ndarray,
+    w_ineq: np.ndarray,
+    rhs_ineq: np.ndarray,
+    *,
+    nonneg: bool,
+) -> tuple[np.ndarray | None, str]:
+    """A point of P in null-space coordinates: h = h0 + N u.
+
+        minimise    1^T (h0 + N u)          (only when D = R^n_+: the sparsest
+                                              point, NOTES-math section 3)
+        subject to  W_I N u <= rhs - W_I h0  (inactive rows)
+                    -N u    <= h0            (h >= 0, when D = R^n_+)
+                    u free, k variables
+
+    Returns (h, message); h is None when the LP is infeasible or fails.
+    """
+    n, k = null_basis.shape
+    a_ub = [w_ineq @ null_basis]
+    b_ub = [rhs_ineq - w_ineq @ h0]
+    if nonneg:
+        a_ub.append(-null_basis)
+        b_ub.append(h0)
+    cost = null_basis.sum(axis=0) if nonneg else np.zeros(k)
+    res = linprog(
+        cost,
+        A_ub=np.vstack(a_ub),
+        b_ub=np.concatenate(b_ub),
+        bounds=(None, None),
+        method="highs",
+    )
+    if res.status == 0:
+        return h0 + null_basis @ res.x, "LP solved (HiGHS: optimal)"
+    if res.status == 2:
+        return None, "the active equalities and inactive inequalities have no common point"
+    return None, f"HiGHS did not solve the layer LP (status {res.status}: {res.message})"
+
+
+def invert_layer(
+    layer: Layer, y: np.ndarray, *, nonneg: bool = False, rtol: float = 1e-9
+) -> LayerResult:
+    """All of P(y) for one layer, summarised by one point and a verdict.
+
+    Parameters
+    ----------
+    layer : Layer
+        y = act(W h + b), W of shape (m, n).
+    y : ndarray of shape (m,)
+        The observed output of the layer.
+    nonneg : bool
+        Whether h is known to be >= 0 (it is the output of a ReLU).
+    rtol : float
+        Relative tolerance, see the module docstring.
+
+    Returns
+    -------
+    LayerResult
+    """
+    start = time.perf_counter()
+    m, n = layer.weight.shape
+    b = layer.bias_or_zero()
+    active = np.ones(m, dtype=bool)
+
+    def done(h: np.ndarray | None, status: str, message: str, **kw: object) -> LayerResult:
+        if h is None:
+            h, residual = np.full(n, np.nan), np.nan
+        else:
+            residual = float(np.max(np.abs(layer.forward(h[None])[0] - y)))
+        kw.setdefault("n_active", int(active.sum()))
+        kw.setdefault("rank", 0)
+        kw.setdefault("sigma_min", np.nan)
+        return LayerResult(
+            h, status, message, residual=residual, time=time.perf_counter() - start, **kw
+        )  # type: ignore[arg-type]
+
+    # Bijective activations are undone elementwise; a ReLU's output is its own target.
+    target = layer.activation.inverse(y) if layer.activation.is_bijective else y
+    if not np.all(np.isfinite(target)):
+        bad = int(np.sum(~np.isfinite(target)))
+        return done(
+            None, "infeasible", f"{bad} output(s) lie outside the range of {layer.activation}"
+        )
+    scale = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)), 1e-300)
+    tau = rtol * scale
+    if not layer.activation.is_bijective:
+        if np.any(y < -tau):
+            return done(None, "infeasible", "a ReLU output is negative", n_active=0)
+        active = y > tau
+    inactive = ~active
+
+    # Equalities W_A h = y_A - b_A through the SVD of W_A.
+    w_a = layer.weight.rows(np.flatnonzero(active))
+    r_a = target[active] - b[active]
+    if w_a.shape[0] > 0:
+        u_, s, vt = np.linalg.svd(w_a, full_matrices=w_a.shape[0] < n)
+        rank = int(np.sum(s > s[0] * max(w_a.shape) * np.finfo(float).eps))
+        h0 = vt[:rank].T @ ((u_[:, :rank].T @ r_a) / s[:rank])
+        sigma_min = float(s[rank - 1]) if rank else np.nan
+    else:
+        vt, rank, h0, sigma_min = np.eye(n), 0, np.zeros(n), np.nan
+    null_basis = vt[rank:].T
+    info = {"rank": rank, "sigma_min": sigma_min}
+
+    tol = rtol * (scale + float(np.max(np.abs(layer.weight.matrix()) @ np.abs(h0))))
+    if w_a.shape[0] and np.max(np.abs(w_a @ h0 - r_a)) > 10 * tol:
+        return done(
+            None,
+            "infeasible",
+            "the active units' equations W_A h + b_A = y_A have no common solution "
+            f"(least-squares residual {np.max(np.abs(w_a @ h0 - r_a)):.3g})",
+            **info,
+        )
+
+    w_i = layer.weight.rows(np.flatnonzero(inactive))
+    rhs_i = tau - b[inactive]  # w_i h + b_i <= tau
+    used_lp = False
+    feasible_h0 = bool(np.all(w_i @ h0 <= rhs_i + tol)) and (not nonneg or h0.min() >= -tol)
+    if rank == n or (feasible_h0 and not nonneg):
+        # Full column rank: the equalities fix h. Otherwise h0 (the least-norm
+        # solution) is as good a pick as any on an unconstrained domain.
+        if not feasible_h0:
+            return done(
+                None,
+                "infeasible",
+                "the unique solution of the active equalities violates an inactive unit "
+                "or h >= 0",
+                **info,
+            )
+        h = np.maximum(h0, 0.0) if nonneg else h0
+        message = "solved the active equalities (full column rank)" if rank == n else (
+            "least-norm solution of the active equalities"
+        )
+    else:
+        used_lp = True
+        h_lp, message = _polyhedron_lp(h0, null_basis, w_i, rhs_i, nonneg=nonneg)
+        if h_lp is None:
+            status = "infeasible" if "no common point" in message else "failed"
+            return done(None, status, message, used_lp=True, **info)
+        h = np.maximum(h_lp, 0.0) if nonneg else h_lp
+
+    # Rounding in w_i h + b_i is about eps * sum_j |w_ij h_j|: the checks scale with it.
+    size = scale + float(np.max(np.abs(layer.weight.matrix()) @ np.abs(h)))
+    check_tol = 10 * rtol * size
+    residual = float(np.max(np.abs(layer.forward(h[None])[0] - y)))
+    if residual > check_tol:
+        return done(
+            None,
+            "failed",
+            f"the computed point does not reproduce y (|act(Wh+b) - y|_inf = {residual:.3g} > "
+            f"{check_tol:.3g})",
+            used_lp=used_lp,
+            **info,
+        )
+    # "Tight" reflects the float64 solve, not the data's precision: a constraint
+    # wrongly called tight could only make the certificate claim "unique" falsely.
+    cert = certify_unique(
+        layer, y, h, active, null_basis, nonneg=nonneg, tol=TIGHT_RTOL * size,
+        check_tol=check_tol,
+    )
+    return done(
+        h,
+        cert.verdict,
+        f"{message}; {cert.message}",
+        used_lp=used_lp,
+        witness=cert.witness,
+        tol=check_tol,
+        **info,
+    )

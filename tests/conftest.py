@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from hypothesis import settings
+
+matplotlib.use("Agg")
+
+# Derandomized in CI so a run is reproducible; random locally to keep exploring.
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=40)
+settings.register_profile("dev", deadline=None, max_examples=40)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+#: The paper authors' trained decoders, when the shared folder is beside the checkout.
+AUTHORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "invertgan_lp"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+def authors_state_dict(name: str) -> dict:
+    import torch
+
+    path = AUTHORS_DIR / name
+    if not path.exists():
+        pytest.skip(f"the authors' decoder {path} is not available")
+    return torch.load(path, map_location="cpu", weights_only=True)

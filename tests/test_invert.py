@@ -1,0 +1,190 @@
+"""Exact inversion: property tests on random networks, verdicts, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import preimage
+from preimage import invert, invert_layer, random_network
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@st.composite
+def expanding_nets(draw: st.DrawFn) -> tuple[preimage.Network, np.ndarray]:
+    k = draw(st.integers(5, 12))
+    depth = draw(st.integers(1, 3))
+    widths = [k]
+    for _ in range(depth):
+        widths.append(widths[-1] * draw(st.integers(4, 6)))
+    activation = draw(st.sampled_from(["relu", "leaky_relu"]))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    net = random_network(widths, activation=activation, bias=bias, seed=seed)
+    z = np.random.default_rng(seed + 1).standard_normal(k)
+    return net, z
+
+
+@given(expanding_nets())
+def test_expanding_nets_are_inverted_exactly(case: tuple[preimage.Network, np.ndarray]) -> None:
+    net, z = case
+    x = net.forward(z)
+    result = invert(net, x)
+    # With expansion >= 4 the latent layer is identifiable unless fewer than k
+    # of its units are active (probability < 1% at k >= 5); then z is truly
+    # not unique and the tool must say so with a checked second preimage.
+    n_active_latent = int(np.sum(net.forward_all(z)[1][0] > 0))
+    if result.status == "unique":
+        assert rel(result.z, z) < 1e-8
+    else:
+        assert net.layers[0].activation.kind == "relu" and n_active_latent < net.latent_dim
+        assert result.status == "non_unique"
+    assert result.success
+    assert rel(net.forward(result.z), x) < 1e-10
+
+
+@given(st.integers(0, 10_000), st.sampled_from([60, 110, 130, 160]))
+def test_unique_is_never_claimed_for_a_wrong_z(seed: int, k: int) -> None:
+    """[k, 250, 600]: past k ~ 125 the latent code is often not identifiable."""
+    net = random_network([k, 250, 600], seed=seed)
+    z = np.random.default_rng(seed).standard_normal((3, k))
+    x = net.forward(z)
+    result = invert(net, x)
+    for i in range(3):
+        assert result.status[i] != "infeasible"  # x = G(z) is in the range
+        if result.status[i] == "unique":
+            assert rel(result.z[i], z[i]) < 1e-8
+        if result.success[i]:
+            assert rel(net.forward(result.z[i]), x[i]) < 1e-8
+        if result.status[i] == "non_unique":
+            w = result.witness[i]
+            assert rel(net.forward(w), x[i]) < 1e-8
+            assert rel(w, result.z[i]) > 1e-6
+
+
+def test_non_unique_latent_layer_gives_a_checked_witness() -> None:
+    # k = 200 > the ~125 active units of a 250-wide layer: never identifiable.
+    net = random_network([200, 250, 600], seed=0)
+    z = np.random.default_rng(0).standard_normal(200)
+    x = net.forward(z)
+    result = invert(net, x)
+    assert result.status == "non_unique"
+    assert rel(net.forward(result.z), x) < 1e-8
+    assert rel(net.forward(result.witness), x) < 1e-8
+    assert rel(result.witness, result.z) > 1e-3
+    assert result.layers[0].rank[0] < 200
+
+
+def test_batch_shapes_and_reports(rng: np.random.Generator) -> None:
+    net = random_network([10, 50, 200], bias=True, seed=2)
+    z = rng.standard_normal((4, 10))
+    result = invert(net, net.forward(z))
+    assert result.z.shape == (4, 10)
+    assert list(result.status) == ["unique"] * 4
+    assert result.success.all()
+    assert len(result.layers) == 2
+    for report in result.layers:
+        assert report.status.shape == (4,)
+        assert (report.rank == net.layers[report.index].in_width).all()
+        assert (report.time >= 0).all()
+    assert result.counts() == {"unique": 4}
+    single = invert(net, net.forward(z[0]))
+    assert single.z.shape == (10,) and single.status == "unique"
+
+
+def test_out_of_range_observations_are_infeasible(rng: np.random.Generator) -> None:
+    net = random_network([20, 100, 500], seed=0)
+    x = net.forward(rng.standard_normal(20))
+    noisy = x + np.where(x > 0, 1e-3 * rng.standard_normal(500), 0.0)
+    bad = invert(net, noisy)
+    assert bad.status == "infeasible"
+    assert np.isnan(bad.z).all()
+    assert "not in the range" in bad.message
+    negative = x.copy()
+    negative[np.argmin(x)] = -1.0
+    assert invert(net, negative).status == "infeasible"
+    # an inactive unit that the active ones would make positive
+    flipped = x.copy()
+    flipped[np.argmax(x)] = 0.0
+    res = invert(net, flipped)
+    assert res.status in ("infeasible", "non_unique", "unique")
+    if res.success:
+        assert rel(net.forward(res.z), flipped) < 1e-8
+
+
+def test_sigmoid_output_out_of_range_is_infeasible() -> None:
+    net = preimage.Network.from_weights(
+        [np.random.default_rng(0).standard_normal((12, 3))], activation="sigmoid"
+    )
+    x = net.forward(np.array([0.5, -1.0, 2.0]))
+    assert invert(net, x).status == "unique"
+    x[0] = 1.5
+    assert invert(net, x).status == "infeasible"
+
+
+def test_invert_layer_full_rank_and_lp_paths(rng: np.random.Generator) -> None:
+    net = random_network([8, 40], seed=5)
+    layer = net.layers[0]
+    h = rng.standard_normal(8)
+    y = layer.forward(h[None])[0]
+    res = invert_layer(layer, y)
+    assert res.status == "unique" and not res.used_lp
+    assert rel(res.h, h) < 1e-10
+    # keep only 5 active units: rank 5 < 8, the LP path runs
+    y2 = y.copy()
+    y2[np.argsort(-y)[5:]] = 0.0
+    res2 = invert_layer(layer, y2)
+    assert res2.used_lp or res2.status == "infeasible"
+    if res2.h is not None and np.isfinite(res2.h).all():
+        assert np.max(np.abs(layer.forward(res2.h[None])[0] - y2)) < 1e-8
+
+
+def test_float32_observations_work(rng: np.random.Generator) -> None:
+    net = random_network([20, 100, 500], seed=1)
+    z = rng.standard_normal(20)
+    x32 = net.forward(z).astype(np.float32)
+    result = invert(net, x32)
+    assert result.rtol == pytest.approx(1e-5)
+    assert result.status == "unique"
+    assert rel(result.z, z) < 1e-5
+
+
+def test_inputs_are_not_modified(rng: np.random.Generator) -> None:
+    net = random_network([10, 50, 200], seed=2)
+    x = net.forward(rng.standard_normal((3, 10)))
+    before = x.copy()
+    invert(net, x)
+    assert np.array_equal(x, before)
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "match"),
+    [
+        (np.zeros(199), ValueError, "has 199 entries"),
+        (np.zeros((2, 3, 200)), ValueError, "must have shape"),
+        (np.zeros((0, 200)), ValueError, "empty batch"),
+        (np.full(200, np.nan), ValueError, "NaN"),
+        (np.full(200, np.inf), ValueError, "inf"),
+        ("abc", TypeError, "real numbers"),
+    ],
+)
+def test_bad_observations(x: object, error: type, match: str) -> None:
+    net = random_network([10, 50, 200], seed=2)
+    with pytest.raises(error, match=match):
+        invert(net, x)
+
+
+def test_bad_arguments() -> None:
+    net = random_network([10, 50, 200], seed=2)
+    x = net.forward(np.ones(10))
+    with pytest.raises(TypeError, match="preimage.Network"):
+        invert("net", x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rtol"):
+        invert(net, x, rtol=-1.0)
+    with pytest.raises(ValueError, match="method"):
+        invert(net, x, method="magic")
