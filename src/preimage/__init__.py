@@ -7,6 +7,7 @@
 """
 
 from preimage.certificate import Certificate, certify_unique
+from preimage.global_search import GlobalSettings
 from preimage.invert import InversionResult, LayerReport, invert
 from preimage.layer_inversion import STATUSES, LayerResult, invert_layer
 from preimage.network import Activation, Layer, Network, random_network
@@ -19,6 +20,7 @@ __all__ = [
     "Activation",
     "Certificate",
     "DenseOperator",
+    "GlobalSettings",
     "InversionResult",
     "Layer",
     "LayerReport",

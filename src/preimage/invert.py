@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from preimage._validation import check_observation, check_positive, input_precision
+from preimage.global_search import GlobalSettings, invert_below
 from preimage.layer_inversion import STATUSES, LayerResult, invert_layer
 from preimage.network import Network
 
 ProgressCallback = Callable[[int, int], None]
 
-#: Default relative tolerance by the precision of the observation or the model.
+#: Default relative tolerance by the precision of the observation.
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-5}
 
 
@@ -189,12 +190,45 @@ def _invert_one(net: Network, x: np.ndarray, rtol: float) -> _SampleOutcome:
     )
 
 
+def _settle_globally(
+    net: Network, x: np.ndarray, outcome: _SampleOutcome, rtol: float, settings: GlobalSettings
+) -> _SampleOutcome:
+    """Retry a "failed" or "feasible" sample below its first non-unique layer.
+
+    The layers above that layer were unique, so its observation is forced and
+    what the search finds holds for the whole network.
+    """
+    top = len(net.layers) - 1
+    j, y = top, x
+    while j >= 0 and outcome.layers[j] is not None and outcome.layers[j].status == "unique":
+        layer_result = outcome.layers[j]
+        assert layer_result is not None
+        y, j = layer_result.h, j - 1
+    if j < 1 or outcome.layers[j] is None:
+        return outcome
+    if outcome.status == "feasible" and not settings.milp:
+        return outcome  # only the MILP can add a verdict to a checked preimage
+    found = invert_below(net, j, y, rtol=rtol, settings=settings, start=outcome.z)
+    nan = np.full(net.latent_dim, np.nan)
+    if found.z is None:
+        note = f"; global search below layer {j}: {found.message}"
+        return _SampleOutcome(
+            outcome.z, outcome.status, outcome.message + note, outcome.witness, outcome.layers
+        )
+    if found.verdict == "non_unique" and found.witness is not None:
+        return _SampleOutcome(found.z, "non_unique", found.message, found.witness, outcome.layers)
+    if found.verdict == "unique":
+        return _SampleOutcome(found.z, "unique", found.message, nan, outcome.layers)
+    return _SampleOutcome(found.z, "feasible", found.message, nan, outcome.layers)
+
+
 def invert(
     net: Network,
     x: Any,
     *,
     method: str = "exact",
     rtol: float | None = None,
+    fallback: GlobalSettings | None = None,
     progress: ProgressCallback | None = None,
 ) -> InversionResult:
     """Find z with G(z) = x, layer by layer, and say whether it is unique.
@@ -209,8 +243,14 @@ def invert(
         The layer-wise LP method of Lei et al. (2019).
     rtol : float, optional
         Relative tolerance for the activation threshold and the checks
-        (see `preimage.layer_inversion`). Default 1e-9 for float64 data and
-        models, 1e-5 when either is float32.
+        (see `preimage.layer_inversion`). Default 1e-9 for float64 x, 1e-5 for
+        float32 (or half precision) x. A float64 x that was computed in float32
+        needs ``rtol=1e-5``: otherwise its rounding errors make it "infeasible".
+    fallback : GlobalSettings, optional
+        The search below the first non-unique layer for samples the layer-wise
+        method leaves "failed" or "feasible" (`preimage.global_search`):
+        pattern search by default, the MILP with ``GlobalSettings(milp=True)``,
+        nothing with ``GlobalSettings(enabled=False)``.
     progress : callable(done, total), optional
         Called after each sample.
 
@@ -223,15 +263,18 @@ def invert(
     if method != "exact":
         raise ValueError(f"`method` must be one of ('exact',); got {method!r}.")
     if rtol is None:
-        low = "float32" in (input_precision(x), net.source_dtype)
-        rtol = DEFAULT_RTOL["float32" if low else "float64"]
+        rtol = DEFAULT_RTOL[input_precision(x)]
     rtol = check_positive(rtol, "rtol")
     xb, single = check_observation(x, net.output_dim)
     start = time.perf_counter()
 
+    settings = fallback if fallback is not None else GlobalSettings()
     outcomes = []
     for b in range(xb.shape[0]):
-        outcomes.append(_invert_one(net, xb[b], rtol))
+        outcome = _invert_one(net, xb[b], rtol)
+        if settings.enabled and outcome.status in ("failed", "feasible"):
+            outcome = _settle_globally(net, xb[b], outcome, rtol, settings)
+        outcomes.append(outcome)
         if progress is not None:
             progress(b + 1, xb.shape[0])
     return _collect(net, xb, outcomes, single, "exact", rtol, time.perf_counter() - start)

@@ -99,7 +99,7 @@ def _polyhedron_lp(
 
     Returns (h, message); h is None when the LP is infeasible or fails.
     """
-    n, k = null_basis.shape
+    _n, k = null_basis.shape
     a_ub = [w_ineq @ null_basis]
     b_ub = [rhs_ineq - w_ineq @ h0]
     if nonneg:
@@ -250,3 +250,34 @@ def invert_layer(
         tol=check_tol,
         **info,
     )
+
+
+@dataclass(frozen=True)
+class ActiveSet:
+    """The linear constraints one observation y puts on a layer's input h.
+
+    Rows in `active` are equalities w_i h + b_i = target_i; the others are
+    inequalities w_i h + b_i <= tau (ReLU units observed at 0). For bijective
+    activations every row is active and target = act^{-1}(y).
+    """
+
+    active: np.ndarray
+    target: np.ndarray
+    tau: float
+    scale: float
+
+
+def active_set(layer: Layer, y: np.ndarray, rtol: float) -> ActiveSet | str:
+    """The constraints of P(y), or a message saying why y is out of range."""
+    b = layer.bias_or_zero()
+    target = layer.activation.inverse(y) if layer.activation.is_bijective else y
+    if not np.all(np.isfinite(target)):
+        bad = int(np.sum(~np.isfinite(target)))
+        return f"{bad} output(s) lie outside the range of {layer.activation}"
+    scale = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)), 1e-300)
+    tau = rtol * scale
+    if layer.activation.is_bijective:
+        return ActiveSet(np.ones(layer.out_width, dtype=bool), target, tau, scale)
+    if np.any(y < -tau):
+        return "a ReLU output is negative"
+    return ActiveSet(y > tau, target, tau, scale)

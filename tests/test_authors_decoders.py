@@ -1,0 +1,69 @@
+"""The paper authors' trained MNIST decoders (skipped when ../shared is absent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from preimage import Network, invert
+from tests.conftest import authors_state_dict
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_relu_decoder_200_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    net = Network.from_state_dict(
+        authors_state_dict("trained_vae_20_60_784_nobias.pth"), ["fc3", "fc4"]
+    )
+    assert net.widths == [20, 60, 784] and net.source_dtype == "float32"
+    z = np.random.default_rng(0).standard_normal((200, 20))
+    x = net.forward(z)
+    result = invert(net, x)
+    status = result.status
+    # x = G(z) is in the range: never "infeasible", and every answer reproduces x.
+    assert not np.any(status == "infeasible")
+    ok = result.success
+    assert np.all(rel(net.forward(result.z[ok]), x[ok]) < 1e-8)
+    unique = status == "unique"
+    assert np.all(rel(result.z[unique], z[unique]) < 1e-8)
+    witness = status == "non_unique"
+    if witness.any():
+        assert np.all(rel(net.forward(result.witness[witness]), x[witness]) < 1e-8)
+    counts = result.counts()
+    with capsys.disabled():
+        print(f"\nauthors' ReLU decoder 20-60-784, 200 codes: {counts}; "
+              f"G(z_hat) = x for {int(ok.sum())}/200")
+    assert counts.get("unique", 0) >= 150
+    assert ok.sum() >= 180
+
+
+def test_leaky_decoder_is_inverted_exactly() -> None:
+    net = Network.from_state_dict(
+        authors_state_dict("trained_vae_leakyrelu_20_200_500_784.pth"),
+        ["fc3", "fc4", "fc5"],
+        activation="leaky_relu",
+    )
+    z = np.random.default_rng(1).standard_normal((20, 20))
+    result = invert(net, net.forward(z))
+    assert list(result.status) == ["unique"] * 20
+    assert np.all(rel(result.z, z) < 1e-8)
+
+
+def test_float32_torch_observations() -> None:
+    import torch
+
+    net = Network.from_state_dict(
+        authors_state_dict("trained_vae_20_60_784_nobias.pth"), ["fc3", "fc4"]
+    )
+    module = net.to_torch(torch.float32)
+    z = np.random.default_rng(2).standard_normal((20, 20))
+    with torch.no_grad():
+        x32 = module(torch.as_tensor(z, dtype=torch.float32))
+    result = invert(net, x32)  # a float32 tensor: rtol 1e-5
+    assert result.rtol == pytest.approx(1e-5)
+    assert not np.any(result.status == "infeasible")
+    ok = result.status == "unique"
+    assert ok.sum() >= 14
+    assert np.all(rel(result.z[ok], z[ok]) < 1e-4)
