@@ -1,0 +1,222 @@
+"""The experiments, their CSVs and figures, resuming, the demo and the example (all small)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from preimage import experiments as ex
+from preimage.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+STATUSES = {"unique", "non_unique", "feasible", "infeasible", "failed"}
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _grid_size(name: str, config: ex.Config) -> int:
+    """(settings x methods) of the experiment's grid."""
+    return sum(len(s.solvers) for s in ex.EXPERIMENTS[name].settings(config))
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """Every experiment run once through the CLI with ``--runs 3 --quick``: (folder, stdout)."""
+    out = tmp_path_factory.mktemp("experiments")
+    printed = {}
+    for name in ex.EXPERIMENTS:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(["experiment", name, "--runs", "3", "--quick", "--out", str(out)])
+        assert code == 0
+        printed[name] = buffer.getvalue()
+    return {name: (out, text) for name, text in printed.items()}
+
+
+@pytest.mark.parametrize("name", sorted(ex.EXPERIMENTS))
+def test_every_experiment_runs_3_runs_to_a_csv_and_a_png(
+    name: str, quick_runs: dict[str, tuple[Path, str]]
+) -> None:
+    out, printed = quick_runs[name]
+    csv_path, png = out / f"{name}.csv", out / f"{name}.png"
+    assert str(csv_path.resolve()) in printed and str(png.resolve()) in printed
+    rows = _csv(csv_path)
+    assert tuple(rows[0]) == ex.columns(name)
+    params = ex.EXPERIMENTS[name].params
+    # one row per (setting, method, run), nothing twice
+    keys = [(*(r[p] for p in params), r["method"], r["run"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 3 * _grid_size(name, ex.Config(runs=3, quick=True))
+    assert {r["run"] for r in rows} == {"0", "1", "2"}
+    for r in rows:
+        assert r["experiment"] == name
+        assert r["status"] in STATUSES
+        assert float(r["time"]) > 0
+        assert r["in_range"] in ("True", "False")
+        if r["status"] in ("infeasible", "failed") and r["method"] != "adam":
+            assert np.isnan(float(r["misfit"]))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latent_dim_rows_match_the_theory(quick_runs: dict[str, tuple[Path, str]]) -> None:
+    """Small k: the LP recovers z exactly; k = 250 on a 250-wide ReLU layer: it cannot."""
+    rows = ex.read_rows(quick_runs["latent-dim"][0] / "latent-dim.csv")
+    lp = {(r["activation"], r["k"], r["run"]): r for r in rows if r["method"] == "lp"}
+    for run in range(3):
+        assert lp["relu", 10, run]["error"] < 1e-9 and lp["relu", 10, run]["status"] == "unique"
+        big = lp["relu", 250, run]
+        assert big["status"] == "non_unique" and big["in_range"]  # G(z_hat) = x, z_hat != z
+        assert big["error"] > ex.SUCCESS_RTOL
+        # LeakyReLU is a bijection: [250, 250, 600] is still invertible
+        assert lp["leaky_relu", 250, run]["error"] < 1e-6
+    assert ex.identifiability_limit(10) == pytest.approx(1.0)
+    assert ex.identifiability_limit(125) == pytest.approx(0.525, abs=0.01)
+    assert ex.identifiability_limit(200) < 1e-15
+
+
+def test_mnist_decoder_rows(quick_runs: dict[str, tuple[Path, str]]) -> None:
+    rows = ex.read_rows(quick_runs["mnist-decoder"][0] / "mnist-decoder.csv")
+    leaky_lp = [r for r in rows if r["decoder"] == "shipped-leaky_relu" and r["method"] == "lp"]
+    assert all(r["status"] == "unique" and r["error"] < 1e-9 for r in leaky_lp)
+    relu_lp = [r for r in rows if r["decoder"] == "shipped-relu" and r["method"] == "lp"]
+    assert all(r["in_range"] for r in relu_lp)  # unique or not, G(z_hat) = x
+    encoder = [r for r in rows if r["method"] == "encoder"]
+    assert all(0 < r["error"] < 5 for r in encoder)
+
+
+def test_resume_skips_done_runs_and_adds_missing_ones(
+    tmp_path: Path, quick_runs: dict[str, tuple[Path, str]]
+) -> None:
+    path = tmp_path / "mnist-decoder.csv"
+    experiment = ex.EXPERIMENTS["mnist-decoder"]
+    config = ex.Config(runs=2, quick=True)
+    # interrupted: only the first (setting, method) made it to the file
+    first = next(iter(ex.run_experiment("mnist-decoder", config)))
+    ex.append_rows(path, "mnist-decoder", first)
+    done = ex.done_keys(path, "mnist-decoder")
+    assert len(done) == len(first) == 2
+    calls: list[tuple[int, int]] = []
+    rest = [
+        r
+        for chunk in ex.run_experiment(
+            "mnist-decoder", config, done=done, progress=lambda d, t: calls.append((d, t))
+        )
+        for r in chunk
+    ]
+    n_grid = _grid_size("mnist-decoder", config)
+    assert len(rest) == 2 * n_grid - 2
+    assert calls[0] == (0, len(rest)) and calls[-1] == (len(rest), len(rest))
+    ex.append_rows(path, "mnist-decoder", rest)
+    # more runs later: only run 2 of each (setting, method) is computed
+    config3 = ex.Config(runs=3, quick=True)
+    more = [
+        r
+        for chunk in ex.run_experiment(
+            "mnist-decoder", config3, done=ex.done_keys(path, "mnist-decoder")
+        )
+        for r in chunk
+    ]
+    assert {r["run"] for r in more} == {2} and len(more) == n_grid
+    ex.append_rows(path, "mnist-decoder", more)
+    # nothing left: nothing computed
+    assert list(ex.run_experiment("mnist-decoder", config3,
+                                  done=ex.done_keys(path, "mnist-decoder"))) == []
+    # runs are keyed, not sequential: the exact method's rows equal an uninterrupted run's
+    fresh = {ex.row_key(experiment, r): r for r in
+             ex.read_rows(quick_runs["mnist-decoder"][0] / "mnist-decoder.csv")}
+    resumed = ex.read_rows(path)
+    assert len(resumed) == len(fresh)
+    for r in resumed:
+        f = fresh[ex.row_key(experiment, r)]
+        if r["method"] != "adam":  # Adam's starts are drawn per batch
+            assert r["status"] == f["status"]
+            assert r["error"] == pytest.approx(f["error"], rel=1e-6, abs=1e-12)
+
+
+def test_cli_resumes_and_refuses_a_foreign_csv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["experiment", "mnist-decoder", "--runs", "1", "--quick", "--out", str(tmp_path)]
+    assert main(args) == 0
+    n = len(_csv(tmp_path / "mnist-decoder.csv"))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 new rows" in capsys.readouterr().out
+    assert len(_csv(tmp_path / "mnist-decoder.csv")) == n
+    (tmp_path / "sensing.csv").write_text("a,b\n1,2\n")
+    bad = ["experiment", "sensing", "--runs", "1", "--quick", "--out", str(tmp_path)]
+    assert main(bad) == 2
+    assert "not those of experiment 'sensing'" in capsys.readouterr().err
+
+
+def test_config_and_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="runs"):
+        ex.Config(runs=0)
+    with pytest.raises(ValueError, match="Unknown experiment"):
+        list(ex.run_experiment("nope", ex.Config(runs=1)))
+    with pytest.raises(FileNotFoundError, match="--model"):
+        ex.EXPERIMENTS["mnist-decoder"].settings(ex.Config(runs=1, model=Path("/nonexistent")))
+
+
+def test_authors_decoders_join_mnist_decoder_with_model(tmp_path: Path) -> None:
+    from tests.conftest import AUTHORS_DIR
+
+    if not AUTHORS_DIR.is_dir():
+        pytest.skip(f"the authors' decoders {AUTHORS_DIR} are not available")
+    settings = ex.EXPERIMENTS["mnist-decoder"].settings(
+        ex.Config(runs=1, quick=True, model=AUTHORS_DIR)
+    )
+    names = [s.params["decoder"] for s in settings]
+    assert names == ["shipped-relu", "shipped-leaky_relu", "authors-relu", "authors-leaky_relu"]
+    assert [s.net.widths for s in settings[2:]] == [[20, 60, 784], [20, 200, 500, 784]]
+
+
+def test_demo_prints_the_table_and_writes_the_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["demo", "--out", str(tmp_path), "--samples", "10", "--digits", "4",
+            "--adam-steps", "30", "--restarts", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    png = tmp_path / "preimage_demo.png"
+    assert str(png.resolve()) in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = {line.split("  ")[0] + "/" + line.split()[1]: line for line in out.splitlines()
+             if line.startswith(("codes", "digits"))}
+    assert set(lines) == {"codes/exact", "codes/adam", "digits/VAE", "digits/adam"}
+    # the exact method recovers most codes of the shipped decoder (86% of 50 measured)
+    assert int(lines["codes/exact"].split()[3].rstrip("%")) >= 50
+
+
+def test_demo_report(tmp_path: Path) -> None:
+    from preimage.demo import run_demo
+
+    report = run_demo(tmp_path, codes=6, digits=0, adam_steps=5, restarts=1)
+    assert [r.part for r in report.rows] == ["codes", "codes"]
+    exact = report.rows[0]
+    assert exact.in_range == 1.0 and exact.median_misfit < 1e-9
+    assert sum(report.verdicts.values()) == 6
+    assert report.figure.exists()
+
+
+def test_nonconvex_example(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "nonconvex_preimage", ROOT / "examples" / "nonconvex_preimage.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found = module.analyse()
+    assert found["misfit1"] < 1e-9 and found["misfit2"] < 1e-9  # two preimages ...
+    assert np.linalg.norm(found["z1"] - found["z2"]) > 0.5  # ... far apart ...
+    assert found["misfit_mid"] > 0.1  # ... whose midpoint is not one
+    assert module.main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "nonconvex_preimage.png").exists()
