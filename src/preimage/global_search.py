@@ -7,7 +7,7 @@ vertex helps). Below layer j the question is global: is there a z whose
 hidden activations land in P_j(y_j)?
 
 Pattern search (`pattern_search`, cheap, incomplete). The misfit
-f(z) = sum_A |w_i h(z) + b_i - y_i| + sum_I max(w_i h(z) + b_i - tau, 0) is
+f(z) = max(max_A |w_i h(z) + b_i - y_i|, max_I (w_i h(z) + b_i - tau)_+) is
 piecewise linear in z: on each activation pattern of the layers below, h(z)
 is affine. Sequential linear programming with a trust region minimises it
 from several starts; a zero misfit is then polished (the LP with the pattern
@@ -34,6 +34,7 @@ second pattern gives a second z (a witness).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,11 +245,14 @@ def _reproduces(net: Network, top: int, y: np.ndarray, z: np.ndarray, rtol: floa
 
 
 def _misfit(net: Network, top: int, z: np.ndarray, rows: tuple) -> float:
+    """max(|W_A h(z) - t_A|_inf, max(W_I h(z) - t_I, 0)): zero exactly at a preimage."""
     w_a, t_a, w_i, t_i, _ = rows
     h = z[None]
     for layer in net.layers[:top]:
         h = layer.forward(h)
-    return float(np.abs(w_a @ h[0] - t_a).sum() + np.maximum(w_i @ h[0] - t_i, 0).sum())
+    return float(
+        max(np.max(np.abs(w_a @ h[0] - t_a), initial=0.0), np.max(w_i @ h[0] - t_i, initial=0.0))
+    )
 
 
 def _slp_step(
@@ -256,25 +260,24 @@ def _slp_step(
 ) -> np.ndarray | None:
     """One trust-region step on the misfit linearised at z's pattern (h = M z + c).
 
-    Variables (d, s_A, s_I), d the step in z:
-        minimise    1^T s_A + 1^T s_I
-        subject to  |W_A (M (z + d) + c) - t_A| <= s_A
-                    W_I (M (z + d) + c) - t_I <= s_I,   s >= 0,   |d|_inf <= radius
+    Variables (d, t), d the step in z (k + 1 variables, so the LP is small):
+        minimise    t
+        subject to  |W_A (M (z + d) + c) - t_A| <= t
+                    W_I (M (z + d) + c) - t_I <= t,   |d|_inf <= radius
     """
     w_a, t_a, w_i, t_i, _ = rows
-    k, n_a, n_i = len(z), len(t_a), len(t_i)
     j_a, j_i = w_a @ m, w_i @ m
     r_a, r_i = j_a @ z + w_a @ c - t_a, j_i @ z + w_i @ c - t_i
-    a_ub = np.block(
-        [
-            [j_a, -np.eye(n_a), np.zeros((n_a, n_i))],
-            [-j_a, -np.eye(n_a), np.zeros((n_a, n_i))],
-            [j_i, np.zeros((n_i, n_a)), -np.eye(n_i)],
-        ]
-    )
+    # Inactive rows that cannot become violated inside the trust region can be left out.
+    near = r_i + radius * np.abs(j_i).sum(axis=1) > 0
+    j_i, r_i = j_i[near], r_i[near]
+    k = len(z)
+    a_ub = np.vstack([j_a, -j_a, j_i])
+    a_ub = np.hstack([a_ub, -np.ones((a_ub.shape[0], 1))])
     b_ub = np.concatenate([-r_a, r_a, -r_i])
-    cost = np.concatenate([np.zeros(k), np.ones(n_a + n_i)])
-    bounds = [(-radius, radius)] * k + [(0.0, None)] * (n_a + n_i)
+    cost = np.zeros(k + 1)
+    cost[-1] = 1.0
+    bounds = [(-radius, radius)] * k + [(0.0, None)]
     res = linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs")
     return None if res.status != 0 else z + res.x[:k]
 
@@ -286,19 +289,26 @@ def pattern_search(
     *,
     rtol: float,
     starts: list[np.ndarray],
-    iterations: int = 60,
+    iterations: int = 40,
+    seconds: float = np.inf,
 ) -> tuple[np.ndarray | None, int]:
     """A checked z with layers 0..top reproducing y, by trust-region SLP from each start.
 
-    Returns (z, rank of the fixed-pattern equalities) or (None, 0).
+    Stops after `seconds` (checked between LPs). Returns (z, rank of the
+    fixed-pattern equalities) or (None, 0).
     """
     rows = _top_rows(net, top, y, rtol)
     if rows is None:
         return None, 0
     done_tol = rtol * rows[4]
+    deadline = time.perf_counter() + seconds
     for z in starts:
+        if time.perf_counter() > deadline:
+            break
         f, radius = _misfit(net, top, z, rows), max(1.0, float(np.max(np.abs(z))))
         for _ in range(iterations):
+            if time.perf_counter() > deadline:
+                break
             m, c, _, _ = _affine_below(net, top, _pattern_at(net, top, z))
             z_new = _slp_step(z, m, c, rows, radius)
             if z_new is None:
@@ -390,6 +400,7 @@ class GlobalSettings:
     starts : random starts z ~ N(0, I) of the pattern search (after the
         layer-wise estimate, when there is one)
     iterations : SLP iterations per start
+    seconds : time budget of the pattern search per sample
     milp : also run the MILP (slow: seconds to minutes per sample) to settle
         uniqueness or search exhaustively
     latent_bound : R; the MILP covers |z|_inf <= R (its verdicts hold within it)
@@ -399,8 +410,9 @@ class GlobalSettings:
     """
 
     enabled: bool = True
-    starts: int = 8
-    iterations: int = 60
+    starts: int = 6
+    iterations: int = 40
+    seconds: float = 2.0
     milp: bool = False
     latent_bound: float = 10.0
     time_limit: float = 20.0
@@ -445,7 +457,10 @@ def invert_below(
         )
     if z is None:
         return SearchOutcome(
-            None, "none", None, f"pattern search found no preimage from {len(starts)} starts"
+            None,
+            "none",
+            None,
+            f"pattern search found no preimage ({len(starts)} starts, {settings.seconds:g} s)",
         )
     return SearchOutcome(
         z, "feasible", None,
