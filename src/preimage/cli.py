@@ -114,6 +114,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------- experiment
 
 
+def _order(value: Any) -> tuple[int, float, str]:
+    """Sort numbers by value (10 before 100), then names alphabetically."""
+    if isinstance(value, (int, float)):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from preimage import experiments as ex
 
@@ -145,7 +152,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
           f"seed {args.seed})")
     print()
     by = ["method", *experiment.params] if args.detail else ["method"]
-    stats = sorted(ex.summarize(rows, by), key=lambda s: tuple(str(s[b]) for b in by))
+    stats = sorted(ex.summarize(rows, by), key=lambda s: tuple(_order(s[b]) for b in by))
     print_table(
         [*by, "runs", f"error < {ex.SUCCESS_RTOL:g}", "G(z_hat) = x", "median error",
          "median misfit", "time/run"],

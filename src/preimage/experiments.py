@@ -760,7 +760,7 @@ def _figure_latent_dim(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("rate over runs")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="center right")
         ax_t.set_yscale("log")
         ax_t.set_xlabel("latent dimension k")
         ax_t.set_ylabel("seconds per run")
