@@ -99,7 +99,7 @@ def _polyhedron_lp(
 
     Returns (h, message); h is None when the LP is infeasible or fails.
     """
-    n, k = null_basis.shape
+    k = null_basis.shape[1]
     a_ub = [w_ineq @ null_basis]
     b_ub = [rhs_ineq - w_ineq @ h0]
     if nonneg:

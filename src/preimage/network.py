@@ -11,6 +11,7 @@ apart.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -332,7 +333,7 @@ def random_network(
         )
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     weights, biases = [], []
-    for n_in, n_out in zip(widths[:-1], widths[1:], strict=True):
+    for n_in, n_out in itertools.pairwise(widths):
         weights.append(rng.standard_normal((n_out, n_in)) / np.sqrt(n_out))
         biases.append(rng.standard_normal(n_out) * bias_scale / np.sqrt(n_out) if bias else None)
     return Network.from_weights(
