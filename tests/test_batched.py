@@ -135,6 +135,17 @@ def test_square_subset_path(monkeypatch: pytest.MonkeyPatch, rng: np.random.Gene
     assert not any(r.used_lp.any() for r in fast.layers)
 
 
+def test_square_subset_path_wider(monkeypatch: pytest.MonkeyPatch,
+                                  rng: np.random.Generator) -> None:
+    """n = 256: the size where torch's batched CPU LU went wrong (pivots < 1)."""
+    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 200)
+    net = random_network([32, 256, 1024], seed=6)
+    z = rng.standard_normal((6, 32))
+    fast, _ = assert_same_answers(net, net.forward(z), n_jobs=2)
+    assert fast.counts() == {"unique": 6}
+    assert np.all(rel(fast.z, z) < 1e-9)
+
+
 def test_rejected_subsets_fall_back(monkeypatch: pytest.MonkeyPatch,
                                     rng: np.random.Generator) -> None:
     """Every square subset rejected -> normal equations; every Gram rejected -> reference."""

@@ -384,9 +384,10 @@ def _square_solve(
     if use_f32:
         kappa_max = min(kappa_max, KAPPA_MAX_F32)
     probe_norm = np.linalg.norm(cache.probes, axis=0)
+    solver = _lu_solve_cpu if ctx.on_cpu else _lu_solve
     for lo in range(0, t, piece):
         sl = slice(lo, min(t, lo + piece))
-        x, fro, ok = _lu_solve(cache, rows[sl], rhs[sl], ctx, use_f32)
+        x, fro, ok = solver(cache, rows[sl], rhs[sl], ctx, use_f32)
         h = x[:, :, 0]
         inv_norm = np.max(np.linalg.norm(x[:, :, 1:], axis=1) / probe_norm, axis=1)
         kappa = inv_norm * fro / math.sqrt(n)
@@ -400,7 +401,7 @@ def _square_solve(
 def _lu_solve(
     cache: _LayerCache, rows: np.ndarray, rhs: np.ndarray, ctx: Context, use_f32: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batched LU of the W_S in torch (float32 + float64 refinement when use_f32).
+    """Batched LU of the W_S in torch (float32 + float64 refinement when use_f32); CUDA.
 
     Returns x (t, n, 3) (h, then the two probe solutions), ||W_S||_F (t,) and
     ok (t,): factored and, in float32, the refinement converged.
@@ -434,6 +435,51 @@ def _lu_solve(
     x[:, :, 0] = h
     fro = torch.linalg.matrix_norm(w_s)
     return x.cpu().numpy(), fro.cpu().numpy(), ok.cpu().numpy()
+
+
+def _lu_solve_cpu(
+    cache: _LayerCache, rows: np.ndarray, rhs: np.ndarray, ctx: Context, use_f32: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_lu_solve` on the CPU: LAPACK (SciPy) one sample at a time, over the thread pool.
+
+    torch 2.13's batched CPU LU (MKL) returns wrong pivots for n >= ~200 with
+    more than one thread (measured: torch.linalg.solve residuals of 1e12), so
+    the CPU path does not use it.
+    """
+    from scipy.linalg import lu_factor, lu_solve
+
+    dtype = np.float32 if use_f32 else np.float64
+    steps = MAX_REFINE if use_f32 else 1
+
+    def one(j: int) -> tuple[np.ndarray, float, bool]:
+        w_s = cache.w_np[rows[j]]
+        r = rhs[j]
+        full = np.column_stack([r, cache.probes])
+        try:
+            factor = lu_factor(w_s.astype(dtype), check_finite=False)
+        except (ValueError, np.linalg.LinAlgError):
+            return np.full(full.shape, np.nan), np.nan, False
+        x = lu_solve(factor, full.astype(dtype), check_finite=False).astype(np.float64)
+        h, last = x[:, 0].copy(), math.inf
+        for _ in range(steps):  # refinement with float64 residuals, as in _lu_solve
+            step = lu_solve(factor, (r - w_s @ h).astype(dtype), check_finite=False)
+            step = step.astype(np.float64)
+            size = float(np.max(np.abs(step)) / max(float(np.max(np.abs(h))), 1e-300))
+            h += step
+            stalled = size > 0.5 * last
+            last = min(last, size)
+            if stalled:
+                break
+        x[:, 0] = h
+        ok = bool(np.all(np.isfinite(x))) and last <= REFINE_RTOL
+        return x, float(np.linalg.norm(w_s)), ok
+
+    out = ctx.map(one, list(range(rows.shape[0])))
+    return (
+        np.stack([o[0] for o in out]),
+        np.array([o[1] for o in out]),
+        np.array([o[2] for o in out], dtype=bool),
+    )
 
 
 def _gram_solve(
