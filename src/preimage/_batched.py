@@ -84,11 +84,14 @@ GRAM_SHIFT = 10.0
 #: Accept the normal-equation solution when its refinement step is below this
 #: (relative): the shift then costs less than 1e-14 of accuracy after the step.
 GRAM_RTOL = 1e-7
-#: Default working-memory budget of the batched path, in bytes.
-DEFAULT_MEMORY = 512 * 2**20
+#: Working-memory budget of a chunk of samples, in bytes (chunks of a few MB per
+#: array reuse freed memory; on the VM measured, fresh pages cost more than the math).
+DEFAULT_MEMORY = 128 * 2**20
 #: Working memory of one piece of the normal-equation solves (small pieces reuse
 #: freed memory instead of touching new pages, and stay in cache).
 PIECE_MEMORY = 32 * 2**20
+#: Working memory of one piece of the square-subset solves (batched LU on CUDA).
+SQUARE_MEMORY = 512 * 2**20
 #: Largest table of packed outer products w_i w_i^T kept for the Gram matrices.
 PACKED_MEMORY = 256 * 2**20
 
@@ -235,13 +238,12 @@ class Context:
 
 
 def bytes_per_sample(net: Network) -> int:
-    """Working memory of one sample in the most demanding layer, in bytes."""
-    per_layer = []
-    for layer in net.layers:
-        m, n = layer.out_width, layer.in_width
-        square = n >= SQUARE_MIN_WIDTH
-        per_layer.append(8 * (12 * m + (3 * n * n if square else 0)))
-    return max(per_layer)
+    """Working memory of one sample of a chunk, in bytes: its (m,)-wide arrays.
+
+    The per-sample matrices (Gram matrices, square subsets) are formed in
+    smaller pieces inside each step, with their own budget.
+    """
+    return max(8 * (12 * layer.out_width + 4 * layer.in_width) for layer in net.layers)
 
 
 def chunk_size(net: Network, batch: int, batch_size: int | None) -> int:
@@ -378,7 +380,7 @@ def _square_solve(
     t, n = rows.shape
     h_all = np.zeros((t, n))
     ok_all = np.zeros(t, dtype=bool)
-    piece = max(1, DEFAULT_MEMORY // (8 * 3 * n * n))
+    piece = max(1, SQUARE_MEMORY // (8 * 3 * n * n))
     kappa_max = KAPPA_PER_WIDTH * n
     use_f32 = ctx.on_cpu
     if use_f32:

@@ -241,7 +241,8 @@ def invert(
         (it factors a square subset of W_A, not W_A itself).
     batch_size : int, optional
         Samples per chunk of the batched path. Default: as many as fit a
-        working-memory budget of 512 MiB (the widest layer decides).
+        working-memory budget of 128 MiB (the widest layer decides); the
+        per-sample matrices are formed in smaller pieces within a chunk.
     device : torch device or str, optional
         Where the batched algebra runs; default CUDA when available, else CPU.
     n_jobs : int, optional
