@@ -264,13 +264,14 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             if r.get("samples_with_lp"):
                 note += f"; {r['samples_with_lp']} samples used the LP"
         if r["method"] == "naive-lp" and r.get("timed_out"):
-            note = f"{r['timed_out']} hit the time limit (rate is an upper bound)"
+            note = f"{r['timed_out']} hit the time limit: rate at most this"
         if r["method"] == "adam":
             note = f"{r['steps']} steps, {r['restarts']} restart"
+        baseline = r["method"] in ("naive-lp", "adam", "forward")
         lines.append([
-            r["config"], r["method"], str(r["batch"]), f"{r['samples_per_s']:,.1f}",
-            "" if vs_naive is None or r["method"] == "naive-lp" else f"{vs_naive:,.0f}x",
-            "" if vs_adam is None or r["method"] in ("adam", "forward") else f"{vs_adam:,.1f}x",
+            r["config"], r["method"], str(r["batch"]), _rate(r["samples_per_s"]),
+            "" if vs_naive is None or baseline else f"{vs_naive:,.0f}x",
+            "" if vs_adam is None or baseline else f"{vs_adam:,.1f}x",
             "" if r["method"] == "forward" else f"{r['exact_recovery']:.0%}",
             "" if r["method"] == "forward" else f"{r['median_rel_error']:.0e}",
             f"{r['peak_rss_mb']:,.0f}", note,
@@ -278,6 +279,10 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
     return out
+
+
+def _rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated subset of: " + ", ".join(FULL))
+    parser.add_argument("--table", action="store_true",
+                        help="only print the table of the last run recorded in --results")
     parser.add_argument("--child", nargs=6, metavar=("CONFIG", "METHOD", "BATCH", "THREADS",
                                                      "STEPS", "LIMIT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -297,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
         return 0
 
+    if args.table:
+        last = json.loads(args.results.read_text().splitlines()[-1])
+        print("\n".join(table(last["results"])))
+        return 0
     plan = QUICK if args.quick else FULL
     if args.configs:
         plan = {k: FULL[k] for k in args.configs.split(",")}

@@ -15,6 +15,11 @@ x_0 = z. The per-layer verdicts compose into one verdict per sample:
   witness maps back to a second z          -> "non_unique" (with that z);
 - otherwise                                -> "feasible" (a checked preimage,
                                               uniqueness unsettled).
+
+By default a batch is inverted together (`preimage._batched`): the samples
+whose layers have full-column-rank active rows are solved in batch and only
+the others go through `invert_layer`; `_compose` gives every sample its
+verdict from its per-layer results on both paths.
 """
 
 from __future__ import annotations
