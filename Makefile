@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/preimage demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,19 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 #: The paper authors' trained decoders, when the shared folder is beside the checkout.
 AUTHORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "invertgan_lp"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_blas_thread() -> Iterator[None]:
+    """Small LAPACK calls on a loaded machine: multi-threaded OpenBLAS was measured up
+    to 100x slower than one thread, which made test times erratic."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield None
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield None
 
 
 @pytest.fixture

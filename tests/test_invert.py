@@ -45,7 +45,9 @@ def test_expanding_nets_are_inverted_exactly(case: tuple[preimage.Network, np.nd
         assert net.layers[0].activation.kind == "relu" and n_active_latent < net.latent_dim
         assert result.status == "non_unique"
     assert result.success
-    assert rel(net.forward(result.z), x) < 1e-10
+    # A non-unique layer's LP may leave inactive units at up to rtol * scale
+    # (layer_inversion's documented tolerance), so G(z) matches x to ~1e-9 there.
+    assert rel(net.forward(result.z), x) < (1e-10 if result.status == "unique" else 1e-8)
 
 
 @given(st.integers(0, 10_000), st.sampled_from([60, 110, 130, 160]))
@@ -182,7 +184,7 @@ def test_bad_observations(x: object, error: type, match: str) -> None:
 def test_bad_arguments() -> None:
     net = random_network([10, 50, 200], seed=2)
     x = net.forward(np.ones(10))
-    with pytest.raises(TypeError, match="preimage.Network"):
+    with pytest.raises(TypeError, match=r"preimage\.Network"):
         invert("net", x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rtol"):
         invert(net, x, rtol=-1.0)

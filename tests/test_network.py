@@ -80,7 +80,7 @@ def test_from_torch_rejects_unsupported_layers() -> None:
         Network.from_torch(nn.Sequential(nn.Linear(3, 4), nn.Conv1d(1, 1, 1)))
     with pytest.raises(TypeError, match="Softplus"):
         Network.from_torch(nn.Sequential(nn.Linear(3, 4), nn.Softplus()))
-    with pytest.raises(TypeError, match="Unsupported operation .*getitem"):
+    with pytest.raises(TypeError, match=r"Unsupported operation .*getitem"):
         Network.from_torch(_VAE())  # forward slices the encoder output
 
 

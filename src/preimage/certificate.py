@@ -56,7 +56,7 @@ def _null_space(m: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     k = m.shape[1]
     if m.shape[0] == 0:
         return np.eye(k)
-    _, s, vt = np.linalg.svd(m, full_matrices=True)
+    _, s, vt = np.linalg.svd(m, full_matrices=m.shape[0] < k)  # vt is k x k either way
     rank = int(np.sum(s > rtol * max(s[0], 1e-300) * max(m.shape)))
     return vt[rank:].T
 

@@ -15,12 +15,17 @@ x_0 = z. The per-layer verdicts compose into one verdict per sample:
   witness maps back to a second z          -> "non_unique" (with that z);
 - otherwise                                -> "feasible" (a checked preimage,
                                               uniqueness unsettled).
+
+By default a batch is inverted together (`preimage._batched`): the samples
+whose layers have full-column-rank active rows are solved in batch and only
+the others go through `invert_layer`; `_compose` gives every sample its
+verdict from its per-layer results on both paths.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,10 +139,23 @@ def _descend(
 
 
 def _invert_one(net: Network, x: np.ndarray, rtol: float) -> _SampleOutcome:
+    """The reference path: one sample, layer by layer through `invert_layer`."""
+    z, results = _descend(net, x, len(net.layers) - 1, rtol)
+    return _compose(net, z, results, rtol)
+
+
+def _compose(
+    net: Network, z: np.ndarray | None, results: Sequence[LayerResult | None], rtol: float
+) -> _SampleOutcome:
+    """One sample's verdict from its per-layer results (see the module docstring).
+
+    Shared by the per-sample and the batched paths. `z` is None when a layer
+    had no preimage; `results[i]` is None for layers not reached.
+    """
     k = net.latent_dim
     nan = np.full(k, np.nan)
     top = len(net.layers) - 1
-    z, results = _descend(net, x, top, rtol)
+    results = list(results)
     reached = [r for r in results if r is not None]
     if z is None:
         bad = min(i for i, r in enumerate(results) if r is not None)
@@ -230,6 +248,10 @@ def invert(
     rtol: float | None = None,
     fallback: GlobalSettings | None = None,
     progress: ProgressCallback | None = None,
+    batched: bool = True,
+    batch_size: int | None = None,
+    device: Any = None,
+    n_jobs: int | None = None,
 ) -> InversionResult:
     """Find z with G(z) = x, layer by layer, and say whether it is unique.
 
@@ -252,7 +274,25 @@ def invert(
         pattern search by default, the MILP with ``GlobalSettings(milp=True)``,
         nothing with ``GlobalSettings(enabled=False)``.
     progress : callable(done, total), optional
-        Called after each sample.
+        Called as samples finish (after each chunk when batched, after each
+        sample otherwise).
+    batched : bool, default True
+        Solve the samples together (`preimage._batched`): the samples whose
+        active rows have full column rank are solved and checked in batch, with
+        PyTorch, and only the others go through `invert_layer` (the LP), in
+        parallel. The verdicts are the same as with ``batched=False``, which
+        inverts one sample at a time through `invert_layer` (the reference).
+        Where the batched path solved a layer, ``layers[i].sigma_min`` is NaN
+        (it factors a square subset of W_A, not W_A itself).
+    batch_size : int, optional
+        Samples per chunk of the batched path. Default: as many as fit a
+        working-memory budget of 128 MiB (the widest layer decides); the
+        per-sample matrices are formed in smaller pieces within a chunk.
+    device : torch device or str, optional
+        Where the batched algebra runs; default CUDA when available, else CPU.
+    n_jobs : int, optional
+        Threads for the per-sample LPs and the CPU solves; default the number
+        of CPUs this process may use.
 
     Returns
     -------
@@ -265,10 +305,19 @@ def invert(
     if rtol is None:
         rtol = DEFAULT_RTOL[input_precision(x)]
     rtol = check_positive(rtol, "rtol")
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+    if n_jobs is not None and (int(n_jobs) != n_jobs or n_jobs < 1):
+        raise ValueError(f"`n_jobs` must be an integer >= 1; got {n_jobs!r}.")
     xb, single = check_observation(x, net.output_dim)
     start = time.perf_counter()
 
     settings = fallback if fallback is not None else GlobalSettings()
+    if batched:
+        return _invert_batched(
+            net, xb, single, rtol, start, settings,
+            progress=progress, batch_size=batch_size, device=device, n_jobs=n_jobs,
+        )
     outcomes = []
     for b in range(xb.shape[0]):
         outcome = _invert_one(net, xb[b], rtol)
@@ -278,6 +327,99 @@ def invert(
         if progress is not None:
             progress(b + 1, xb.shape[0])
     return _collect(net, xb, outcomes, single, "exact", rtol, time.perf_counter() - start)
+
+
+def _invert_batched(
+    net: Network,
+    xb: np.ndarray,
+    single: bool,
+    rtol: float,
+    start: float,
+    settings: GlobalSettings,
+    *,
+    progress: ProgressCallback | None,
+    batch_size: int | None,
+    device: Any,
+    n_jobs: int | None,
+) -> InversionResult:
+    """The batched path: `_batched.descend_batch`, then `_compose` per sample."""
+    from preimage import _batched
+    from preimage._torch import default_device
+
+    ctx = _batched.Context(
+        default_device() if device is None else device,
+        _batched.default_jobs() if n_jobs is None else n_jobs,
+    )
+    try:
+        z, reached, arrays = _batched.descend_batch(
+            net, xb, rtol, ctx, batch_size=batch_size, progress=progress
+        )
+    finally:
+        ctx.close()
+    batch = xb.shape[0]
+    status = np.empty(batch, dtype=object)
+    witness = np.full_like(z, np.nan)
+    messages: list[str] = [""] * batch
+    # Samples solved in batch at every layer all get the same verdict: compose it once.
+    in_batch = reached.copy()
+    for arr in arrays:
+        in_batch[list(arr.results)] = False
+    if in_batch.any():
+        template = _compose(net, z[in_batch][0], [_BATCH_SOLVED] * len(arrays), rtol)
+        status[in_batch] = template.status
+        for b in np.flatnonzero(in_batch):
+            messages[b] = template.message
+    for b in np.flatnonzero(~in_batch):
+        results: list[LayerResult | None] = []
+        for arr in arrays:
+            if b in arr.results:
+                results.append(arr.results[b])
+            elif arr.status[b] == "not_reached":
+                results.append(None)
+            else:
+                results.append(_BATCH_SOLVED)
+        outcome = _compose(net, z[b] if reached[b] else None, results, rtol)
+        if settings.enabled and outcome.status in ("failed", "feasible"):
+            # The search needs every layer's point, which the batch did not keep:
+            # redo this sample through the reference path first.
+            outcome = _settle_globally(
+                net, xb[b], _invert_one(net, xb[b], rtol), rtol, settings
+            )
+        z[b] = outcome.z
+        status[b] = outcome.status
+        witness[b] = outcome.witness
+        messages[b] = outcome.message
+    reports = tuple(
+        LayerReport(
+            index=i,
+            status=arr.status,
+            n_active=arr.n_active,
+            rank=arr.rank,
+            sigma_min=arr.sigma_min,
+            residual=arr.residual,
+            used_lp=arr.used_lp,
+            time=arr.time,
+        )
+        for i, arr in enumerate(arrays)
+    )
+    return _assemble(
+        net, xb, z, status, witness, messages, reports, single, "exact", rtol,
+        time.perf_counter() - start,
+    )
+
+
+#: Stands for a layer that the batched path solved ("unique", full column rank)
+#: in `_compose`, which reads only status, message and witness.
+_BATCH_SOLVED = LayerResult(
+    h=np.empty(0),
+    status="unique",
+    message="solved the active equalities (full column rank); the active rows have full "
+    "column rank",
+    n_active=-1,
+    rank=-1,
+    sigma_min=np.nan,
+    residual=np.nan,
+)
 
 
 def _collect(
@@ -292,12 +434,6 @@ def _collect(
     z = np.stack([o.z for o in outcomes])
     witness = np.stack([o.witness for o in outcomes])
     status = np.array([o.status for o in outcomes], dtype=object)
-    success = np.isin(status, ("unique", "non_unique", "feasible"))
-    residual = np.full(len(outcomes), np.nan)
-    if success.any():
-        fx = net.forward(z[success])
-        scale = np.maximum(np.max(np.abs(xb[success]), axis=1), 1e-300)
-        residual[success] = np.max(np.abs(fx - xb[success]), axis=1) / scale
     reports = []
     for i in range(len(net.layers)):
         rs = [o.layers[i] for o in outcomes]
@@ -318,11 +454,36 @@ def _collect(
             )
         )
     messages = [o.message for o in outcomes]
+    return _assemble(
+        net, xb, z, status, witness, messages, tuple(reports), single, method, rtol, elapsed
+    )
+
+
+def _assemble(
+    net: Network,
+    xb: np.ndarray,
+    z: np.ndarray,
+    status: np.ndarray,
+    witness: np.ndarray,
+    messages: list[str],
+    reports: tuple[LayerReport, ...],
+    single: bool,
+    method: str,
+    rtol: float,
+    elapsed: float,
+) -> InversionResult:
+    """The InversionResult from per-sample arrays (shared by both paths)."""
+    success = np.isin(status, ("unique", "non_unique", "feasible"))
+    residual = np.full(len(status), np.nan)
+    if success.any():
+        fx = net.forward(z[success])
+        scale = np.maximum(np.max(np.abs(xb[success]), axis=1), 1e-300)
+        residual[success] = np.max(np.abs(fx - xb[success]), axis=1) / scale
     if single:
         return InversionResult(
             z[0], str(status[0]), bool(success[0]), float(residual[0]), witness[0], messages[0],
-            tuple(reports), method, rtol, elapsed,
+            reports, method, rtol, elapsed,
         )
     return InversionResult(
-        z, status, success, residual, witness, messages, tuple(reports), method, rtol, elapsed
+        z, status, success, residual, witness, messages, reports, method, rtol, elapsed
     )

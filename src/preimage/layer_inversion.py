@@ -81,6 +81,10 @@ class LayerResult:
     tol: float = field(default=0.0, repr=False)
 
 
+#: Rounds of constraint generation in `_polyhedron_lp` before solving the full LP.
+MAX_ROUNDS = 8
+
+
 def _polyhedron_lp(
     h0: np.ndarray,
     null_basis: np.ndarray,
@@ -97,27 +101,43 @@ def _polyhedron_lp(
                     -N u    <= h0            (h >= 0, when D = R^n_+)
                     u free, k variables
 
+    Solved by constraint generation: the LP starts with h >= 0 and the
+    inactive rows that h0 violates, and adds the inactive rows its answer
+    violates until there are none (at a realizable layer the inactive rows
+    rarely bind, and dropping them halves the LP). A relaxation that is
+    infeasible proves the full LP infeasible; its optimum, once feasible for
+    every row, is an optimum of the full LP.
+
     Returns (h, message); h is None when the LP is infeasible or fails.
     """
-    _n, k = null_basis.shape
-    a_ub = [w_ineq @ null_basis]
-    b_ub = [rhs_ineq - w_ineq @ h0]
-    if nonneg:
-        a_ub.append(-null_basis)
-        b_ub.append(h0)
+    k = null_basis.shape[1]
+    a_ineq = w_ineq @ null_basis
+    b_ineq = rhs_ineq - w_ineq @ h0
     cost = null_basis.sum(axis=0) if nonneg else np.zeros(k)
-    res = linprog(
-        cost,
-        A_ub=np.vstack(a_ub),
-        b_ub=np.concatenate(b_ub),
-        bounds=(None, None),
-        method="highs",
-    )
-    if res.status == 0:
-        return h0 + null_basis @ res.x, "LP solved (HiGHS: optimal)"
-    if res.status == 2:
-        return None, "the active equalities and inactive inequalities have no common point"
-    return None, f"HiGHS did not solve the layer LP (status {res.status}: {res.message})"
+    keep = b_ineq < 0  # inactive rows violated at u = 0
+    for rounds in range(MAX_ROUNDS + 1):
+        if rounds == MAX_ROUNDS:
+            keep[:] = True  # the full LP
+        a_ub, b_ub = [a_ineq[keep]], [b_ineq[keep]]
+        if nonneg:
+            a_ub.append(-null_basis)
+            b_ub.append(h0)
+        res = linprog(
+            cost,
+            A_ub=np.vstack(a_ub),
+            b_ub=np.concatenate(b_ub),
+            bounds=(None, None),
+            method="highs",
+        )
+        if res.status == 2:
+            return None, "the active equalities and inactive inequalities have no common point"
+        if res.status != 0:
+            return None, f"HiGHS did not solve the layer LP (status {res.status}: {res.message})"
+        violated = (a_ineq @ res.x > b_ineq) & ~keep
+        if not violated.any():
+            break
+        keep |= violated
+    return h0 + null_basis @ res.x, "LP solved (HiGHS: optimal)"
 
 
 def invert_layer(

@@ -1,0 +1,368 @@
+"""Speed of exact inversion, side by side with the paper's LP and with Adam.
+
+One run measures, on the same seeded inputs x = G(z), z ~ N(0, I):
+
+- ``preimage``: `preimage.invert` (batched exact method, certificates included);
+- ``naive-lp``: the paper's method as published, one `scipy.optimize.linprog`
+  feasibility LP per layer per sample (active units as equalities, inactive
+  ones as inequalities, h >= 0 below the top layer), samples one after the
+  other, no null space, no certificate; measured on a subset and scaled;
+- ``adam``: `preimage.baselines.gradient_invert`, batched, 1000 steps, one
+  restart (CSGM uses 10: multiply its time by 10), on a subset and scaled;
+
+and, for reference, one float64 forward pass of the same batch in torch.
+Every measurement runs in its own subprocess, so its peak resident memory
+(``ru_maxrss``) is its own (``--quick`` runs them in one process instead).
+It prints a table and appends one JSON line to ``benchmarks/results.jsonl``
+(``--results``) with the machine's description.
+
+    python benchmarks/run.py            # the full run (about 10 minutes on 2 cores)
+    python benchmarks/run.py --quick    # a smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+AUTHORS_DECODER = ROOT.parent / "shared" / "models" / "invertgan_lp" / (
+    "trained_vae_20_60_784_nobias.pth"
+)
+#: "Exact recovery": relative l2 error of z at most this (as in `preimage.cli`).
+EXACT_RTOL = 1e-6
+
+#: A unit of an LP's answer counts as active above this (relative), in the naive method.
+LP_THRESHOLD = 1e-6
+
+#: name -> (batch sizes for preimage, naive-LP samples, Adam samples, naive-LP time limit)
+FULL: dict[str, tuple[tuple[int, ...], int, int, float]] = {
+    "20-100-500": ((100, 1000, 10000), 30, 300, 60.0),
+    "100-500-784": ((100,), 4, 50, 60.0),
+    "200-600-2000": ((100,), 2, 20, 60.0),
+    "512-2048-8192": ((100,), 1, 4, 120.0),
+    "mnist-relu-20-60-784": ((1000,), 30, 300, 60.0),
+}
+QUICK: dict[str, tuple[tuple[int, ...], int, int, float]] = {
+    "20-100-500": ((100,), 2, 20, 60.0),
+}
+ADAM_STEPS = {"full": 1000, "quick": 20}
+
+
+# --- the networks and data ----------------------------------------------------------
+
+
+def load_network(name: str) -> Any:
+    """The benchmark's generator `name` (random nets seeded; the MNIST decoder)."""
+    import preimage
+
+    if name.startswith("mnist"):
+        try:
+            from preimage import mnist  # shipped decoder, where this version has it
+
+            layers = mnist.DECODER_LAYERS
+            layers = layers["relu"] if isinstance(layers, dict) else layers
+            return preimage.Network.from_state_dict(mnist.load_vae_state("relu"), list(layers))
+        except (ImportError, AttributeError, FileNotFoundError, KeyError):
+            pass
+        if not AUTHORS_DECODER.exists():
+            return None
+        import torch
+
+        sd = torch.load(AUTHORS_DECODER, map_location="cpu", weights_only=True)
+        return preimage.Network.from_state_dict(sd, ["fc3", "fc4"])
+    widths = [int(w) for w in name.split("-")]
+    return preimage.random_network(widths, seed=0)
+
+
+def data(net: Any, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    z = np.random.default_rng(seed).standard_normal((batch, net.latent_dim))
+    return z, net.forward(z)
+
+
+def recovery(z_hat: np.ndarray, z: np.ndarray) -> tuple[float, float, float]:
+    """(fraction with relative error <= EXACT_RTOL, median and max relative error)."""
+    err = np.linalg.norm(z_hat - z, axis=1) / np.linalg.norm(z, axis=1)
+    err = np.where(np.isfinite(err), err, np.inf)
+    return float(np.mean(err <= EXACT_RTOL)), float(np.median(err)), float(np.max(err))
+
+
+# --- one measurement (runs in a child process) ---------------------------------------
+
+
+def naive_lp(net: Any, x: np.ndarray, time_limit: float) -> tuple[np.ndarray, bool]:
+    """The paper's method: one feasibility LP per layer, top down; (z, finished in time)."""
+    from scipy.optimize import linprog
+
+    start = time.perf_counter()
+    h = x
+    for i in range(len(net.layers) - 1, -1, -1):
+        layer = net.layers[i]
+        w, b = layer.weight.matrix(), layer.bias_or_zero()
+        nonneg = i > 0 and net.layers[i - 1].activation.output_nonnegative
+        if layer.activation.is_bijective:
+            target, active = layer.activation.inverse(h), np.ones(h.size, dtype=bool)
+        else:  # the LP's answer is exact only to HiGHS's tolerance (1e-7): threshold it
+            target, active = h, h > LP_THRESHOLD * max(float(np.max(np.abs(h))), 1.0)
+        left = time_limit - (time.perf_counter() - start)
+        if left <= 0:
+            return np.full(net.latent_dim, np.nan), False
+        res = linprog(
+            np.zeros(w.shape[1]),
+            A_ub=w[~active] if (~active).any() else None,
+            b_ub=-b[~active] if (~active).any() else None,
+            A_eq=w[active],
+            b_eq=target[active] - b[active],
+            bounds=(0, None) if nonneg else (None, None),
+            method="highs",
+            options={"time_limit": left},
+        )
+        if res.status != 0:
+            return np.full(net.latent_dim, np.nan), res.status != 1
+        h = res.x
+    return h, True
+
+
+def measure(name: str, method: str, batch: int, threads: int, steps: int,
+            time_limit: float) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    import preimage
+    from preimage.baselines import gradient_invert
+
+    net = load_network(name)
+    z, x = data(net, batch, seed=1)
+    _, warm_x = data(net, 4, seed=2)
+    row: dict[str, Any] = {"config": name, "method": method, "batch": batch}
+    if method == "preimage":
+        preimage.invert(net, warm_x)
+        start = time.perf_counter()
+        result = preimage.invert(net, x)
+        elapsed = time.perf_counter() - start
+        z_hat = result.z
+        row["counts"] = result.counts()
+        row["lp_fraction"] = float(np.mean([rep.used_lp.any() for rep in result.layers]))
+        row["samples_with_lp"] = int(np.any([rep.used_lp for rep in result.layers], axis=0).sum())
+    elif method == "naive-lp":
+        naive_lp(net, warm_x[0], time_limit)
+        start = time.perf_counter()
+        outs = [naive_lp(net, xi, time_limit) for xi in x]
+        elapsed = time.perf_counter() - start
+        z_hat = np.stack([o[0] for o in outs])
+        row["timed_out"] = int(sum(not o[1] for o in outs))
+    elif method == "adam":
+        gradient_invert(net, warm_x, steps=5, restarts=1)
+        start = time.perf_counter()
+        result = gradient_invert(net, x, steps=steps, restarts=1)
+        elapsed = time.perf_counter() - start
+        z_hat = result.z
+        row["steps"] = steps
+        row["restarts"] = 1
+    elif method == "forward":
+        model = net.to_torch(torch.float64)
+        zt = torch.as_tensor(z)
+        with torch.no_grad():
+            model(zt)
+            start = time.perf_counter()
+            for _ in range(5):
+                model(zt)
+            elapsed = (time.perf_counter() - start) / 5
+        z_hat = z
+    else:
+        raise ValueError(method)
+    rate, median, worst = recovery(z_hat, z)
+    row.update(
+        seconds=elapsed,
+        samples_per_s=batch / elapsed,
+        exact_recovery=rate,
+        median_rel_error=median,
+        max_rel_error=worst,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    return row
+
+
+# --- the driver -----------------------------------------------------------------------
+
+
+def run_child(args: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    # On a shared machine, OpenMP threads that spin while waiting make small torch
+    # operations up to 40x slower (measured); passive waiting costs nothing when idle.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_here(job: list[str]) -> dict[str, Any]:
+    name, method, batch, threads, steps, limit = job
+    return measure(name, method, int(batch), int(threads), int(steps), float(limit))
+
+
+def machine() -> dict[str, Any]:
+    import scipy
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r["config"], r["method"]): r for r in rows if "error" not in r}
+    header = ["config", "method", "batch", "samples/s", "x naive LP", "x Adam",
+              "exact", "median err", "peak RSS MB", "note"]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r.get("config", "?"), r.get("method", "?"), "", "", "", "", "", "",
+                          "", r["error"][:60]])
+            continue
+        naive = by.get((r["config"], "naive-lp"))
+        adam = by.get((r["config"], "adam"))
+        vs_naive = r["samples_per_s"] / naive["samples_per_s"] if naive else None
+        vs_adam = r["samples_per_s"] / adam["samples_per_s"] if adam else None
+        note = ""
+        if r["method"] == "preimage":
+            fwd = by.get((r["config"], "forward"))
+            if fwd is not None:
+                note = f"{fwd['samples_per_s'] / r['samples_per_s']:.0f}x a forward pass"
+            if r.get("samples_with_lp"):
+                note += f"; {r['samples_with_lp']} samples used the LP"
+        if r["method"] == "naive-lp" and r.get("timed_out"):
+            note = f"{r['timed_out']} hit the time limit: rate at most this"
+        if r["method"] == "adam":
+            note = f"{r['steps']} steps, {r['restarts']} restart"
+        baseline = r["method"] in ("naive-lp", "adam", "forward")
+        lines.append([
+            r["config"], r["method"], str(r["batch"]), _rate(r["samples_per_s"]),
+            "" if vs_naive is None or baseline else f"{vs_naive:,.0f}x",
+            "" if vs_adam is None or baseline else f"{vs_adam:,.1f}x",
+            "" if r["method"] == "forward" else f"{r['exact_recovery']:.0%}",
+            "" if r["method"] == "forward" else f"{r['median_rel_error']:.0e}",
+            f"{r['peak_rss_mb']:,.0f}", note,
+        ])
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return out
+
+
+def _rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run on 20-100-500 only")
+    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl",
+                        help="JSON-lines file to append this run to")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated subset of: " + ", ".join(FULL))
+    parser.add_argument("--table", action="store_true",
+                        help="only print the table of the last run recorded in --results")
+    parser.add_argument("--child", nargs=6, metavar=("CONFIG", "METHOD", "BATCH", "THREADS",
+                                                     "STEPS", "LIMIT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        name, method, batch, threads, steps, limit = args.child
+        row = measure(name, method, int(batch), int(threads), int(steps), float(limit))
+        print(json.dumps(row))
+        return 0
+
+    if args.table:
+        last = json.loads(args.results.read_text().splitlines()[-1])
+        print("\n".join(table(last["results"])))
+        return 0
+    plan = QUICK if args.quick else FULL
+    if args.configs:
+        plan = {k: FULL[k] for k in args.configs.split(",")}
+    steps = ADAM_STEPS["quick" if args.quick else "full"]
+    info = machine()
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    print(f"machine: {info['cpu']}, {info['cpus']} CPUs, load {info['load_average']}; "
+          f"torch threads {args.threads}", flush=True)
+    for name, (batches, n_naive, n_adam, limit) in plan.items():
+        if name.startswith("mnist") and _missing_mnist():
+            print(f"{name}: no decoder available, skipped", flush=True)
+            continue
+        jobs = [("forward", max(batches))]
+        jobs += [("preimage", b) for b in batches]
+        jobs += [("naive-lp", n_naive), ("adam", n_adam)]
+        for method, batch in jobs:
+            job = [name, method, str(batch), str(args.threads), str(steps), str(limit)]
+            # --quick measures in this process (its peak RSS is then the run's so far).
+            row = measure_here(job) if args.quick else run_child(job)
+            row.setdefault("config", name)
+            row.setdefault("method", method)
+            rows.append(row)
+            shown = row.get("samples_per_s")
+            print(f"  {name:>22} {method:>9} B={batch:<6} "
+                  + (f"{shown:12,.1f} samples/s" if shown else row.get("error", "")), flush=True)
+    lines = table(rows)
+    print()
+    print("\n".join(lines))
+    record = {
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": bool(args.quick),
+        "threads": args.threads,
+        "exact_rtol": EXACT_RTOL,
+        "machine": info,
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": rows,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with args.results.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(f"\nappended to {args.results}")
+    return 0
+
+
+def _missing_mnist() -> bool:
+    try:
+        from preimage import mnist  # noqa: F401
+
+        return False
+    except ImportError:
+        return not AUTHORS_DECODER.exists()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The batched path gives the answers of the one-sample reference path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import preimage
+from preimage import _batched, invert, random_network
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-300)
+
+
+def assert_same_answers(
+    net: preimage.Network, x: np.ndarray, z_rtol: float = 1e-9, **kwargs: object
+) -> tuple[preimage.InversionResult, preimage.InversionResult]:
+    fast = invert(net, x, **kwargs)  # type: ignore[arg-type]
+    ref = invert(net, x, batched=False)
+    assert list(fast.status) == list(ref.status)
+    assert np.array_equal(fast.success, ref.success)
+    for a, b in zip(fast.layers, ref.layers, strict=True):
+        assert list(a.status) == list(b.status)
+        assert np.array_equal(a.n_active, b.n_active)
+        assert np.array_equal(a.rank, b.rank)
+        assert np.array_equal(a.used_lp, b.used_lp)
+    unique = np.asarray(ref.status) == "unique"
+    assert np.all(rel(fast.z[unique], ref.z[unique]) < z_rtol)
+    failed = ~np.asarray(ref.success)
+    assert np.isnan(fast.z[failed]).all()
+    for status, m_fast, m_ref in zip(ref.status, fast.message, ref.message, strict=True):
+        if status in ("unique", "infeasible"):
+            assert m_fast == m_ref
+    return fast, ref
+
+
+def test_full_rank_batch_matches_reference_and_truth(rng: np.random.Generator) -> None:
+    net = random_network([20, 100, 500], seed=0)
+    z = rng.standard_normal((40, 20))
+    fast, _ = assert_same_answers(net, net.forward(z))
+    assert fast.counts() == {"unique": 40}
+    assert np.all(rel(fast.z, z) < 1e-12)
+    # the batched path solved every layer itself: no LP, sigma_min not computed
+    for report in fast.layers:
+        assert not report.used_lp.any()
+        assert np.isnan(report.sigma_min).all()
+        assert (report.time >= 0).all()
+
+
+def test_rank_deficient_layers_match_reference() -> None:
+    """[70, 125, 300]: the latent layer is often rank-deficient (null space, certificate)."""
+    net = random_network([70, 125, 300], seed=3)
+    z = np.random.default_rng(3).standard_normal((5, 70))
+    fast, ref = assert_same_answers(net, net.forward(z))
+    assert (ref.layers[0].rank < 70).any()  # the case this test is about
+    assert not fast.layers[1].used_lp.any()
+    for i in np.flatnonzero(np.asarray(fast.status) == "non_unique"):
+        assert rel(net.forward(fast.witness[i]), net.forward(fast.z[i])) < 1e-8
+
+
+@pytest.mark.parametrize(
+    ("widths", "activation", "bias"),
+    [
+        ([10, 50, 200], "relu", True),
+        ([8, 40, 160], "leaky_relu", True),
+        ([6, 30, 120], "sigmoid", False),
+        ([6, 30, 120], "tanh", True),
+    ],
+)
+def test_other_layers_match_reference(
+    widths: list[int], activation: str, bias: bool, rng: np.random.Generator
+) -> None:
+    net = random_network(widths, activation=activation, bias=bias, seed=4)  # type: ignore[arg-type]
+    z = rng.standard_normal((12, widths[0]))
+    fast, _ = assert_same_answers(net, net.forward(z))
+    unique = np.asarray(fast.status) == "unique"
+    assert unique.sum() >= 10
+    assert np.all(rel(fast.z[unique], z[unique]) < 1e-9)
+
+
+def test_infeasible_and_valid_samples_in_one_batch(rng: np.random.Generator) -> None:
+    net = random_network([20, 100, 500], seed=0)
+    x = net.forward(rng.standard_normal((6, 20)))
+    x[1] += np.where(x[1] > 0, 1e-3 * rng.standard_normal(500), 0.0)  # off the range
+    x[3, np.argmin(x[3])] = -1.0  # a negative ReLU output
+    x[4, np.argmax(x[4])] = 0.0  # an inactive unit the active ones would switch on
+    fast, _ = assert_same_answers(net, x)
+    assert fast.status[1] == "infeasible" and fast.status[3] == "infeasible"
+    assert fast.status[0] == "unique"
+
+
+def test_chunks_threads_and_progress_do_not_change_answers(rng: np.random.Generator) -> None:
+    net = random_network([10, 50, 200], bias=True, seed=2)
+    x = net.forward(rng.standard_normal((25, 10)))
+    calls: list[tuple[int, int]] = []
+    whole = invert(net, x, n_jobs=2)
+    pieces = invert(net, x, batch_size=7, n_jobs=1, device="cpu",
+                    progress=lambda d, t: calls.append((d, t)))
+    assert list(whole.status) == list(pieces.status)
+    assert np.allclose(whole.z, pieces.z, rtol=1e-12, atol=1e-14)
+    assert calls == [(7, 25), (14, 25), (21, 25), (25, 25)]
+    single = invert(net, x[0])
+    assert single.z.shape == (10,) and single.status == "unique"
+
+
+def test_float32_observations(rng: np.random.Generator) -> None:
+    net = random_network([20, 100, 500], seed=1)
+    z = rng.standard_normal((5, 20))
+    x32 = net.forward(z).astype(np.float32)
+    fast, _ = assert_same_answers(net, x32, z_rtol=1e-5)
+    assert fast.rtol == pytest.approx(1e-5)
+    assert np.all(rel(fast.z, z) < 1e-5)
+
+
+def test_duplicate_columns_are_never_called_unique(rng: np.random.Generator) -> None:
+    """W with two equal columns: W_A is always rank-deficient; the Gram certificate must see it."""
+    w = rng.standard_normal((60, 8))
+    w[:, 7] = w[:, 6]
+    net = preimage.Network.from_weights([w], activation="leaky_relu")
+    x = net.forward(rng.standard_normal((4, 8)))
+    fast, _ = assert_same_answers(net, x)
+    assert not np.any(np.asarray(fast.status) == "unique")
+    assert (fast.layers[0].rank < 8).all()
+
+
+def test_square_subset_path(monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator) -> None:
+    """The path of wide layers (LU of n active rows, float32 + refinement), on a small net."""
+    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 16)
+    net = random_network([12, 60, 240], seed=5)
+    z = rng.standard_normal((30, 12))
+    fast, _ = assert_same_answers(net, net.forward(z), z_rtol=1e-9)
+    assert fast.counts() == {"unique": 30}
+    assert np.all(rel(fast.z, z) < 1e-9)
+    assert not any(r.used_lp.any() for r in fast.layers)
+
+
+def test_square_subset_path_wider(monkeypatch: pytest.MonkeyPatch,
+                                  rng: np.random.Generator) -> None:
+    """n = 256: the size where torch's batched CPU LU went wrong (pivots < 1)."""
+    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 200)
+    net = random_network([32, 256, 1024], seed=6)
+    z = rng.standard_normal((6, 32))
+    fast, _ = assert_same_answers(net, net.forward(z), n_jobs=2)
+    assert fast.counts() == {"unique": 6}
+    assert np.all(rel(fast.z, z) < 1e-9)
+
+
+def test_rejected_subsets_fall_back(monkeypatch: pytest.MonkeyPatch,
+                                    rng: np.random.Generator) -> None:
+    """Every square subset rejected -> normal equations; every Gram rejected -> reference."""
+    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 16)
+    monkeypatch.setattr(_batched, "KAPPA_PER_WIDTH", 1e-9)
+    net = random_network([12, 60, 240], seed=5)
+    x = net.forward(rng.standard_normal((8, 12)))
+    fast, _ = assert_same_answers(net, x)
+    assert not any(r.used_lp.any() for r in fast.layers)
+    monkeypatch.setattr(_batched, "GRAM_RTOL", 0.0)  # nothing passes: all via invert_layer
+    fast, _ = assert_same_answers(net, x)
+    assert all(np.isfinite(r.sigma_min).all() for r in fast.layers)
+
+
+def test_bad_batched_arguments() -> None:
+    net = random_network([10, 50, 200], seed=2)
+    x = net.forward(np.ones(10))
+    with pytest.raises(ValueError, match="batch_size"):
+        invert(net, x, batch_size=0)
+    with pytest.raises(ValueError, match="n_jobs"):
+        invert(net, x, n_jobs=0)
