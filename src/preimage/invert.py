@@ -51,6 +51,13 @@ class LayerReport:
     residual: np.ndarray
     used_lp: np.ndarray
     time: np.ndarray
+    # Noisy inversion only (None otherwise), arrays of shape (B,):
+    #: the on/off threshold used,
+    tau: np.ndarray | None = None
+    #: the layer LP's optimal misfit,
+    misfit: np.ndarray | None = None
+    #: bound on ||input_hat - input||_2 of this layer (layer 0: on ||z_hat - z||_2).
+    error_bound: np.ndarray | None = None
 
 
 @dataclass
@@ -77,6 +84,17 @@ class InversionResult:
     rtol : float
     time : float
         Wall-clock seconds for the whole call.
+    misfit : float or ndarray, optional
+        ||G(z) - x|| in the noise norm (l_2 when no noise model is given; on the
+        observed coordinates / measurements for partial observations). Set by the
+        noisy, partial, sensing and gradient methods.
+    z_error_bound : float or ndarray, optional
+        A proved bound on ||z - z_true||_2 when `noise_level` was given (inf where
+        none could be computed); see `preimage.noisy`.
+    steps : int or ndarray, optional
+        Iterations taken (gradient steps, PGD iterations, LPs solved).
+    noise : str, optional
+        The noise model ("linf", "l1", "l2") the result was computed under.
     """
 
     z: np.ndarray
@@ -89,6 +107,10 @@ class InversionResult:
     method: str
     rtol: float
     time: float
+    misfit: Any = None
+    z_error_bound: Any = None
+    steps: Any = None
+    noise: str | None = None
 
     def counts(self) -> dict[str, int]:
         """How many samples ended in each status."""
@@ -189,6 +211,10 @@ def _invert_one(net: Network, x: np.ndarray, rtol: float) -> _SampleOutcome:
     )
 
 
+#: The methods `invert` accepts.
+METHODS: tuple[str, ...] = ("exact", "adam", "clipping", "negation", "hybrid")
+
+
 def invert(
     net: Network,
     x: Any,
@@ -196,6 +222,11 @@ def invert(
     method: str = "exact",
     rtol: float | None = None,
     progress: ProgressCallback | None = None,
+    noise: str | None = None,
+    noise_level: float | None = None,
+    observe: Any = None,
+    A: Any = None,
+    options: dict[str, Any] | None = None,
 ) -> InversionResult:
     """Find z with G(z) = x, layer by layer, and say whether it is unique.
 
@@ -204,15 +235,36 @@ def invert(
     net : Network
         The generator G.
     x : array-like of shape (n,) or (B, n)
-        Observations (NumPy array or torch tensor; never modified).
-    method : "exact"
-        The layer-wise LP method of Lei et al. (2019).
+        Observations (NumPy array or torch tensor; never modified). With
+        ``observe``: the full output (unobserved entries ignored, may be NaN)
+        or the observed entries only; with ``A``: the m measurements.
+    method : "exact", "adam", "clipping", "negation" or "hybrid"
+        "exact": the layer-wise LP method of Lei et al. (2019) (with ``noise``:
+        the error-bounded noisy LPs, `preimage.noisy`; with ``A``: projected
+        gradient descent with the LP inversion as projection,
+        `preimage.sensing`). The others are the gradient baselines and the
+        hybrid of `preimage.baselines`.
     rtol : float, optional
         Relative tolerance for the activation threshold and the checks
         (see `preimage.layer_inversion`). Default 1e-9 for float64 data and
         models, 1e-5 when either is float32.
     progress : callable(done, total), optional
-        Called after each sample.
+        Called after each sample (each step for the gradient methods).
+    noise : "linf", "l1" or "l2", optional
+        x = G(z) + e: fit in this norm instead of solving G(z) = x exactly.
+        Noisy results are estimates: "feasible" or "failed", never "unique".
+    noise_level : float >= 0, optional
+        A known bound ||e||_noise <= noise_level: the result then carries proved
+        error bounds (``z_error_bound``, ``layers[i].error_bound``) and is
+        "feasible" only when its misfit is consistent with the level.
+    observe : bool array of shape (n,) or `preimage.measurements.Mask`, optional
+        Only these output coordinates are seen (inpainting).
+    A : array of shape (m, n) or a measurement, optional
+        x = A G(z) + e (compressed sensing), e.g. `GaussianMatrix(m, n)`.
+    options : dict, optional
+        Settings of the method, passed as keyword arguments to the function
+        that runs it (`preimage._dispatch` lists which), e.g.
+        ``{"steps": 300, "restarts": 5}`` for "adam".
 
     Returns
     -------
@@ -220,8 +272,18 @@ def invert(
     """
     if not isinstance(net, Network):
         raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
-    if method != "exact":
-        raise ValueError(f"`method` must be one of ('exact',); got {method!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+    if (
+        method != "exact" or noise is not None or noise_level is not None
+        or observe is not None or A is not None or options
+    ):
+        from preimage._dispatch import dispatch
+
+        return dispatch(
+            net, x, method=method, rtol=rtol, progress=progress, noise=noise,
+            noise_level=noise_level, observe=observe, A=A, options=options,
+        )
     if rtol is None:
         low = "float32" in (input_precision(x), net.source_dtype)
         rtol = DEFAULT_RTOL["float32" if low else "float64"]
