@@ -129,7 +129,7 @@ def test_decoder_noise_lps_and_hybrid_beat_adam() -> None:
     sd = authors_state_dict("trained_vae_20_60_784_nobias.pth")
     net = preimage.Network.from_state_dict(sd, ["fc3", "fc4"])
     rng = np.random.default_rng(0)
-    z = rng.standard_normal((8, 20))
+    z = rng.standard_normal((6, 20))
     x = net.forward(z)
     e = rng.uniform(-1, 1, x.shape)
     e *= 1e-3 * np.linalg.norm(x, axis=1, keepdims=True) / np.linalg.norm(e, axis=1, keepdims=True)

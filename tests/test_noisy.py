@@ -203,3 +203,19 @@ def test_bad_noise_arguments(kwargs: dict, error: type, match: str) -> None:
     x = net.forward(np.ones(10))
     with pytest.raises(error, match=match):
         preimage.invert(net, x, **kwargs)
+
+
+def test_leaky_relu_layers_and_a_zero_noise_level(rng: np.random.Generator) -> None:
+    net = random_network([8, 40, 160], activation="leaky_relu", bias=True, seed=1)
+    for _ in range(3):
+        hs = net.forward_all(rng.standard_normal((1, 8)))
+        e = rng.uniform(-1, 1, 160) * 1e-4
+        out = invert_noisy_one(net, hs[-1][0] + e, norm="linf", noise_level=np.abs(e).max())
+        for i in range(2):
+            assert np.linalg.norm(out.layers[i].h - hs[i][0]) <= out.bounds[i]
+        assert rel(out.z, hs[0][0]) < 1e-2
+    exact = random_network([8, 40, 160], seed=1)
+    x = exact.forward(np.ones(8))
+    res = preimage.invert(exact, x, noise="linf", noise_level=0.0)
+    assert res.status == "feasible" and res.z_error_bound < 1e-9
+    assert rel(res.z, np.ones(8)) < 1e-12

@@ -74,24 +74,27 @@ def build_result(
 def estimate_status(
     residual: np.ndarray,
     misfit: np.ndarray,
+    yb: np.ndarray,
     *,
     noise: str | None,
     noise_level: float | None,
     success_rtol: float,
-    consistency: float,
 ) -> np.ndarray:
     """"feasible" / "failed" for an estimate, by the rule of the noise model.
 
     No noise model: feasible when the relative residual is at most `success_rtol`
     (z is a preimage up to rounding). A noise model without a level: feasible
-    wherever z is finite. With a level: feasible when the misfit is at most
-    ``consistency * noise_level``.
+    wherever z is finite. With a level: feasible when the misfit is consistent
+    with it (`preimage.noisy.consistent_misfit`, per row of the observations yb).
     """
+    from preimage.noisy import consistent_misfit
+
     finite = np.isfinite(misfit)
     if noise is None:
         ok = finite & (residual <= success_rtol)
     elif noise_level is None:
         ok = finite
     else:
-        ok = finite & (misfit <= consistency * noise_level)
+        limit = np.array([consistent_misfit(noise_level, y, noise) for y in yb])
+        ok = finite & (misfit <= limit)
     return np.where(ok, "feasible", "failed").astype(object)

@@ -45,7 +45,7 @@ from preimage._validation import check_observation, check_positive
 from preimage.invert import InversionResult
 from preimage.measurements import Measurement, as_measurement
 from preimage.network import Network
-from preimage.noisy import CONSISTENCY, NORMS
+from preimage.noisy import NORMS
 
 Progress = Callable[[int, int], None]
 
@@ -225,8 +225,7 @@ def _finish(
     residual = relative_residual(pred, yb)
     misfit = vector_norm(pred - yb, noise)
     status = estimate_status(
-        residual, misfit, noise=noise, noise_level=noise_level, success_rtol=success_rtol,
-        consistency=CONSISTENCY,
+        residual, misfit, yb, noise=noise, noise_level=noise_level, success_rtol=success_rtol
     )
     messages = [f"{label}: relative misfit {r:.3g}" for r in residual]
     return build_result(

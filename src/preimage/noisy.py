@@ -16,8 +16,9 @@ in one of three norms (h >= 0 when h is itself a ReLU output):
   solved by active-set non-negative least squares, `_solve_l2`).
 
 Bijective activations (LeakyReLU, identity, tanh, sigmoid) are undone
-elementwise first and leave A = all units. Each layer's estimate becomes the
-observation of the layer below, down to z.
+elementwise first and leave A = all units, each row weighted by the
+activation's slope there (d act / d pre: the misfit stays in the units of y).
+Each layer's estimate becomes the observation of the layer below, down to z.
 
 Choosing tau (only from what is observable)
     The smallest tau on a geometric ladder at which the fit is *consistent
@@ -335,20 +336,38 @@ def _target(layer: Layer, y: np.ndarray) -> np.ndarray:
     return act.inverse(y)
 
 
+def _slope(layer: Layer, y: np.ndarray) -> np.ndarray:
+    """d act / d pre at the pre-activation act^{-1}(y), for a bijective activation."""
+    act = layer.activation
+    if act.kind == "leaky_relu":
+        return np.where(y >= 0, 1.0, act.negative_slope)
+    if act.kind == "tanh":
+        return np.maximum(1 - np.clip(y, -1, 1) ** 2, 1e-12)
+    if act.kind == "sigmoid":
+        c = np.clip(y, 0, 1)
+        return np.maximum(c * (1 - c), 1e-12)
+    return np.ones_like(y)
+
+
 def _fit(
     layer: Layer, y: np.ndarray, tau: float, norm: str, nonneg: bool
 ) -> tuple[np.ndarray | None, float, str, np.ndarray]:
     """One fit at a given tau; returns (h, misfit, message, on-mask)."""
     m, _ = layer.weight.shape
     b = layer.bias_or_zero()
+    w = layer.weight.matrix()
     if layer.activation.is_bijective:
+        # Fit pre-activations, each row weighted by d act / d pre there, so the
+        # misfit is measured in the units of y (a LeakyReLU's negative side
+        # magnifies the noise by 1 / slope: those rows count less).
         on = np.ones(m, dtype=bool)
         r = _target(layer, y) - b
+        d = _slope(layer, y)
+        w, r = w * d[:, None], r * d
     else:
         on = y > tau
         r = y - b
     scale = max(float(np.max(np.abs(r))), _TINY)
-    w = layer.weight.matrix()
     h, value, message = _SOLVERS[norm](w[on], r[on] / scale, w[~on], r[~on] / scale, nonneg)
     if h is None:
         return None, np.inf, message, on
@@ -480,16 +499,20 @@ def propagate_bound(
     if act.is_bijective:
         if act.kind not in ("identity", "leaky_relu"):
             return NoiseBound.unbounded(n)  # tanh / sigmoid: the inverse is not Lipschitz
-        gain = 1.0 if act.kind == "identity" else max(1.0, 1.0 / act.negative_slope)
+        # |act^{-1}(y) - pre*| <= |e| where y >= |e| (both on the positive side), and
+        # <= |e| / slope otherwise.
+        slope = 1.0 if act.kind == "identity" else act.negative_slope
+        gain = np.where(y >= bound.box, 1.0, max(1.0, 1.0 / slope))
         safe = np.ones(m, dtype=bool)
         target = act.inverse(y)
     else:
-        gain = 1.0
+        gain = np.ones(m)
         safe = y > bound.box
         target = y
-    box = gain * bound.box[safe] + rounding[safe]
-    e2 = min(gain * bound.l2, float(np.linalg.norm(box))) + float(np.linalg.norm(rounding[safe]))
-    e1 = min(gain * bound.l1, float(np.sum(box))) + float(np.sum(rounding[safe]))
+    box = gain[safe] * bound.box[safe] + rounding[safe]
+    worst = float(np.max(gain[safe], initial=1.0))
+    e2 = min(worst * bound.l2, float(np.linalg.norm(box))) + float(np.linalg.norm(rounding[safe]))
+    e1 = min(worst * bound.l1, float(np.sum(box))) + float(np.sum(rounding[safe]))
     w_s = w[safe]
     if w_s.shape[0] < n:
         return NoiseBound.unbounded(n)
@@ -526,6 +549,12 @@ class NoisyOutcome:
     layers: list[NoisyLayerResult | None]
     bounds: list[float]  # bounds[i]: bound on ||x_i_hat - x_i||_2 (input of layer i)
     misfit: float
+
+
+def consistent_misfit(noise_level: float, x: np.ndarray, norm: str | None) -> float:
+    """The largest misfit consistent with the noise level: CONSISTENCY times it, plus
+    the LPs' rounding (LP_TOL relative to ||x||), so that noise_level = 0 works."""
+    return CONSISTENCY * noise_level + LP_TOL * _norm(np.asarray(x), norm or "l2")
 
 
 def _nonneg_input(net: Network, i: int) -> bool:
@@ -569,7 +598,7 @@ def invert_noisy_one(
     bad = [i for i, r in enumerate(layers) if r is not None and r.status != "feasible"]
     if bad:
         status, message = "failed", f"layer(s) {bad}: no consistent tau; {layers[bad[0]].message}"
-    elif noise_level is not None and misfit > CONSISTENCY * noise_level:
+    elif noise_level is not None and misfit > consistent_misfit(noise_level, x, norm):
         status = "failed"
         message = (
             f"misfit ||G(z) - x||_{norm[1:]} = {misfit:.3g} exceeds {CONSISTENCY:g} x "

@@ -36,7 +36,7 @@ from preimage._validation import check_observation, check_positive
 from preimage.invert import InversionResult
 from preimage.measurements import Measurement, as_measurement
 from preimage.network import Network
-from preimage.noisy import CONSISTENCY, NORMS, invert_noisy_one
+from preimage.noisy import NORMS, invert_noisy_one
 from preimage.patterns import activation_pattern, pattern_lp, pattern_walk, supports_patterns
 
 
@@ -119,8 +119,7 @@ def pgd_invert(
     residual = relative_residual(pred, yb)
     misfit = np.where(finite, vector_norm(np.nan_to_num(pred - yb), noise), np.inf)
     status = estimate_status(
-        residual, misfit, noise=noise, noise_level=noise_level, success_rtol=success_rtol,
-        consistency=CONSISTENCY,
+        residual, misfit, yb, noise=noise, noise_level=noise_level, success_rtol=success_rtol
     )
     return build_result(
         z=z, status=status, messages=messages, residual=residual, method="exact",
