@@ -263,8 +263,13 @@ def invert(
         x = A G(z) + e (compressed sensing), e.g. `GaussianMatrix(m, n)`.
     options : dict, optional
         Settings of the method, passed as keyword arguments to the function
-        that runs it (`preimage._dispatch` lists which), e.g.
-        ``{"steps": 300, "restarts": 5}`` for "adam".
+        that runs it, e.g. ``{"steps": 300, "restarts": 5}`` for "adam":
+        "exact" with noise: `noisy.invert_noisy` (``tau``); with ``observe``:
+        `partial.invert_observed` (``restarts``, ``steps``, ``max_lps``,
+        ``seed`` of the cell search); with ``A``: `sensing.pgd_invert`
+        (``projection``, ``step``, ``iterations``, ``max_lps``); the others:
+        `baselines.gradient_invert`, `clipping_invert`, `negation_invert`,
+        `hybrid_invert`. Unknown names raise a TypeError listing the valid ones.
 
     Returns
     -------

@@ -29,12 +29,15 @@ Choosing tau (only from what is observable)
     above tau; past the noise floor the fit is good over a wide range of tau.
     The ladder starts at twice the noise floor read off the data (negative
     outputs of a ReLU are pure noise: ``floor = max(-min(y), 0)``), or at
-    ``TAU_START`` times the data scale (but low enough to keep n units on),
-    and grows by ``TAU_GROWTH`` while at least n units (the input width) stay
-    on: past that the split leaves the layer under-determined and consistency
-    becomes trivial (all units off fit anything). When no rung is consistent
+    ``TAU_START`` times the data scale, and grows by ``TAU_GROWTH`` while at
+    least n units (the input width) stay on: past that the split leaves the
+    layer under-determined and consistency becomes trivial (all units off fit
+    anything). When no rung is consistent
     the fit with the smallest re-forwarded misfit is kept and the layer is
-    "failed". The true hidden activations are never used.
+    "failed". When fewer than n units stand above the floor, the "on" rows leave
+    h under-determined and (h >= 0) the sparsest near-optimal fit is taken
+    (NOTES-math section 3), as in the exact method. The true hidden activations
+    are never used.
 
 Error bounds (../NOTES-math.md section 4, for all three norms)
     Given a bound on the observation's error e (a per-unit box ``|e_i| <=
@@ -187,7 +190,12 @@ def _bounds(n: int, nonneg: bool) -> list[tuple[float | None, float | None]]:
 
 
 def _solve_linf(
-    w_on: np.ndarray, r_on: np.ndarray, w_off: np.ndarray, r_off: np.ndarray, nonneg: bool
+    w_on: np.ndarray,
+    r_on: np.ndarray,
+    w_off: np.ndarray,
+    r_off: np.ndarray,
+    nonneg: bool,
+    sparsest: bool = False,
 ) -> tuple[np.ndarray | None, float, str]:
     """min t  s.t.  -t <= W_A h - r_A <= t,  W_I h - r_I <= t,  t >= 0.
 
@@ -205,18 +213,18 @@ def _solve_linf(
     b_ub = np.concatenate([r_on, -r_on, r_off])
     cost = np.zeros(n + 1)
     cost[-1] = 1.0
-    res = linprog(
-        cost, A_ub=a_ub, b_ub=b_ub, bounds=[*_bounds(n, nonneg), (0.0, None)],
-        method="highs", options={"primal_feasibility_tolerance": LP_TOL,
-                                 "dual_feasibility_tolerance": LP_TOL},
+    return _two_stage(
+        cost, a_ub, b_ub, [*_bounds(n, nonneg), (0.0, None)], n, sparsest, "l_inf"
     )
-    if res.status != 0:
-        return None, np.inf, f"HiGHS did not solve the l_inf LP (status {res.status})"
-    return res.x[:n], float(res.x[-1]), "l_inf LP solved (HiGHS: optimal)"
 
 
 def _solve_l1(
-    w_on: np.ndarray, r_on: np.ndarray, w_off: np.ndarray, r_off: np.ndarray, nonneg: bool
+    w_on: np.ndarray,
+    r_on: np.ndarray,
+    w_off: np.ndarray,
+    r_off: np.ndarray,
+    nonneg: bool,
+    sparsest: bool = False,
 ) -> tuple[np.ndarray | None, float, str]:
     """min 1^T s  s.t.  -s_A <= W_A h - r_A <= s_A,  W_I h - r_I <= s_I,  s >= 0.
 
@@ -236,14 +244,42 @@ def _solve_l1(
     )
     b_ub = np.concatenate([r_on, -r_on, r_off])
     cost = np.concatenate([np.zeros(n), np.ones(p + q)])
-    res = linprog(
-        cost, A_ub=a_ub, b_ub=b_ub, bounds=[*_bounds(n, nonneg)] + [(0.0, None)] * (p + q),
-        method="highs", options={"primal_feasibility_tolerance": LP_TOL,
-                                 "dual_feasibility_tolerance": LP_TOL},
+    return _two_stage(
+        cost, a_ub, b_ub, [*_bounds(n, nonneg)] + [(0.0, None)] * (p + q), n, sparsest, "l_1"
     )
+
+
+def _two_stage(
+    cost: np.ndarray,
+    a_ub: Any,
+    b_ub: np.ndarray,
+    bounds: list[tuple[float | None, float | None]],
+    n: int,
+    sparsest: bool,
+    name: str,
+) -> tuple[np.ndarray | None, float, str]:
+    """Minimise the misfit; then, if `sparsest`, minimise 1^T h among (near-)optimal fits.
+
+    The second stage (NOTES-math section 3) adds the row cost^T x <= value (1 + 1e-7)
+    + 1e-10 and the objective 1^T h: when the "on" rows leave h under-determined,
+    the sparsest point, not an arbitrary vertex, is passed down.
+    """
+    options = {"primal_feasibility_tolerance": LP_TOL, "dual_feasibility_tolerance": LP_TOL}
+    res = linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs", options=options)
     if res.status != 0:
-        return None, np.inf, f"HiGHS did not solve the l_1 LP (status {res.status})"
-    return res.x[:n], float(res.fun), "l_1 LP solved (HiGHS: optimal)"
+        return None, np.inf, f"HiGHS did not solve the {name} LP (status {res.status})"
+    x, value = np.asarray(res.x), float(res.fun)
+    message = f"{name} LP solved (HiGHS: optimal)"
+    if sparsest:
+        a2 = sparse.vstack([sparse.csr_matrix(a_ub), sparse.csr_matrix(cost)], format="csr")
+        b2 = np.append(b_ub, value * (1 + 1e-7) + 1e-10)
+        cost2 = np.zeros_like(cost)
+        cost2[:n] = 1.0
+        res2 = linprog(cost2, A_ub=a2, b_ub=b2, bounds=bounds, method="highs", options=options)
+        if res2.status == 0:
+            x = np.asarray(res2.x)
+            message += ", then the sparsest of its near-optimal points"
+    return x[:n], value, message
 
 
 def _least_squares(a: np.ndarray, r: np.ndarray, nonneg: bool) -> np.ndarray:
@@ -258,6 +294,7 @@ def _solve_l2(
     w_off: np.ndarray,
     r_off: np.ndarray,
     nonneg: bool,
+    sparsest: bool = False,
     max_iter: int = 50,
 ) -> tuple[np.ndarray | None, float, str]:
     """min f(h) = ||W_A h - r_A||^2 + ||max(W_I h - r_I, 0)||^2  (h >= 0 optional).
@@ -267,7 +304,8 @@ def _solve_l2(
     ||W_V h - r_V||^2 (non-negative least squares when h >= 0), then a halving
     line search keeps f decreasing (the finite Newton method of Keerthi and
     DeCoste). Stops when V repeats; an L-BFGS-B polish follows if the KKT
-    conditions are not met.
+    conditions are not met. (No sparsest stage: an under-determined layer keeps
+    the non-negative least-squares point, itself sparse.)
     """
 
     def f(h: np.ndarray) -> float:
@@ -368,7 +406,13 @@ def _fit(
         on = y > tau
         r = y - b
     scale = max(float(np.max(np.abs(r))), _TINY)
-    h, value, message = _SOLVERS[norm](w[on], r[on] / scale, w[~on], r[~on] / scale, nonneg)
+    w_on = w[on]
+    under = w_on.shape[0] < w.shape[1] or (
+        np.linalg.matrix_rank(w_on) < w.shape[1] if w_on.size else True
+    )
+    h, value, message = _SOLVERS[norm](
+        w_on, r[on] / scale, w[~on], r[~on] / scale, nonneg, nonneg and under
+    )
     if h is None:
         return None, np.inf, message, on
     return h * scale, value * scale, message, on
@@ -382,6 +426,7 @@ def invert_layer_noisy(
     tau: float | None = None,
     nonneg: bool = False,
     rtol: float = 1e-9,
+    keep_rank: bool = False,
 ) -> NoisyLayerResult:
     """Fit h to a noisy observation y ~ act(W h + b) of one layer.
 
@@ -400,6 +445,10 @@ def invert_layer_noisy(
         Whether h is known to be >= 0 (it is the output of a ReLU).
     rtol : float
         Relative floor of the ladder: tau >= rtol * max|y|.
+    keep_rank : bool
+        Start the ladder low enough that n units are on even when fewer stand
+        above the noise floor (for observations far from the range, such as
+        the gradient steps of PGD, whose "noise floor" buries the signal).
 
     Returns
     -------
@@ -416,9 +465,10 @@ def invert_layer_noisy(
     else:
         floor = max(-float(np.min(y)), 0.0)
         first = max(2.0 * floor, TAU_START * scale, rtol * scale)
-        # Keep at least n units on: tau below the (n+1)-th largest output.
+        # With keep_rank (or when no unit at all would be on), start low enough
+        # that n units are on: tau below the (n+1)-th largest output.
         top = np.sort(y)[::-1]
-        if len(top) > n and top[n] > 0:
+        if (keep_rank or not np.any(y > first)) and len(top) > n and top[n] > 0:
             first = min(first, float(top[n]))
         ladder = [first]
         while ladder[-1] * TAU_GROWTH < scale:
@@ -569,6 +619,7 @@ def invert_noisy_one(
     noise_level: float | None = None,
     tau: float | None = None,
     rtol: float = 1e-9,
+    keep_rank: bool = False,
 ) -> NoisyOutcome:
     """Layer-wise noisy inversion of one observation x of shape (n,); see `invert`."""
     d = len(net.layers)
@@ -582,7 +633,8 @@ def invert_noisy_one(
     h = x
     for i in range(d - 1, -1, -1):
         res = invert_layer_noisy(
-            net.layers[i], h, norm=norm, tau=tau, nonneg=_nonneg_input(net, i), rtol=rtol
+            net.layers[i], h, norm=norm, tau=tau, nonneg=_nonneg_input(net, i), rtol=rtol,
+            keep_rank=keep_rank,
         )
         layers[i] = res
         if not np.all(np.isfinite(res.h)):

@@ -153,7 +153,7 @@ def _pgd_one(
     walkable = max_lps > 0 and supports_patterns(net, output=True)
     for t in range(1, iterations + 1):  # noqa: B007
         v = x + step * meas.adjoint(y - meas.apply(x))
-        z = invert_noisy_one(net, v, norm=projection, rtol=rtol).z
+        z = invert_noisy_one(net, v, norm=projection, rtol=rtol, keep_rank=True).z
         if not np.all(np.isfinite(z)):
             break
         x = net.forward(z[None])[0]
