@@ -2,12 +2,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
-import matplotlib
-import numpy as np
-import pytest
-from hypothesis import settings
+# OpenBLAS threads spin-wait: on a shared, loaded machine a 500 x 100 SVD then takes
+# seconds instead of milliseconds. The tests' matrices are small, one thread is fastest.
+# (Set before numpy is imported; an explicit setting in the environment wins.)
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from pathlib import Path  # noqa: E402
+
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 matplotlib.use("Agg")
 

@@ -57,6 +57,13 @@ class LayerReport:
     residual: np.ndarray
     used_lp: np.ndarray
     time: np.ndarray
+    # Noisy inversion only (None otherwise), arrays of shape (B,):
+    #: the on/off threshold used,
+    tau: np.ndarray | None = None
+    #: the layer LP's optimal misfit,
+    misfit: np.ndarray | None = None
+    #: bound on ||input_hat - input||_2 of this layer (layer 0: on ||z_hat - z||_2).
+    error_bound: np.ndarray | None = None
 
 
 @dataclass
@@ -83,6 +90,17 @@ class InversionResult:
     rtol : float
     time : float
         Wall-clock seconds for the whole call.
+    misfit : float or ndarray, optional
+        ||G(z) - x|| in the noise norm (l_2 when no noise model is given; on the
+        observed coordinates / measurements for partial observations). Set by the
+        noisy, partial, sensing and gradient methods.
+    z_error_bound : float or ndarray, optional
+        A proved bound on ||z - z_true||_2 when `noise_level` was given (inf where
+        none could be computed); see `preimage.noisy`.
+    steps : int or ndarray, optional
+        Iterations taken (gradient steps, PGD iterations, LPs solved).
+    noise : str, optional
+        The noise model ("linf", "l1", "l2") the result was computed under.
     """
 
     z: np.ndarray
@@ -95,6 +113,10 @@ class InversionResult:
     method: str
     rtol: float
     time: float
+    misfit: Any = None
+    z_error_bound: Any = None
+    steps: Any = None
+    noise: str | None = None
 
     def counts(self) -> dict[str, int]:
         """How many samples ended in each status."""
@@ -240,6 +262,10 @@ def _settle_globally(
     return _SampleOutcome(found.z, "feasible", found.message, nan, outcome.layers)
 
 
+#: The methods `invert` accepts.
+METHODS: tuple[str, ...] = ("exact", "adam", "clipping", "negation", "hybrid")
+
+
 def invert(
     net: Network,
     x: Any,
@@ -252,6 +278,11 @@ def invert(
     batch_size: int | None = None,
     device: Any = None,
     n_jobs: int | None = None,
+    noise: str | None = None,
+    noise_level: float | None = None,
+    observe: Any = None,
+    A: Any = None,
+    options: dict[str, Any] | None = None,
 ) -> InversionResult:
     """Find z with G(z) = x, layer by layer, and say whether it is unique.
 
@@ -260,9 +291,15 @@ def invert(
     net : Network
         The generator G.
     x : array-like of shape (n,) or (B, n)
-        Observations (NumPy array or torch tensor; never modified).
-    method : "exact"
-        The layer-wise LP method of Lei et al. (2019).
+        Observations (NumPy array or torch tensor; never modified). With
+        ``observe``: the full output (unobserved entries ignored, may be NaN)
+        or the observed entries only; with ``A``: the m measurements.
+    method : "exact", "adam", "clipping", "negation" or "hybrid"
+        "exact": the layer-wise LP method of Lei et al. (2019) (with ``noise``:
+        the error-bounded noisy LPs, `preimage.noisy`; with ``A``: projected
+        gradient descent with the LP inversion as projection,
+        `preimage.sensing`). The others are the gradient baselines and the
+        hybrid of `preimage.baselines`.
     rtol : float, optional
         Relative tolerance for the activation threshold and the checks
         (see `preimage.layer_inversion`). Default 1e-9 for float64 x, 1e-5 for
@@ -293,6 +330,27 @@ def invert(
     n_jobs : int, optional
         Threads for the per-sample LPs and the CPU solves; default the number
         of CPUs this process may use.
+        Called after each sample (each step for the gradient methods).
+    noise : "linf", "l1" or "l2", optional
+        x = G(z) + e: fit in this norm instead of solving G(z) = x exactly.
+        Noisy results are estimates: "feasible" or "failed", never "unique".
+    noise_level : float >= 0, optional
+        A known bound ||e||_noise <= noise_level: the result then carries proved
+        error bounds (``z_error_bound``, ``layers[i].error_bound``) and is
+        "feasible" only when its misfit is consistent with the level.
+    observe : bool array of shape (n,) or `preimage.measurements.Mask`, optional
+        Only these output coordinates are seen (inpainting).
+    A : array of shape (m, n) or a measurement, optional
+        x = A G(z) + e (compressed sensing), e.g. `GaussianMatrix(m, n)`.
+    options : dict, optional
+        Settings of the method, passed as keyword arguments to the function
+        that runs it, e.g. ``{"steps": 300, "restarts": 5}`` for "adam":
+        "exact" with noise: `noisy.invert_noisy` (``tau``); with ``observe``:
+        `partial.invert_observed` (``restarts``, ``steps``, ``max_lps``,
+        ``seed`` of the cell search); with ``A``: `sensing.pgd_invert`
+        (``projection``, ``step``, ``iterations``, ``max_lps``); the others:
+        `baselines.gradient_invert`, `clipping_invert`, `negation_invert`,
+        `hybrid_invert`. Unknown names raise a TypeError listing the valid ones.
 
     Returns
     -------
@@ -300,8 +358,18 @@ def invert(
     """
     if not isinstance(net, Network):
         raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
-    if method != "exact":
-        raise ValueError(f"`method` must be one of ('exact',); got {method!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+    if (
+        method != "exact" or noise is not None or noise_level is not None
+        or observe is not None or A is not None or options
+    ):
+        from preimage._dispatch import dispatch
+
+        return dispatch(
+            net, x, method=method, rtol=rtol, progress=progress, noise=noise,
+            noise_level=noise_level, observe=observe, A=A, options=options,
+        )
     if rtol is None:
         rtol = DEFAULT_RTOL[input_precision(x)]
     rtol = check_positive(rtol, "rtol")

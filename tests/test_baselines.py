@@ -1,0 +1,148 @@
+"""Gradient baselines, the pattern LP (reverse polish) and the hybrid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import preimage
+from preimage import random_network
+from preimage.baselines import (
+    clipping_invert,
+    gradient_invert,
+    hybrid_invert,
+    latent_descent,
+    negation_invert,
+)
+from preimage.patterns import activation_pattern, pattern_lp, pattern_walk
+from tests.conftest import authors_state_dict
+
+
+def rel_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_pattern_lp_is_exact_in_the_true_cell(rng: np.random.Generator) -> None:
+    net = random_network([10, 40, 120, 300], bias=True, seed=5)
+    z = rng.standard_normal(10)
+    x = net.forward(z)
+    fit = pattern_lp(net, x, activation_pattern(net, z))
+    assert fit.misfit < 1e-10
+    assert rel_rows(fit.z, z) < 1e-9
+    assert fit.cell_duals is not None and len(fit.cell_duals) == 2
+    # A wrong pattern: the best fit in that cell misses.
+    wrong = activation_pattern(net, z)
+    flip = np.flatnonzero(wrong[0])[:5]
+    wrong[0][flip] = False
+    assert pattern_lp(net, x, wrong).misfit > 1e-6
+
+
+def test_pattern_walk_turns_a_near_miss_into_an_exact_answer(rng: np.random.Generator) -> None:
+    net = random_network([10, 40, 160], seed=6)
+    z = rng.standard_normal(10)
+    x = net.forward(z)
+    start = z + 0.3 * rng.standard_normal(10)
+    assert activation_pattern(net, start)[0].tolist() != activation_pattern(net, z)[0].tolist()
+    fit = pattern_walk(net, x, start, norm="l1", target=1e-12, max_lps=200)
+    assert fit.misfit < 1e-9 and rel_rows(fit.z, z) < 1e-8
+    assert fit.steps >= 1 and fit.n_lps >= 2
+
+
+def test_pattern_lp_rejects_a_bad_norm() -> None:
+    net = random_network([4, 12], seed=0)
+    with pytest.raises(ValueError, match="`norm` must be 'linf' or 'l1'"):
+        pattern_lp(net, np.ones(12), [], norm="l2")
+
+
+def test_gradient_methods_share_the_result_type(rng: np.random.Generator) -> None:
+    net = random_network([10, 50, 200], seed=2)
+    z = rng.standard_normal((3, 10))
+    x = net.forward(z)
+    for fn, kw in [
+        (gradient_invert, {}),
+        (clipping_invert, {"bound": 3.0}),
+        (negation_invert, {}),
+    ]:
+        res = fn(net, x, steps=50, restarts=2, **kw)
+        assert res.z.shape == (3, 10)
+        assert set(res.status) <= {"feasible", "failed"}
+        assert res.misfit.shape == (3,) and np.all(res.misfit >= 0)
+        assert np.all(res.steps == 100) and res.time > 0
+        assert np.allclose(res.misfit, np.linalg.norm(net.forward(res.z) - x, axis=1))
+        assert res.layers == ()
+    one = clipping_invert(net, x[0], steps=20, restarts=2, bound=0.5)
+    assert np.all(np.abs(one.z) <= 0.5) and one.method == "clipping"
+    assert isinstance(one.status, str) and isinstance(one.steps, int)
+
+
+def test_negation_step_flips_a_reflected_start(rng: np.random.Generator) -> None:
+    """From -z*, the negation step (taken before each gradient step) jumps to z* at once."""
+    net = random_network([10, 100, 500], seed=1)
+    z = rng.standard_normal((1, 10))
+    x = net.forward(z)
+    starts = -z[None]
+    plain = latent_descent(net, x, starts=starts, optimizer="sgd", lr=0.01, steps=1)
+    assert np.array_equal(starts, -z[None])  # the start array is not written to
+    flipped = latent_descent(
+        net, x, starts=starts, optimizer="sgd", lr=0.01, steps=1, negation=True
+    )
+    assert rel_rows(flipped.z[0, 0], z[0]) < 1e-6
+    assert rel_rows(plain.z[0, 0], -z[0]) < 0.1
+    full = negation_invert(net, x, steps=300, restarts=2)
+    assert full.status[0] == "feasible" and rel_rows(full.z, z)[0] < 1e-6
+
+
+def test_hybrid_keeps_exact_answers_and_polishes_noisy_ones(rng: np.random.Generator) -> None:
+    net = random_network([10, 50, 200], seed=2)
+    z = rng.standard_normal((3, 10))
+    x = net.forward(z)
+    exact = hybrid_invert(net, x, steps=20)
+    assert list(exact.status) == ["unique"] * 3
+    assert np.all(rel_rows(exact.z, z) < 1e-9)
+    e = rng.uniform(-1, 1, x.shape) * 1e-3
+    noisy = preimage.invert(net, x + e, noise="linf")
+    hybrid = preimage.invert(
+        net, x + e, method="hybrid", noise="linf", noise_level=1e-3, options={"steps": 50}
+    )
+    assert list(hybrid.status) == ["feasible"] * 3
+    assert np.all(hybrid.misfit <= noisy.misfit * (1 + 1e-9))
+    assert "best:" in hybrid.message[0]
+
+
+def test_bad_baseline_arguments() -> None:
+    net = random_network([4, 20], seed=0)
+    x = net.forward(np.ones(4))
+    with pytest.raises(ValueError, match="`lr` must be"):
+        gradient_invert(net, x, lr=0)
+    with pytest.raises(ValueError, match="`steps` and `restarts`"):
+        negation_invert(net, x, steps=0)
+    with pytest.raises(ValueError, match=r"`bound`"):
+        clipping_invert(net, x, bound=-1.0)
+    with pytest.raises(TypeError, match=r"preimage\.Network"):
+        hybrid_invert("net", x)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"\['speed'\] are not settings of method 'adam'"):
+        preimage.invert(net, x, method="adam", options={"speed": 2})
+
+
+def test_decoder_noise_lps_and_hybrid_beat_adam() -> None:
+    """The authors' ReLU decoder, noise 1e-3 (relative, uniform): median relative z-error."""
+    sd = authors_state_dict("trained_vae_20_60_784_nobias.pth")
+    net = preimage.Network.from_state_dict(sd, ["fc3", "fc4"])
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((6, 20))
+    x = net.forward(z)
+    e = rng.uniform(-1, 1, x.shape)
+    e *= 1e-3 * np.linalg.norm(x, axis=1, keepdims=True) / np.linalg.norm(e, axis=1, keepdims=True)
+    medians = {}
+    for name, kw in [
+        ("linf LP", {"noise": "linf"}),
+        ("l1 LP", {"noise": "l1"}),
+        ("adam", {"method": "adam", "noise": "linf"}),
+        ("hybrid", {"method": "hybrid", "noise": "linf"}),
+    ]:
+        res = preimage.invert(net, x + e, **kw)
+        medians[name] = float(np.median(rel_rows(res.z, z)))
+    print("\ndecoder, noise 1e-3: " + ", ".join(f"{k} {v:.2e}" for k, v in medians.items()))
+    for name in ("linf LP", "l1 LP", "hybrid"):
+        assert medians[name] < medians["adam"] / 10
+    assert medians["hybrid"] <= medians["linf LP"]
