@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean figures
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
+
+# The figures and CSVs of docs/results.md (about an hour on 2 cores). Resumable:
+# runs already in docs/figures/NAME.csv are skipped.
+AUTHORS := ../shared/models/invertgan_lp
+figures: $(STAMP)
+	$(BIN)/preimage experiment noise --runs 30 --out docs/figures
+	$(BIN)/preimage experiment latent-dim --runs 50 --out docs/figures
+	$(BIN)/preimage experiment sensing --runs 30 --out docs/figures
+	$(BIN)/preimage experiment mnist-decoder --runs 30 --out docs/figures \
+		$(if $(wildcard $(AUTHORS)),--model $(AUTHORS),)
+	$(BIN)/preimage demo --out docs/figures
+	$(BIN)/python examples/nonconvex_preimage.py --out docs/figures

@@ -4,8 +4,9 @@
     so the exact method should give z back (or prove it is not unique), while
     Adam on ||G(z) - x||^2 may stop in a local minimum.
 (b) Held-out MNIST digits (never seen in training): not in the range of G,
-    so the question is the projection onto the range, min_z ||G(z) - x||;
-    the VAE's own encoder gives the reference point.
+    so the question is the projection onto the range, min_z ||G(z) - x||:
+    the noisy layer-wise LP (``invert(net, x, noise="linf")``) against Adam,
+    with the VAE's own encoder as the reference point.
 
 `run_demo` computes everything and draws one PNG; `preimage.cli` prints it.
 """
@@ -201,13 +202,15 @@ def run_demo(
             mu = load_vae("relu").encode(torch.as_tensor(xd, dtype=torch.float32))[0]
         z_enc = mu.double().numpy()
         t_enc = time.perf_counter() - t0
+        lp_d = invert(net, xd, noise="linf", progress=bar("noisy LP: digits"))
         adam_d = gradient_invert(
-            net, xd, steps=adam_steps, restarts=restarts, seed=seed + 1,
+            net, xd, steps=adam_steps, restarts=restarts, seed=seed + 1, noise="l2",
             progress=bar("adam: digits"),
         )
         rows += [
-            _row("digits", "VAE encoder", net, xd, z_enc, None, t_enc),
+            _row("digits", "noisy LP (l_inf)", net, xd, np.atleast_2d(lp_d.z), None, lp_d.time),
             _row("digits", "adam", net, xd, np.atleast_2d(adam_d.z), None, adam_d.time),
+            _row("digits", "VAE encoder", net, xd, z_enc, None, t_enc),
         ]
         show = min(shown, len(xd))
         blocks.append(
@@ -215,8 +218,9 @@ def run_demo(
                 "(b) held-out digits x (not in the range): G(z_hat)",
                 [
                     ("digit x", xd[:show].reshape(-1, 28, 28)),
-                    ("VAE encoder", _images(net, z_enc[:show])),
+                    ("noisy LP", _images(net, np.atleast_2d(lp_d.z)[:show])),
                     ("Adam", _images(net, np.atleast_2d(adam_d.z)[:show])),
+                    ("VAE encoder", _images(net, z_enc[:show])),
                 ],
             )
         )

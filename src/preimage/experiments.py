@@ -45,7 +45,7 @@ from preimage._plotting import new_figure, save_figure
 from preimage.baselines import gradient_invert
 from preimage.global_search import GlobalSettings
 from preimage.invert import InversionResult, invert
-from preimage.network import Layer, Network, random_network
+from preimage.network import Network, random_network
 
 __all__ = [
     "COLUMNS",
@@ -106,7 +106,7 @@ class Config:
     runs : random draws per setting
     seed : seeds every network, code, noise vector, mask and random start
     quick : a small grid and a short gradient descent (at most 50 steps, one
-        start), for smoke tests
+        start), for smoke tests (``mnist-decoder``: digits on the ReLU decoders only)
     model : the folder of the paper authors' decoders (``mnist-decoder`` only)
     adam : the Adam baseline's settings
     """
@@ -214,8 +214,8 @@ def _outcome(result: InversionResult, n: int) -> Outcome:
     return Outcome(z, status, np.full(n, result.time / n))
 
 
-def _exact_solver(net: Network, **kwargs: Any) -> Solver:
-    """`preimage.invert` on the batch (keyword arguments passed on)."""
+def _invert_solver(net: Network, **kwargs: Any) -> Solver:
+    """`preimage.invert` on the batch (keyword arguments passed on: method, noise, ...)."""
 
     def solve(batch: Batch, step: StepCallback) -> Outcome:
         return _outcome(invert(net, batch.x, progress=step, **kwargs), len(batch.runs))
@@ -241,20 +241,22 @@ def _adam_solver(net: Network, config: Config, seed: int) -> Solver:
     return solve
 
 
+def _adam_noisy_solver(net: Network, config: Config, seed: int) -> Solver:
+    """Adam on ||G(z) - x||_2^2 for noisy x ("feasible" whatever the misfit: no level given)."""
+
+    def solve(batch: Batch, step: StepCallback) -> Outcome:
+        result = gradient_invert(
+            net, batch.x, lr=config.adam.lr, steps=config.adam_steps,
+            restarts=config.adam_restarts, seed=seed, noise="l2", progress=step,
+        )
+        return _outcome(result, len(batch.runs))
+
+    return solve
+
+
 def _codes(net: Network, runs: Sequence[int], *keys: int | str) -> np.ndarray:
     """z ~ N(0, I) per run, keyed by (keys, run)."""
     return np.stack([_rng(*keys, r).standard_normal(net.latent_dim) for r in runs])
-
-
-def _restrict(net: Network, observed: np.ndarray) -> Network:
-    """The network whose outputs are the observed output units of `net` only."""
-    last = net.layers[-1]
-    from preimage.operators import DenseOperator
-
-    rows = np.flatnonzero(observed)
-    bias = None if last.bias is None else last.bias[rows]
-    layer = Layer(DenseOperator(last.weight.rows(rows)), bias, last.activation)
-    return Network((*net.layers[:-1], layer), source_dtype=net.source_dtype)
 
 
 def _row_values(
@@ -583,6 +585,69 @@ def _encoder_solver(vae: Any) -> Solver:
 # -------------------------------------------------------------------- experiments
 
 
+NOISE_LEVELS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+NOISE_LEVELS_QUICK: tuple[float, ...] = (1e-5, 1e-2)
+NOISE_KINDS: tuple[str, ...] = ("uniform", "gaussian")
+#: The random network of Figure 1 (ReLU, no bias, N(0, 1/n) weights).
+NOISE_RANDOM_WIDTHS: tuple[int, ...] = (20, 100, 500)
+
+
+def _noise_direction(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A unit-norm noise vector: uniform on [-1, 1]^n or Gaussian, scaled to ||u||_2 = 1."""
+    u = rng.uniform(-1.0, 1.0, n) if kind == "uniform" else rng.standard_normal(n)
+    return u / np.linalg.norm(u)
+
+
+def _noise_settings(config: Config) -> list[Setting]:
+    """Figure 1: x = G(z) + e with ||e||_2 = level * ||G(z)||_2.
+
+    The code z of run r is the same at every level and for both kinds of noise,
+    and so is the direction of e for one kind: the levels only rescale it.
+    """
+    widths = "-".join(map(str, NOISE_RANDOM_WIDTHS))
+    nets = {
+        f"random-{widths}": random_network(
+            list(NOISE_RANDOM_WIDTHS), seed=_rng(config.seed, "noise-net")
+        ),
+        "mnist-relu": shipped_decoder("relu"),
+    }
+    levels = NOISE_LEVELS_QUICK if config.quick else NOISE_LEVELS
+    settings = []
+    for name, net in nets.items():
+        for kind in NOISE_KINDS:
+            for level in levels:
+
+                def draw(
+                    runs: Sequence[int], net: Network = net, name: str = name, kind: str = kind,
+                    level: float = level,
+                ) -> Batch:
+                    z = _codes(net, runs, config.seed, "noise", name)
+                    clean = net.forward(z)
+                    e = np.stack([
+                        _noise_direction(kind, net.output_dim,
+                                         _rng(config.seed, "noise-e", name, kind, r))
+                        for r in runs
+                    ])
+                    x = clean + level * np.linalg.norm(clean, axis=1, keepdims=True) * e
+                    return Batch(tuple(runs), x, z)
+
+                seed = _key_int(f"{config.seed}-{name}-{kind}-{level!r}")
+                hybrid: dict[str, Any] = {"seed": seed}
+                if config.quick:
+                    hybrid["steps"] = config.adam_steps
+                solvers = {
+                    "lp-linf": _invert_solver(net, noise="linf"),
+                    "lp-l1": _invert_solver(net, noise="l1"),
+                    "adam": _adam_noisy_solver(net, config, seed),
+                    "hybrid-linf": _invert_solver(
+                        net, method="hybrid", noise="linf", options=hybrid
+                    ),
+                }
+                params = {"network": name, "noise": kind, "level": level}
+                settings.append(Setting(params, net, draw, solvers))
+    return settings
+
+
 LATENT_DIMS: tuple[int, ...] = tuple(range(10, 251, 10))
 LATENT_DIMS_QUICK: tuple[int, ...] = (10, 250)
 LATENT_WIDTHS: tuple[int, int] = (250, 600)
@@ -618,7 +683,7 @@ def _latent_dim_settings(config: Config) -> list[Setting]:
 
             solvers = {
                 # The layer-wise method as in the paper: no search below a non-unique layer.
-                "lp": _exact_solver(net, fallback=GlobalSettings(enabled=False)),
+                "lp": _invert_solver(net, fallback=GlobalSettings(enabled=False)),
                 "adam": _adam_solver(net, config, _key_int(f"{config.seed}-{activation}-{k}")),
             }
             settings.append(Setting({"activation": activation, "k": k}, net, draw, solvers))
@@ -630,7 +695,18 @@ SENSING_FRACTIONS_QUICK: tuple[float, ...] = (0.1, 0.5)
 
 
 def _per_run_solver(net: Network, method: str, config: Config) -> Solver:
-    """Invert each run on the network restricted to its own observed pixels."""
+    """Invert each run from its own observed pixels (`invert(..., observe=mask)`).
+
+    "lp": the layer-wise method alone on the network restricted to the
+    observed rows (`partial.restrict_output`, no search: as in the paper);
+    "lp+search": the tool's partial-observation path (`invert(net, x,
+    observe=mask)`: the layer-wise method, then the searches of
+    `preimage.global_search` and `partial.search_preimage` where it fails);
+    "adam": `invert(net, x, method="adam", observe=mask)`, the loss on the
+    observed pixels only.
+    """
+    from preimage.measurements import Mask
+    from preimage.partial import restrict_output
 
     def solve(batch: Batch, step: StepCallback) -> Outcome:
         assert batch.masks is not None
@@ -639,18 +715,20 @@ def _per_run_solver(net: Network, method: str, config: Config) -> Solver:
         status = np.empty(n, dtype=object)
         seconds = np.zeros(n)
         for i in range(n):
-            sub = _restrict(net, batch.masks[i])
-            x = batch.x[i, batch.masks[i]]
-            if method == "adam":
-                result = gradient_invert(
-                    sub, x, lr=config.adam.lr, steps=config.adam_steps,
-                    restarts=config.adam_restarts, seed=_key_int(f"{config.seed}-{batch.runs[i]}"),
-                )
+            mask = Mask(batch.masks[i])
+            if method == "lp":
+                sub = restrict_output(net, mask)
+                y = batch.x[i, batch.masks[i]]
+                result = invert(sub, y, fallback=GlobalSettings(enabled=False))
+            elif method == "lp+search":
+                result = invert(net, batch.x[i], observe=mask)
             else:
-                settings = GlobalSettings() if method == "lp+search" else GlobalSettings(
-                    enabled=False
-                )
-                result = invert(sub, x, fallback=settings)
+                options = {
+                    "lr": config.adam.lr, "steps": config.adam_steps,
+                    "restarts": config.adam_restarts,
+                    "seed": _key_int(f"{config.seed}-{batch.runs[i]}"),
+                }
+                result = invert(net, batch.x[i], method="adam", observe=mask, options=options)
             z[i], status[i], seconds[i] = result.z, result.status, result.time
             step(i + 1, n)
         return Outcome(z, status, seconds)
@@ -684,8 +762,12 @@ def _sensing_settings(config: Config) -> list[Setting]:
 
 
 def _mnist_decoder_settings(config: Config) -> list[Setting]:
-    from preimage.mnist import load_vae
+    from preimage.mnist import load_mnist_digits, load_vae
 
+    # Held-out digits (never trained on), in a seeded order; run r is digit r.
+    test = load_mnist_digits()[1]
+    digits = test[np.random.default_rng([config.seed, _key_int("mnist-digits")]).permutation(
+        len(test))]
     decoders: list[tuple[str, str, Network, Any]] = [
         ("shipped-relu", "relu", shipped_decoder("relu"), load_vae("relu")),
         ("shipped-leaky_relu", "leaky_relu", shipped_decoder("leaky_relu"),
@@ -698,18 +780,36 @@ def _mnist_decoder_settings(config: Config) -> list[Setting]:
                  _vae_from_state(kind, state))
             )
     settings = []
-    for name, _kind, net, vae in decoders:
+    for name, kind, net, vae in decoders:
 
         def draw(runs: Sequence[int], net: Network = net, name: str = name) -> Batch:
             z = _codes(net, runs, config.seed, "mnist-decoder", name)
             return Batch(tuple(runs), net.forward(z), z)
 
         solvers = {
-            "lp": _exact_solver(net),
+            "lp": _invert_solver(net),
             "adam": _adam_solver(net, config, _key_int(f"{config.seed}-{name}")),
             "encoder": _encoder_solver(vae),
         }
         settings.append(Setting({"decoder": name, "target": "code"}, net, draw, solvers))
+
+        if config.quick and kind != "relu":
+            continue  # the noisy LPs of the deeper decoder take seconds per digit
+
+        def draw_digits(runs: Sequence[int]) -> Batch:
+            return Batch(tuple(runs), digits[np.asarray(runs) % len(digits)], None)
+
+        solvers = {
+            "lp-linf": _invert_solver(net, noise="linf"),
+            "hybrid-l2": _invert_solver(
+                net, method="hybrid", noise="l2",
+                options={"seed": _key_int(f"{config.seed}-{name}-hybrid"),
+                         **({"steps": config.adam_steps} if config.quick else {})},
+            ),
+            "adam": _adam_noisy_solver(net, config, _key_int(f"{config.seed}-{name}-digits")),
+            "encoder": _encoder_solver(vae),
+        }
+        settings.append(Setting({"decoder": name, "target": "digit"}, net, draw_digits, solvers))
     return settings
 
 
@@ -718,11 +818,12 @@ def _mnist_decoder_settings(config: Config) -> list[Setting]:
 
 _COLORS = {
     "lp": "C0", "lp-linf": "C0", "lp-l1": "C2", "lp+search": "C4", "adam": "C1",
-    "hybrid": "C3", "encoder": "C5",
+    "hybrid-linf": "C3", "hybrid-l2": "C3", "encoder": "C5",
 }
 _LABELS = {
-    "lp": "exact (layer-wise LP)", "lp-linf": "LP, l_inf", "lp-l1": "LP, l_1",
-    "lp+search": "LP + search below", "adam": "Adam", "hybrid": "hybrid", "encoder": "VAE encoder",
+    "lp": "exact (layer-wise LP)", "lp-linf": "noisy LP, l_inf", "lp-l1": "noisy LP, l_1",
+    "lp+search": "exact + searches", "adam": "Adam", "hybrid-linf": "hybrid (l_inf LP, Adam)",
+    "hybrid-l2": "hybrid (l_2 fit, Adam)", "encoder": "VAE encoder",
 }
 
 
@@ -732,6 +833,48 @@ def _methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         if r["method"] not in seen:
             seen.append(r["method"])
     return seen
+
+
+def _figure_noise(rows: list[dict[str, Any]], path: Path) -> None:
+    networks = list(dict.fromkeys(r["network"] for r in rows))
+    kinds = [k for k in NOISE_KINDS if any(r["noise"] == k for r in rows)]
+    fig = new_figure(5.2 * max(len(kinds), 1), 4.3 * max(len(networks), 1))
+    axes = np.atleast_2d(fig.subplots(max(len(networks), 1), max(len(kinds), 1), squeeze=False))
+    methods = _methods(rows)
+    shift = {m: 10 ** (0.06 * (i - (len(methods) - 1) / 2)) for i, m in enumerate(methods)}
+    rng = np.random.default_rng(0)
+    for i, network in enumerate(networks):
+        for j, kind in enumerate(kinds):
+            ax = axes[i, j]
+            sel = [r for r in rows if r["network"] == network and r["noise"] == kind]
+            levels = sorted({float(r["level"]) for r in sel})
+            for method in methods:
+                mine = [r for r in sel if r["method"] == method]
+                if not mine:
+                    continue
+                color = _COLORS.get(method)
+                lv = np.array([float(r["level"]) for r in mine])
+                err = np.array([_inf_nan(r["error"]) for r in mine])
+                jitter = shift[method] * 10 ** rng.uniform(-0.02, 0.02, len(lv))
+                ok = np.isfinite(err)
+                ax.scatter(lv[ok] * jitter[ok], err[ok], s=7, alpha=0.35, color=color,
+                           linewidths=0)
+                med = [np.median([e for e, v in zip(err, lv, strict=True) if v == level])
+                       for level in levels]
+                ax.plot(levels, med, "o-", color=color, label=_LABELS.get(method, method))
+            if levels:
+                ax.plot(levels, levels, ":", color="0.4", label="error = noise level")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{network}, {kind} noise", fontsize=10)
+            ax.set_xlabel("relative noise level ||e|| / ||G(z)||")
+            ax.set_ylabel("relative error ||z_hat - z|| / ||z||")
+            ax.grid(alpha=0.3, which="major")
+            ax.legend(fontsize=7, loc="upper left")
+    runs = max((r["run"] for r in rows), default=-1) + 1
+    fig.suptitle(f"Recovery from noisy observations ({runs} runs per point; dots: runs, "
+                 "lines: medians)")
+    save_figure(fig, path)
 
 
 def _figure_latent_dim(rows: list[dict[str, Any]], path: Path) -> None:
@@ -842,6 +985,14 @@ def _figure_sensing(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 EXPERIMENTS: dict[str, Experiment] = {
+    "noise": Experiment(
+        "noise",
+        "relative error of z vs relative noise level, random 20-100-500 net and MNIST decoder",
+        ("network", "noise", "level"),
+        200,
+        _noise_settings,
+        _figure_noise,
+    ),
     "latent-dim": Experiment(
         "latent-dim",
         "success, in-range rate and time vs latent dimension k on random [k, 250, 600] nets",
@@ -860,7 +1011,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     ),
     "mnist-decoder": Experiment(
         "mnist-decoder",
-        "codes through the shipped MNIST decoders (and the authors' with --model)",
+        "codes and held-out digits through the shipped MNIST decoders (and the authors' "
+        "with --model)",
         ("decoder", "target"),
         100,
         _mnist_decoder_settings,
