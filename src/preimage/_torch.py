@@ -57,6 +57,22 @@ def _activation_of_function(target: Any, args: tuple, kwargs: dict) -> tuple[str
     return None
 
 
+def _ops_of_child(name: str, child: Any) -> list[tuple[str, Any]]:
+    """One submodule as ops: a Linear, an activation, nothing (Identity, Flatten, Dropout)."""
+    import torch.nn as nn
+
+    if isinstance(child, nn.Linear):
+        return [("linear", child)]
+    if isinstance(child, (nn.Identity, nn.Flatten, nn.Dropout)):
+        return []
+    if (act := _activation_of_module(child)) is not None:
+        return [("act", act)]
+    raise TypeError(
+        f"Unsupported layer {name!r} ({type(child).__name__}): preimage handles Linear "
+        "layers followed by ReLU, LeakyReLU, Tanh, Sigmoid or nothing."
+    )
+
+
 def _ops_from_module(module: Any, entry: str) -> list[tuple[str, Any]]:
     """The module's computation as a flat list of ("linear", nn.Linear) / ("act", (kind, slope))."""
     import torch.fx as fx
@@ -67,18 +83,8 @@ def _ops_from_module(module: Any, entry: str) -> list[tuple[str, Any]]:
         for name, child in module.named_children():
             if isinstance(child, nn.Sequential):
                 ops.extend(_ops_from_module(child, "forward"))
-            elif isinstance(child, nn.Linear):
-                ops.append(("linear", child))
-            elif isinstance(child, (nn.Identity, nn.Flatten, nn.Dropout)):
-                continue
-            elif (act := _activation_of_module(child)) is not None:
-                ops.append(("act", act))
             else:
-                raise TypeError(
-                    f"Unsupported layer {name!r} ({type(child).__name__}) in the nn.Sequential: "
-                    "preimage handles Linear layers followed by ReLU, LeakyReLU, Tanh, Sigmoid "
-                    "or nothing."
-                )
+                ops.extend(_ops_of_child(name, child))
         return ops
 
     if not isinstance(module, nn.Module):
@@ -119,18 +125,7 @@ def _ops_from_module(module: Any, entry: str) -> list[tuple[str, Any]]:
             )
         previous = node
         if node.op == "call_module":
-            child = submodules[node.target]
-            if isinstance(child, nn.Linear):
-                ops.append(("linear", child))
-            elif isinstance(child, (nn.Identity, nn.Flatten, nn.Dropout)):
-                continue
-            elif (act := _activation_of_module(child)) is not None:
-                ops.append(("act", act))
-            else:
-                raise TypeError(
-                    f"Unsupported layer {node.target!r} ({type(child).__name__}): preimage "
-                    "handles Linear layers followed by ReLU, LeakyReLU, Tanh, Sigmoid or nothing."
-                )
+            ops.extend(_ops_of_child(str(node.target), submodules[node.target]))
         elif node.op in ("call_function", "call_method"):
             act = _activation_of_function(node.target, tuple(node.args), dict(node.kwargs))
             if act is not None:
