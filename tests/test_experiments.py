@@ -169,6 +169,11 @@ def test_cli_resumes_and_refuses_a_foreign_csv(
     assert main(args) == 0
     assert "0 new rows" in capsys.readouterr().out
     assert len(_csv(tmp_path / "mnist-decoder.csv")) == n
+    # another seed is another experiment: nothing of seed 0 counts as done
+    assert main([*args, "--seed", "1"]) == 0
+    assert f"{n} new rows" in capsys.readouterr().out
+    rows = _csv(tmp_path / "mnist-decoder.csv")
+    assert len(rows) == 2 * n and {r["seed"] for r in rows} == {"0", "1"}
     (tmp_path / "sensing.csv").write_text("a,b\n1,2\n")
     bad = ["experiment", "sensing", "--runs", "1", "--quick", "--out", str(tmp_path)]
     assert main(bad) == 2

@@ -20,7 +20,7 @@ Randomness is keyed, not sequential: the code, noise direction and mask of run
 ``r`` of a setting come from ``numpy.random.default_rng([seed, <setting
 ids>, r])``, so a run's data do not depend on which other runs are computed.
 That is what makes the experiments resumable: `run_experiment` skips the
-(parameters, method, run) keys it is told are done and yields the rows of the
+(parameters, method, seed, run) keys it is told are done and yields the rows of the
 others as each (setting, method) finishes; `append_rows` / `done_keys` keep
 them in a CSV. (The random starts of Adam are drawn for the whole batch of a
 call, so an Adam run recomputed in a different batch starts elsewhere.)
@@ -223,8 +223,12 @@ def _invert_solver(net: Network, **kwargs: Any) -> Solver:
     return solve
 
 
-def _adam_solver(net: Network, config: Config, seed: int) -> Solver:
-    """`preimage.baselines.gradient_invert` on the batch (one call: all runs together)."""
+def _adam_solver(net: Network, config: Config, seed: int, *, noise: str | None = None) -> Solver:
+    """`preimage.baselines.gradient_invert` on the batch (one call: all runs together).
+
+    With ``noise="l2"`` (noisy x) the status is "feasible" whatever the misfit:
+    no noise level is given.
+    """
 
     def solve(batch: Batch, step: StepCallback) -> Outcome:
         result = gradient_invert(
@@ -234,20 +238,8 @@ def _adam_solver(net: Network, config: Config, seed: int) -> Solver:
             steps=config.adam_steps,
             restarts=config.adam_restarts,
             seed=seed,
+            noise=noise,
             progress=step,
-        )
-        return _outcome(result, len(batch.runs))
-
-    return solve
-
-
-def _adam_noisy_solver(net: Network, config: Config, seed: int) -> Solver:
-    """Adam on ||G(z) - x||_2^2 for noisy x ("feasible" whatever the misfit: no level given)."""
-
-    def solve(batch: Batch, step: StepCallback) -> Outcome:
-        result = gradient_invert(
-            net, batch.x, lr=config.adam.lr, steps=config.adam_steps,
-            restarts=config.adam_restarts, seed=seed, noise="l2", progress=step,
         )
         return _outcome(result, len(batch.runs))
 
@@ -293,13 +285,13 @@ def _native(value: Any) -> Any:
 
 
 def row_key(experiment: Experiment, row: Mapping[str, Any]) -> tuple[str, ...]:
-    """The identity of a row: (experiment, parameters, method, run) as strings.
+    """The identity of a row: (experiment, parameters, method, seed, run) as strings.
 
     Rows read back from a CSV and rows just computed give equal keys.
     """
     parts = [str(row["experiment"])]
     parts += [str(_native(row[p])) for p in experiment.params]
-    parts += [str(row["method"]), str(int(float(row["run"])))]
+    parts += [str(row["method"]), str(int(float(row["seed"]))), str(int(float(row["run"])))]
     return tuple(parts)
 
 
@@ -344,7 +336,7 @@ def run_experiment(
     todo: list[tuple[Setting, str, list[int]]] = []
     for setting in settings:
         for method in setting.solvers:
-            base = {"experiment": name, **setting.params, "method": method}
+            base = {"experiment": name, **setting.params, "method": method, "seed": config.seed}
             runs = [
                 r for r in range(config.runs) if row_key(experiment, {**base, "run": r}) not in done
             ]
@@ -630,7 +622,7 @@ def _noise_settings(config: Config) -> list[Setting]:
                 solvers = {
                     "lp-linf": _invert_solver(net, noise="linf"),
                     "lp-l1": _invert_solver(net, noise="l1"),
-                    "adam": _adam_noisy_solver(net, config, seed),
+                    "adam": _adam_solver(net, config, seed, noise="l2"),
                     "hybrid-linf": _invert_solver(
                         net, method="hybrid", noise="linf", options=hybrid
                     ),
@@ -799,7 +791,9 @@ def _mnist_decoder_settings(config: Config) -> list[Setting]:
                 options={"seed": _key_int(f"{config.seed}-{name}-hybrid"),
                          **({"steps": config.adam_steps} if config.quick else {})},
             ),
-            "adam": _adam_noisy_solver(net, config, _key_int(f"{config.seed}-{name}-digits")),
+            "adam": _adam_solver(
+                net, config, _key_int(f"{config.seed}-{name}-digits"), noise="l2"
+            ),
         }
         if vae is not None:
             solvers["encoder"] = _encoder_solver(vae)
