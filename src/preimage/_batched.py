@@ -152,6 +152,8 @@ class _LayerCache:
     probes: np.ndarray  # (n, 2) fixed random right-hand sides
     #: torch (m, n (n + 1) / 2): row i holds the lower triangle of w_i w_i^T, or None.
     packed: Any = None
+    #: torch (n (n + 1) / 2,): where the packed columns go in a flattened n x n matrix.
+    lower_flat: Any = None
 
 
 #: Per-layer constants by (id(layer), device), dropped when the layer is collected.
@@ -230,6 +232,9 @@ class Context:
             order=rng.permutation(m),
             probes=rng.standard_normal((n, 2)),
             packed=packed,
+            lower_flat=torch.as_tensor(
+                np.flatnonzero(np.tri(n, dtype=bool)), device=self.device
+            ),
         )
 
     @property
@@ -533,12 +538,9 @@ def _gram(cache: _LayerCache, mask: Any, ctx: Context) -> Any:
     n = cache.w_np.shape[1]
     if cache.packed is not None:
         lower = mask @ cache.packed  # (p, n (n + 1) / 2): one matrix product for the batch
-        g = torch.empty(mask.shape[0], n, n, dtype=torch.float64, device=ctx.device)
-        start = 0
-        for j in range(n):  # row j of the lower triangle: entries (j, 0..j)
-            g[:, j, : j + 1] = lower[:, start : start + j + 1]
-            start += j + 1
-        return g
+        g = torch.zeros(mask.shape[0], n * n, dtype=torch.float64, device=ctx.device)
+        g[:, cache.lower_flat] = lower  # the packed columns, row by row, into the lower triangle
+        return g.view(-1, n, n)
     # Gather each sample's active rows (padded with a zero row): |A| n^2 per sample.
     count = mask.sum(dim=1).long()
     width = int(count.max())
