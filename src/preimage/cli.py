@@ -1,5 +1,6 @@
 """The `preimage` command. All printing lives here; the library prints nothing.
 
+    preimage invert MODEL [X.npy] [--codes N]       invert observations (or random codes)
     preimage demo [--out DIR]                       the MNIST decoder, exact LP vs Adam
     preimage experiment NAME --runs N --out DIR     a CSV of every run and a PNG figure
     preimage train-mnist --out DIR                  retrain the two shipped VAEs
@@ -64,6 +65,122 @@ def _pct(value: float | None) -> str:
 
 def _sci(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
+
+
+# ----------------------------------------------------------------------------- invert
+
+#: Names of the shipped decoders accepted as MODEL.
+SHIPPED = {"mnist-relu": "relu", "mnist-leaky": "leaky_relu"}
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    from preimage import Network
+
+    if args.model in SHIPPED:
+        from preimage.experiments import shipped_decoder
+
+        return shipped_decoder(SHIPPED[args.model])
+    layers = args.layers.split(",") if args.layers else None
+    return Network.from_file(
+        args.model, layers, activation=args.activation, negative_slope=args.negative_slope
+    )
+
+
+def _load_array(path: str, what: str) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {what} from {path}: {exc}") from exc
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from preimage import invert
+
+    try:
+        net = _load_model(args)
+        z_true = None
+        if (args.x is None) == (args.codes is None):
+            raise ValueError("give either an observation file X.npy or --codes N")
+        if args.codes is not None:
+            if args.codes < 1:
+                raise ValueError(f"--codes must be >= 1; got {args.codes}")
+            z_true = np.random.default_rng(args.seed).standard_normal(
+                (args.codes, net.latent_dim)
+            )
+            x = net.forward(z_true)
+        else:
+            x = _load_array(args.x, "the observations")
+        kwargs: dict[str, Any] = {"method": args.method, "rtol": args.rtol}
+        if args.noise is not None:
+            kwargs.update(noise=args.noise, noise_level=args.noise_level)
+        elif args.noise_level is not None:
+            raise ValueError("--noise-level needs --noise (linf, l1 or l2)")
+        if args.mask is not None:
+            kwargs["observe"] = _load_array(args.mask, "the mask")
+        bar, update = _bar("inverting", unit="sample")
+        try:
+            with _threads(args.threads):
+                result = invert(net, x, progress=update, **kwargs)
+        finally:
+            bar.close()
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"preimage invert: {message}", file=sys.stderr)
+        return 2
+
+    status = np.atleast_1d(np.asarray(result.status))
+    success = np.atleast_1d(np.asarray(result.success))
+    residual = np.atleast_1d(np.asarray(result.residual, dtype=float))
+    z = np.atleast_2d(result.z)
+    print(f"G: {net}")
+    if z_true is not None:
+        source = f"{args.codes} codes z ~ N(0, I) (seed {args.seed}), x = G(z)"
+    else:
+        source = str(args.x)
+    print(f"x: {source}; {status.size} sample(s); method {result.method!r}"
+          + (f", noise {result.noise} <= {args.noise_level}" if result.noise else ""))
+    print()
+    rows = [[s, int(np.sum(status == s)), _STATUS_MEANING.get(s, "")]
+            for s in dict.fromkeys(status.tolist())]
+    print_table(["status", "samples", "meaning"], rows)
+    print()
+    print(f"answers (z with its checks passed): {int(success.sum())}/{status.size}")
+    if success.any():
+        print(f"relative misfit |G(z) - x|_inf / |x|_inf of the answers: median "
+              f"{np.median(residual[success]):.2e}, max {np.max(residual[success]):.2e}")
+    if z_true is not None:
+        err = np.linalg.norm(z - z_true, axis=1) / np.linalg.norm(z_true, axis=1)
+        err = np.where(np.isfinite(err), err, np.inf)
+        print(f"recovered the true code (relative error < 1e-6): "
+              f"{int(np.sum(err < 1e-6))}/{status.size}")
+    print(f"time: {result.time:.2f} s ({result.time / status.size * 1e3:.1f} ms per sample)")
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, Any] = {
+            "z": z, "status": status.astype(str), "success": success, "residual": residual,
+            "witness": np.atleast_2d(result.witness),
+        }
+        if result.z_error_bound is not None:
+            arrays["z_error_bound"] = np.atleast_1d(np.asarray(result.z_error_bound, float))
+        if z_true is not None:
+            arrays["z_true"] = z_true
+        np.savez(out, **arrays)
+        print(f"saved: {out.resolve()} ({', '.join(arrays)})")
+    return 0
+
+
+_STATUS_MEANING = {
+    "unique": "z is the only preimage (certified)",
+    "non_unique": "z is a preimage; another one is in `witness`",
+    "feasible": "z is a preimage (or, with noise, fits within it); uniqueness not settled",
+    "infeasible": "proved: x is not in the range of G",
+    "failed": "no z found, nothing proved",
+}
 
 
 # ------------------------------------------------------------------------------- demo
@@ -213,6 +330,37 @@ def build_parser() -> argparse.ArgumentParser:
     def threads(p: argparse.ArgumentParser, default: int) -> None:
         p.add_argument("--threads", type=int, default=default,
                        help=f"torch and BLAS threads (default {default})")
+
+    inv = sub.add_parser(
+        "invert", help="invert observations through a generator (or test it on random codes)",
+        description="Find z with G(z) = x for every row of X.npy (or for G(z) of random codes) "
+        "and say whether it is unique.",
+    )
+    inv.add_argument("model", help="mnist-relu, mnist-leaky (shipped decoders), or a "
+                     ".safetensors / .pt / .pth state dict")
+    inv.add_argument("x", nargs="?", default=None,
+                     help="observations, .npy of shape (n,) or (B, n)")
+    inv.add_argument("--codes", type=int, default=None,
+                     help="instead of X.npy: invert G(z) of N codes z ~ N(0, I)")
+    inv.add_argument("--seed", type=int, default=0, help="seed of --codes (default 0)")
+    inv.add_argument("--layers", default=None,
+                     help="comma-separated linear layers of G in a state dict, e.g. fc3,fc4")
+    inv.add_argument("--activation", default="relu",
+                     choices=["relu", "leaky_relu", "identity", "tanh", "sigmoid"],
+                     help="activation after every layer of a state dict (default relu)")
+    inv.add_argument("--negative-slope", type=float, default=0.1, help="for leaky_relu")
+    inv.add_argument("--method", default="exact",
+                     choices=["exact", "adam", "clipping", "negation", "hybrid"])
+    inv.add_argument("--noise", default=None, choices=["linf", "l1", "l2"],
+                     help="x = G(z) + e: fit each layer in this norm")
+    inv.add_argument("--noise-level", type=float, default=None,
+                     help="a bound on ||e|| in that norm (enables error bounds)")
+    inv.add_argument("--mask", default=None,
+                     help=".npy of booleans, shape (n,): which entries of x are observed")
+    inv.add_argument("--rtol", type=float, default=None, help="relative tolerance")
+    inv.add_argument("--out", default=None, help="save z, status, witness, ... to this .npz")
+    threads(inv, 2)
+    inv.set_defaults(func=cmd_invert)
 
     demo = sub.add_parser(
         "demo", help="invert codes and held-out digits through the shipped MNIST ReLU decoder"

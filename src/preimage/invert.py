@@ -65,6 +65,32 @@ class LayerReport:
     #: bound on ||input_hat - input||_2 of this layer (layer 0: on ||z_hat - z||_2).
     error_bound: np.ndarray | None = None
 
+    @classmethod
+    def from_results(cls, index: int, results: Sequence[Any], **columns: np.ndarray) -> LayerReport:
+        """The report of layer `index` from one per-layer result per sample.
+
+        `results[b]` is anything with the attributes of `LayerResult` (None where
+        sample b did not reach the layer); `columns` replace or add fields.
+        """
+
+        # field: (value where a sample did not reach the layer, dtype)
+        defaults = {
+            "status": ("not_reached", object),
+            "n_active": (-1, int),
+            "rank": (-1, int),
+            "sigma_min": (np.nan, float),
+            "residual": (np.nan, float),
+            "used_lp": (False, bool),
+            "time": (0.0, float),
+        }
+        fields = dict(columns)
+        for name, (missing, dtype) in defaults.items():
+            if name not in fields:
+                fields[name] = np.array(
+                    [missing if r is None else getattr(r, name) for r in results], dtype=dtype
+                )
+        return cls(index=index, **fields)
+
 
 @dataclass
 class InversionResult:
@@ -502,25 +528,10 @@ def _collect(
     z = np.stack([o.z for o in outcomes])
     witness = np.stack([o.witness for o in outcomes])
     status = np.array([o.status for o in outcomes], dtype=object)
-    reports = []
-    for i in range(len(net.layers)):
-        rs = [o.layers[i] for o in outcomes]
-
-        def col(attr: str, missing: Any, rs: list[LayerResult | None] = rs) -> np.ndarray:
-            return np.array([missing if r is None else getattr(r, attr) for r in rs])
-
-        reports.append(
-            LayerReport(
-                index=i,
-                status=col("status", "not_reached").astype(object),
-                n_active=col("n_active", -1),
-                rank=col("rank", -1),
-                sigma_min=col("sigma_min", np.nan).astype(float),
-                residual=col("residual", np.nan).astype(float),
-                used_lp=col("used_lp", False).astype(bool),
-                time=col("time", 0.0).astype(float),
-            )
-        )
+    reports = [
+        LayerReport.from_results(i, [o.layers[i] for o in outcomes])
+        for i in range(len(net.layers))
+    ]
     messages = [o.message for o in outcomes]
     return _assemble(
         net, xb, z, status, witness, messages, tuple(reports), single, method, rtol, elapsed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -285,6 +286,70 @@ class Network:
             weights, biases, activation=activation, negative_slope=negative_slope
         )
         return cls(net.layers, source_dtype=dtype)
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        layers: Sequence[str] | None = None,
+        *,
+        activation: ActivationKind = "relu",
+        negative_slope: float = 0.1,
+    ) -> Network:
+        """A network from a saved state dict: ``.safetensors``, or ``.pt`` / ``.pth``.
+
+        ``.pt`` files are read with ``torch.load(weights_only=True)`` (no code
+        runs); a checkpoint dict holding its weights under ``"state_dict"`` is
+        unwrapped. ``layers`` names the linear layers of G in order (e.g.
+        ``["fc3", "fc4"]``: the decoder of a VAE); without it every 2-D
+        ``*.weight`` of the file is taken, in file order, and they must chain
+        (each layer's input width the previous one's output width). Then as
+        `from_state_dict`.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No model file at {path}.")
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            state: Mapping[str, Any] = load_file(str(path))
+        else:
+            import torch
+
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # pickle / zip errors: say which file and why
+                raise ValueError(
+                    f"{path} is not a PyTorch state dict that loads with weights_only=True "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0]})."
+                ) from exc
+            if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+                state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"{path} holds a {type(state).__name__}, not a state dict; save "
+                "`model.state_dict()` or pass the module to `Network.from_torch`."
+            )
+        if layers is None:
+            layers = [
+                k[: -len(".weight")]
+                for k, v in state.items()
+                if k.endswith(".weight") and len(getattr(v, "shape", ())) == 2
+            ]
+            if not layers:
+                raise ValueError(f"{path} has no 2-D '*.weight' entries (no linear layers).")
+            shapes = [tuple(state[f"{name}.weight"].shape) for name in layers]
+            for i in range(len(layers) - 1):
+                out_a, in_b = shapes[i][0], shapes[i + 1][1]
+                if out_a != in_b:
+                    raise ValueError(
+                        f"The linear layers of {path} do not form one chain ({layers[i]} gives "
+                        f"{out_a} outputs, {layers[i + 1]} takes {in_b} inputs): name the "
+                        f"layers of G, e.g. {layers[-2:]} (`--layers` on the command line)."
+                    )
+        return cls.from_state_dict(
+            state, list(layers), activation=activation, negative_slope=negative_slope
+        )
 
     @classmethod
     def from_torch(cls, module: Any, *, entry: str = "forward") -> Network:

@@ -714,22 +714,13 @@ def invert_noisy(
     reports = []
     for i in range(len(net.layers)):
         rs = [o.layers[i] for o in outcomes]
-
-        def col(attr: str, missing: Any, rs: list[NoisyLayerResult | None] = rs) -> np.ndarray:
-            return np.array([missing if r is None else getattr(r, attr) for r in rs])
-
         reports.append(
-            LayerReport(
-                index=i,
-                status=col("status", "not_reached").astype(object),
-                n_active=col("n_active", -1),
-                rank=col("rank", -1),
-                sigma_min=col("sigma_min", np.nan).astype(float),
-                residual=col("residual", np.nan).astype(float),
+            LayerReport.from_results(
+                i,
+                rs,
                 used_lp=np.array([r is not None for r in rs]),
-                time=col("time", 0.0).astype(float),
-                tau=col("tau", np.nan).astype(float),
-                misfit=col("misfit", np.nan).astype(float),
+                tau=np.array([np.nan if r is None else r.tau for r in rs], dtype=float),
+                misfit=np.array([np.nan if r is None else r.misfit for r in rs], dtype=float),
                 error_bound=np.array([o.bounds[i] for o in outcomes], dtype=float),
             )
         )
