@@ -146,6 +146,27 @@ def test_invert_layer_full_rank_and_lp_paths(rng: np.random.Generator) -> None:
         assert np.max(np.abs(layer.forward(res2.h[None])[0] - y2)) < 1e-8
 
 
+def test_wide_null_space_layers_get_a_verdict() -> None:
+    """A rank-deficient layer whose LP point has many zero coordinates.
+
+    The null-space directions that keep h >= 0 have rounding-size negative
+    entries on those zeros; they once capped the witness step at 0, leaving
+    "feasible" (not settled) where a second preimage exists.
+    """
+    net = random_network([100, 500, 784], seed=0)
+    hidden = net.forward_all(np.random.default_rng(1).standard_normal((6, 100)))
+    layer, seen = net.layers[1], set()
+    for h, y in zip(hidden[1], hidden[2], strict=True):
+        res = invert_layer(layer, y, nonneg=True)
+        seen.add(res.status)
+        assert res.status in ("unique", "non_unique") and res.used_lp
+        assert rel(res.h, h) < 1e-9  # the sparsest point is the true hidden vector here
+        if res.status == "non_unique":
+            assert np.max(np.abs(layer.forward(res.witness[None])[0] - y)) < 1e-8 * np.max(y)
+            assert np.linalg.norm(res.witness - res.h) > 1e-3
+    assert seen == {"unique", "non_unique"}
+
+
 def test_float32_observations_work(rng: np.random.Generator) -> None:
     net = random_network([20, 100, 500], seed=1)
     z = rng.standard_normal(20)

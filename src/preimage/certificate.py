@@ -91,9 +91,15 @@ def _witness_direction(m: np.ndarray) -> np.ndarray | None:
 
 
 def _step_to_boundary(
-    layer: Layer, h: np.ndarray, d: np.ndarray, slack_rows: np.ndarray, nonneg: bool
+    layer: Layer, h: np.ndarray, d: np.ndarray, slack_rows: np.ndarray, slack_coords: np.ndarray
 ) -> float:
-    """Largest e with h + e d still in P: the non-tight constraints' slack over their rate."""
+    """Largest e with h + e d still in P: the non-tight constraints' slack over their rate.
+
+    slack_rows: the inactive rows not tight at h; slack_coords: the coordinates
+    h_j > 0 not tight (empty unless D = R^n_+). The tight ones are not
+    constraints here: M u >= 0 keeps them feasible, up to a rounding-size
+    negative rate that would otherwise cap the step at 0.
+    """
     w = layer.weight.rows(slack_rows)
     slack = -(w @ h + layer.bias_or_zero()[slack_rows])
     rate = w @ d
@@ -101,10 +107,9 @@ def _step_to_boundary(
     grow = rate > 0
     if grow.any():
         steps.append(float(np.min(slack[grow] / rate[grow])))
-    if nonneg:
-        shrink = d < 0
-        if shrink.any():
-            steps.append(float(np.min(h[shrink] / -d[shrink])))
+    shrink = slack_coords[d[slack_coords] < 0]
+    if shrink.size:
+        steps.append(float(np.min(h[shrink] / -d[shrink])))
     return max(min(steps), 0.0)
 
 
@@ -160,11 +165,12 @@ def certify_unique(
             directions.append(u)
 
     slack_rows = np.setdiff1d(inactive, tight)
+    slack_coords = np.setdiff1d(np.arange(h.size), zero) if nonneg else np.empty(0, dtype=int)
     scale = max(float(np.linalg.norm(h)), 1.0)
     for u in directions:
         d = null_basis @ u
         d /= np.linalg.norm(d)
-        e = 0.5 * min(_step_to_boundary(layer, h, d, slack_rows, nonneg), scale)
+        e = 0.5 * min(_step_to_boundary(layer, h, d, slack_rows, slack_coords), scale)
         if e <= check_tol:  # the two points must differ by more than the data resolves
             continue
         h2 = h + e * d

@@ -247,10 +247,15 @@ def _compose(
                 results,
             )
     unsettled = [i for i, r in enumerate(results) if r is not None and r.status != "unique"]
+    several = [i for i in unsettled if results[i].status == "non_unique"]  # type: ignore[union-attr]
+    detail = (
+        f"; layer(s) {several} have other preimages, but their witnesses are not in the "
+        "range of the layers below (z may still be unique)" if several else ""
+    )
     return _SampleOutcome(
         z,
         "feasible",
-        f"a preimage of x; uniqueness unsettled at layer(s) {unsettled}",
+        f"a preimage of x; uniqueness unsettled at layer(s) {unsettled}{detail}",
         nan,
         results,
     )
