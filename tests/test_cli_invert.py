@@ -82,6 +82,7 @@ def test_invert_with_noise_and_mask(tmp_path: Path, capsys: pytest.CaptureFixtur
          "--noise"),
         (lambda d: ["invert", str(d / "missing.pt"), "--codes", "2"], "No model file"),
         (lambda d: ["invert", str(d / "x.npy"), "--codes", "2"], "state dict"),
+        (lambda d: ["invert", str(d / "bad.safetensors"), "--codes", "2"], "safetensors"),
     ],
 )
 def test_invert_errors_name_the_problem(
@@ -95,7 +96,26 @@ def test_invert_errors_name_the_problem(
     bad = net.forward(np.ones((2, 6)))
     bad[0, 3] = np.nan
     np.save(tmp_path / "nan.npy", bad)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     assert main(make_args(tmp_path)) == 2
     # the last line on stderr (a progress bar, if any, was erased with "\r")
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert last.startswith("preimage invert: ") and needle in last
+
+
+def test_from_file_reads_the_shipped_safetensors() -> None:
+    from importlib.resources import files
+
+    from preimage.experiments import shipped_decoder
+    from preimage.mnist import DECODER_LAYERS, WEIGHT_FILES
+
+    path = files("preimage") / "models" / WEIGHT_FILES["leaky_relu"]
+    net = Network.from_file(
+        str(path), DECODER_LAYERS["leaky_relu"], activation="leaky_relu", negative_slope=0.1
+    )
+    ref = shipped_decoder("leaky_relu")
+    z = np.random.default_rng(0).standard_normal((3, 20))
+    assert net.widths == [20, 200, 500, 784]
+    np.testing.assert_allclose(net.forward(z), ref.forward(z), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="do not form one chain"):
+        Network.from_file(str(path))  # encoder and decoder layers together

@@ -309,22 +309,23 @@ class Network:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No model file at {path}.")
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.numpy import load_file
 
-            state: Mapping[str, Any] = load_file(str(path))
-        else:
-            import torch
+                state: Any = load_file(str(path))
+            else:
+                import torch
 
-            try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # pickle / zip errors: say which file and why
-                raise ValueError(
-                    f"{path} is not a PyTorch state dict that loads with weights_only=True "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0]})."
-                ) from exc
-            if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-                state = state["state_dict"]
+        except Exception as exc:  # pickle / zip / header errors: say which file and why
+            kind = "safetensors file" if path.suffix == ".safetensors" else (
+                "PyTorch state dict that loads with weights_only=True"
+            )
+            first = (str(exc).splitlines() or [""])[0]
+            raise ValueError(f"{path} is not a {kind} ({type(exc).__name__}: {first}).") from exc
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+            state = state["state_dict"]
         if not isinstance(state, Mapping):
             raise TypeError(
                 f"{path} holds a {type(state).__name__}, not a state dict; save "
