@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import linprog
 
+from preimage._highs import RowLP
 from preimage.certificate import certify_unique
 from preimage.network import Layer
 
@@ -81,8 +81,8 @@ class LayerResult:
     tol: float = field(default=0.0, repr=False)
 
 
-#: Rounds of constraint generation in `_polyhedron_lp` before solving the full LP.
-MAX_ROUNDS = 8
+#: `_polyhedron_lp` starts with the h >= 0 rows of the 2k + NONNEG_MARGIN smallest h0_j.
+NONNEG_MARGIN = 40
 
 
 def _polyhedron_lp(
@@ -101,43 +101,48 @@ def _polyhedron_lp(
                     -N u    <= h0            (h >= 0, when D = R^n_+)
                     u free, k variables
 
-    Solved by constraint generation: the LP starts with h >= 0 and the
-    inactive rows that h0 violates, and adds the inactive rows its answer
-    violates until there are none (at a realizable layer the inactive rows
-    rarely bind, and dropping them halves the LP). A relaxation that is
-    infeasible proves the full LP infeasible; its optimum, once feasible for
-    every row, is an optimum of the full LP.
+    Solved by row generation on one HiGHS instance (`preimage._highs.RowLP`:
+    each round restarts the dual simplex from the last basis). The first
+    relaxation holds the inactive rows that h0 violates and, when D = R^n_+,
+    the h >= 0 rows of the 2k + NONNEG_MARGIN smallest coordinates of h0 (the
+    sparsest point is 0 where h0 is small; at a realizable layer the inactive
+    rows rarely bind). Each round adds the rows the answer violates; an
+    unbounded relaxation gets every row. A relaxation that is infeasible
+    proves the full LP infeasible; its optimum, once feasible for every row,
+    is an optimum of the full LP.
 
     Returns (h, message); h is None when the LP is infeasible or fails.
     """
     k = null_basis.shape[1]
-    a_ineq = w_ineq @ null_basis
-    b_ineq = rhs_ineq - w_ineq @ h0
-    cost = null_basis.sum(axis=0) if nonneg else np.zeros(k)
-    keep = b_ineq < 0  # inactive rows violated at u = 0
-    for rounds in range(MAX_ROUNDS + 1):
-        if rounds == MAX_ROUNDS:
-            keep[:] = True  # the full LP
-        a_ub, b_ub = [a_ineq[keep]], [b_ineq[keep]]
-        if nonneg:
-            a_ub.append(-null_basis)
-            b_ub.append(h0)
-        res = linprog(
-            cost,
-            A_ub=np.vstack(a_ub),
-            b_ub=np.concatenate(b_ub),
-            bounds=(None, None),
-            method="highs",
-        )
-        if res.status == 2:
+    # The pool of rows  a u <= b : the inactive units, then (D = R^n_+) h >= 0.
+    a_rows, b_rows = [w_ineq @ null_basis], [rhs_ineq - w_ineq @ h0]
+    if nonneg:
+        a_rows.append(-null_basis)
+        b_rows.append(h0)
+    a_pool, b_pool = np.vstack(a_rows), np.concatenate(b_rows)
+    keep = b_pool < 0  # rows violated at u = 0
+    if nonneg:
+        smallest = np.argsort(h0)[: min(h0.size, 2 * k + NONNEG_MARGIN)]
+        keep[w_ineq.shape[0] + smallest] = True
+    lp = RowLP(null_basis.sum(axis=0) if nonneg else np.zeros(k))
+    lp.add(a_pool[keep], b_pool[keep])
+    for _ in range(a_pool.shape[0] + 1):  # every round but the last adds a row
+        status, u = lp.solve()
+        if status in ("unbounded", "unbounded_or_infeasible") and not keep.all():
+            lp.add(a_pool[~keep], b_pool[~keep])  # every row: the LP is bounded below
+            keep[:] = True
+            continue
+        if status == "infeasible" or (status == "unbounded_or_infeasible" and keep.all()):
+            # (with every row the objective is bounded: 1^T h >= 0, or the cost is 0)
             return None, "the active equalities and inactive inequalities have no common point"
-        if res.status != 0:
-            return None, f"HiGHS did not solve the layer LP (status {res.status}: {res.message})"
-        violated = (a_ineq @ res.x > b_ineq) & ~keep
+        if u is None:
+            return None, f"HiGHS did not solve the layer LP ({status})"
+        violated = (a_pool @ u > b_pool) & ~keep
         if not violated.any():
-            break
+            return h0 + null_basis @ u, "LP solved (HiGHS: optimal)"
+        lp.add(a_pool[violated], b_pool[violated])
         keep |= violated
-    return h0 + null_basis @ res.x, "LP solved (HiGHS: optimal)"
+    return None, "row generation did not settle"  # not reached: the pool is finite
 
 
 def invert_layer(
