@@ -211,3 +211,35 @@ def test_bad_arguments() -> None:
         invert(net, x, rtol=-1.0)
     with pytest.raises(ValueError, match="method"):
         invert(net, x, method="magic")
+
+
+@pytest.mark.parametrize(("n", "k", "inactive"), [(12, 4, 0), (200, 5, 30), (300, 60, 80)])
+def test_row_generation_lp_matches_one_full_linprog(n: int, k: int, inactive: int) -> None:
+    """`_polyhedron_lp` (warm row generation) reaches the optimum of the whole LP."""
+    from scipy.optimize import linprog
+
+    from preimage.layer_inversion import _polyhedron_lp
+
+    rng = np.random.default_rng(n + k)
+    null_basis = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    h_true = np.maximum(rng.standard_normal(n), 0.0)  # a feasible point
+    h0 = h_true - null_basis @ rng.standard_normal(k)  # h_true = h0 + N u*
+    w_i = rng.standard_normal((inactive, n))
+    rhs = w_i @ h_true + rng.uniform(0.0, 1.0, inactive)  # slack at h_true
+    h, message = _polyhedron_lp(h0, null_basis, w_i, rhs, nonneg=True)
+    assert h is not None, message
+    full = linprog(
+        null_basis.sum(axis=0),
+        A_ub=np.vstack([w_i @ null_basis, -null_basis]),
+        b_ub=np.concatenate([rhs - w_i @ h0, h0]),
+        bounds=(None, None),
+        method="highs",
+    )
+    assert full.status == 0
+    assert h.min() >= -1e-9 and np.all(w_i @ h <= rhs + 1e-9)
+    assert np.sum(h) == pytest.approx(np.sum(h0) + full.fun, rel=1e-9, abs=1e-9)
+    # an inactive row h_0 <= -1, which no h >= 0 meets: infeasible, and said so
+    w_bad = np.vstack([w_i, np.eye(1, n)])
+    rhs_bad = np.concatenate([rhs, [-1.0]])
+    h_bad, message = _polyhedron_lp(h0, null_basis, w_bad, rhs_bad, nonneg=True)
+    assert h_bad is None and "no common point" in message
