@@ -104,35 +104,13 @@ def recovery(z_hat: np.ndarray, z: np.ndarray) -> tuple[float, float, float]:
 
 def naive_lp(net: Any, x: np.ndarray, time_limit: float) -> tuple[np.ndarray, bool]:
     """The paper's method: one feasibility LP per layer, top down; (z, finished in time)."""
-    from scipy.optimize import linprog
+    from preimage.baselines import paper_layerwise_lp
 
-    start = time.perf_counter()
-    h = x
-    for i in range(len(net.layers) - 1, -1, -1):
-        layer = net.layers[i]
-        w, b = layer.weight.matrix(), layer.bias_or_zero()
-        nonneg = i > 0 and net.layers[i - 1].activation.output_nonnegative
-        if layer.activation.is_bijective:
-            target, active = layer.activation.inverse(h), np.ones(h.size, dtype=bool)
-        else:  # the LP's answer is exact only to HiGHS's tolerance (1e-7): threshold it
-            target, active = h, h > LP_THRESHOLD * max(float(np.max(np.abs(h))), 1.0)
-        left = time_limit - (time.perf_counter() - start)
-        if left <= 0:
-            return np.full(net.latent_dim, np.nan), False
-        res = linprog(
-            np.zeros(w.shape[1]),
-            A_ub=w[~active] if (~active).any() else None,
-            b_ub=-b[~active] if (~active).any() else None,
-            A_eq=w[active],
-            b_eq=target[active] - b[active],
-            bounds=(0, None) if nonneg else (None, None),
-            method="highs",
-            options={"time_limit": left},
-        )
-        if res.status != 0:
-            return np.full(net.latent_dim, np.nan), res.status != 1
-        h = res.x
-    return h, True
+    # the LP's answer is exact only to HiGHS's tolerance (1e-7): threshold it
+    z, timed_out = paper_layerwise_lp(
+        net, x, rtol=LP_THRESHOLD, floor=1.0, time_limit=time_limit
+    )
+    return (np.full(net.latent_dim, np.nan) if z is None else z), not timed_out
 
 
 def measure(name: str, method: str, batch: int, threads: int, steps: int,

@@ -31,9 +31,9 @@ from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from scipy.optimize import linprog  # noqa: E402
 
 import preimage  # noqa: E402
+from preimage.baselines import paper_layerwise_lp  # noqa: E402
 from preimage.measurements import GaussianMatrix, Mask  # noqa: E402
 from preimage.noisy import invert_noisy_one  # noqa: E402
 from preimage.partial import restrict_output  # noqa: E402
@@ -161,23 +161,6 @@ def bound_table(draws: int) -> None:
     )
 
 
-def plain_feasibility_lp(net: preimage.Network, y: np.ndarray) -> np.ndarray | None:
-    """Per layer, any point of {W_A h = y_A, W_I h <= 0, h >= 0}: no objective, no certificate."""
-    h = y
-    for i in range(len(net.layers) - 1, -1, -1):
-        w = net.layers[i].weight.matrix()
-        on = h > 1e-9 * h.max()
-        res = linprog(
-            np.zeros(w.shape[1]), A_eq=w[on], b_eq=h[on], A_ub=w[~on],
-            b_ub=np.zeros((~on).sum()), bounds=(0, None) if i > 0 else (None, None),
-            method="highs",
-        )
-        if res.status != 0:
-            return None
-        h = res.x
-    return h
-
-
 def partial_table(codes: int) -> None:
     path = AUTHORS / "trained_vae_20_60_784_nobias.pth"
     if not path.exists():
@@ -196,7 +179,7 @@ def partial_table(codes: int) -> None:
         for b in range(codes):
             mask = rng.random(784) < frac
             sub = restrict_output(net, Mask(mask))
-            zp = plain_feasibility_lp(sub, x[b, mask])
+            zp, _ = paper_layerwise_lp(sub, x[b, mask], rtol=1e-9)
             plain += zp is not None and rel(zp, z[b]) < EXACT
             base = preimage.invert(net, x[b], observe=mask, options={"max_lps": 0})
             layerwise += rel(base.z, z[b]) < EXACT

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import linprog
 
 import preimage
 from preimage import random_network
+from preimage.baselines import paper_layerwise_lp
 from preimage.measurements import GaussianMatrix, Mask
 from preimage.partial import observed_values, restrict_output
 from tests.conftest import authors_state_dict
@@ -15,22 +15,6 @@ from tests.conftest import authors_state_dict
 
 def rel_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
-def plain_feasibility_lp(net: preimage.Network, y: np.ndarray) -> np.ndarray | None:
-    """The reference: per layer, any point of {W_A h = y_A, W_I h <= 0, h >= 0} (no objective)."""
-    h = y
-    for i in range(len(net.layers) - 1, -1, -1):
-        w = net.layers[i].weight.matrix()
-        on = h > 1e-9 * h.max()
-        res = linprog(
-            np.zeros(w.shape[1]), A_eq=w[on], b_eq=h[on], A_ub=w[~on], b_ub=np.zeros((~on).sum()),
-            bounds=(0, None) if i > 0 else (None, None), method="highs",
-        )
-        if res.status != 0:
-            return None
-        h = res.x
-    return h
 
 
 def decoder() -> preimage.Network:
@@ -102,7 +86,7 @@ def test_decoder_half_observed_beats_the_plain_feasibility_lp() -> None:
     sub = restrict_output(net, Mask(mask))
     plain = []
     for b in range(8):
-        zp = plain_feasibility_lp(sub, x[b, mask])
+        zp, _ = paper_layerwise_lp(sub, x[b, mask], rtol=1e-9)
         plain.append(zp is not None and rel_rows(zp, z[b]) < 1e-6)
     res = preimage.invert(
         net, x, observe=mask, options={"restarts": 2, "steps": 200, "max_lps": 30}

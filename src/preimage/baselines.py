@@ -23,6 +23,11 @@ in PyTorch over samples and restarts (on CUDA when available):
   (`preimage.patterns.pattern_walk`) that turns a near miss into an exact
   answer (or the best fit in its cell). The lowest misfit wins.
 
+- `paper_layerwise_lp`: the paper's method as published, the reference the
+  benchmark and the partial-observation comparison measure against: one
+  feasibility LP per layer (`scipy.optimize.linprog`), no objective, no
+  null space, no certificate.
+
 Gradient descent proves nothing: the status is "feasible" or "failed", never
 "unique" or "infeasible". Without a noise model it is "feasible" when the
 relative misfit |G(z) - x|_inf / |x|_inf is at most ``success_rtol``; with a
@@ -536,3 +541,56 @@ def hybrid_invert(
         )
     result.time = time.perf_counter() - start
     return result
+
+
+def paper_layerwise_lp(
+    net: Network,
+    x: np.ndarray,
+    *,
+    rtol: float = 1e-9,
+    floor: float = 0.0,
+    time_limit: float | None = None,
+) -> tuple[np.ndarray | None, bool]:
+    """Lei et al.'s layer-wise inversion as published, for one sample x (n,).
+
+    Top down, one `linprog` per layer finds any point of
+    {W_A h + b_A = y_A, W_I h + b_I <= 0, h >= 0 below the top layer}, with
+    A = {i : y_i > rtol max(|y|_inf, floor)} (a LP's answer is exact only to
+    HiGHS' tolerance, so the next layer needs a threshold); bijective
+    activations are undone elementwise, every unit active.
+
+    Returns (z or None, timed_out): None when a layer's LP had no answer;
+    timed_out when `time_limit` seconds (for the whole sample) ran out.
+    """
+    from scipy.optimize import linprog
+
+    start = time.perf_counter()
+    h = np.asarray(x, dtype=float)
+    for i in range(len(net.layers) - 1, -1, -1):
+        layer = net.layers[i]
+        w, b = layer.weight.matrix(), layer.bias_or_zero()
+        nonneg = i > 0 and net.layers[i - 1].activation.output_nonnegative
+        if layer.activation.is_bijective:
+            target, active = layer.activation.inverse(h), np.ones(h.size, dtype=bool)
+        else:
+            target, active = h, h > rtol * max(float(np.max(np.abs(h))), floor)
+        options: dict[str, float] = {}
+        if time_limit is not None:
+            left = time_limit - (time.perf_counter() - start)
+            if left <= 0:
+                return None, True
+            options["time_limit"] = left
+        res = linprog(
+            np.zeros(w.shape[1]),
+            A_ub=w[~active] if (~active).any() else None,
+            b_ub=-b[~active] if (~active).any() else None,
+            A_eq=w[active],
+            b_eq=target[active] - b[active],
+            bounds=(0, None) if nonneg else (None, None),
+            method="highs",
+            options=options,
+        )
+        if res.status != 0:
+            return None, res.status == 1
+        h = res.x
+    return h, False
