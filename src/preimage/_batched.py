@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from preimage.invert import REPORT_FIELDS, LayerReport
 from preimage.layer_inversion import LayerResult, invert_layer
 from preimage.network import Layer, Network
 
@@ -103,38 +104,19 @@ FAST_MESSAGE = (
 
 @dataclass
 class LayerArrays:
-    """Per-layer diagnostics of a batch, filled as samples are solved."""
+    """Per-layer diagnostics of a batch (a `LayerReport`), filled as samples are solved."""
 
-    status: np.ndarray
-    n_active: np.ndarray
-    rank: np.ndarray
-    sigma_min: np.ndarray
-    residual: np.ndarray
-    used_lp: np.ndarray
-    time: np.ndarray
+    report: LayerReport
     #: LayerResult of the samples that went through `invert_layer` (by sample index).
     results: dict[int, LayerResult] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, batch: int) -> LayerArrays:
-        return cls(
-            status=np.full(batch, "not_reached", dtype=object),
-            n_active=np.full(batch, -1),
-            rank=np.full(batch, -1),
-            sigma_min=np.full(batch, np.nan),
-            residual=np.full(batch, np.nan),
-            used_lp=np.zeros(batch, dtype=bool),
-            time=np.zeros(batch),
-        )
+    def empty(cls, index: int, batch: int) -> LayerArrays:
+        return cls(LayerReport.from_results(index, [None] * batch))
 
     def record(self, j: int, res: LayerResult) -> None:
-        self.status[j] = res.status
-        self.n_active[j] = res.n_active
-        self.rank[j] = res.rank
-        self.sigma_min[j] = res.sigma_min
-        self.residual[j] = res.residual
-        self.used_lp[j] = res.used_lp
-        self.time[j] = res.time
+        for name in REPORT_FIELDS:
+            getattr(self.report, name)[j] = getattr(res, name)
         self.results[j] = res
 
 
@@ -642,7 +624,7 @@ def descend_batch(
     `invert_layer`, whose LayerResult is kept for the verdict.
     """
     batch = xb.shape[0]
-    layers = [LayerArrays.empty(batch) for _ in net.layers]
+    layers = [LayerArrays.empty(i, batch) for i in range(len(net.layers))]
     z = np.full((batch, net.latent_dim), np.nan)
     reached = np.zeros(batch, dtype=bool)
     step = chunk_size(net, batch, batch_size)
@@ -683,11 +665,12 @@ def _layer_step(
     new_h = np.full((h.shape[0], layer.in_width), np.nan)
     good = live[fast.ok]
     where = idx[good]
-    arrays.status[where] = "unique"
-    arrays.n_active[where] = fast.n_active[fast.ok]
-    arrays.rank[where] = layer.in_width
-    arrays.residual[where] = fast.residual[fast.ok]
-    arrays.time[where] = share
+    report = arrays.report
+    report.status[where] = "unique"
+    report.n_active[where] = fast.n_active[fast.ok]
+    report.rank[where] = layer.in_width
+    report.residual[where] = fast.residual[fast.ok]
+    report.time[where] = share
     new_h[good] = fast.h[fast.ok]
 
     slow = live[~fast.ok]

@@ -42,6 +42,19 @@ ProgressCallback = Callable[[int, int], None]
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-5}
 
 
+#: The per-sample fields a LayerReport shares with `LayerResult`: (value where a
+#: sample did not reach the layer, dtype).
+REPORT_FIELDS: dict[str, tuple[Any, type]] = {
+    "status": ("not_reached", object),
+    "n_active": (-1, int),
+    "rank": (-1, int),
+    "sigma_min": (np.nan, float),
+    "residual": (np.nan, float),
+    "used_lp": (False, bool),
+    "time": (0.0, float),
+}
+
+
 @dataclass
 class LayerReport:
     """Per-layer diagnostics over the batch (arrays of shape (B,)).
@@ -73,18 +86,8 @@ class LayerReport:
         sample b did not reach the layer); `columns` replace or add fields.
         """
 
-        # field: (value where a sample did not reach the layer, dtype)
-        defaults = {
-            "status": ("not_reached", object),
-            "n_active": (-1, int),
-            "rank": (-1, int),
-            "sigma_min": (np.nan, float),
-            "residual": (np.nan, float),
-            "used_lp": (False, bool),
-            "time": (0.0, float),
-        }
         fields = dict(columns)
-        for name, (missing, dtype) in defaults.items():
+        for name, (missing, dtype) in REPORT_FIELDS.items():
             if name not in fields:
                 fields[name] = np.array(
                     [missing if r is None else getattr(r, name) for r in results], dtype=dtype
@@ -473,7 +476,7 @@ def _invert_batched(
         for arr in arrays:
             if b in arr.results:
                 results.append(arr.results[b])
-            elif arr.status[b] == "not_reached":
+            elif arr.report.status[b] == "not_reached":
                 results.append(None)
             else:
                 results.append(_BATCH_SOLVED)
@@ -488,19 +491,7 @@ def _invert_batched(
         status[b] = outcome.status
         witness[b] = outcome.witness
         messages[b] = outcome.message
-    reports = tuple(
-        LayerReport(
-            index=i,
-            status=arr.status,
-            n_active=arr.n_active,
-            rank=arr.rank,
-            sigma_min=arr.sigma_min,
-            residual=arr.residual,
-            used_lp=arr.used_lp,
-            time=arr.time,
-        )
-        for i, arr in enumerate(arrays)
-    )
+    reports = tuple(arr.report for arr in arrays)
     return _assemble(
         net, xb, z, status, witness, messages, reports, single, "exact", rtol,
         time.perf_counter() - start,
