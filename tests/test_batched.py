@@ -146,6 +146,49 @@ def test_square_subset_path_wider(monkeypatch: pytest.MonkeyPatch,
     assert np.all(rel(fast.z, z) < 1e-9)
 
 
+def test_pairs_share_one_factorisation(monkeypatch: pytest.MonkeyPatch,
+                                        rng: np.random.Generator) -> None:
+    """A layer 4x wider than its input: most samples are solved in pairs, answers unchanged."""
+    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 16)
+    calls: list[int] = []
+    real = _batched._square_solve
+
+    def spy(cache, rows, group, rhs, ctx):  # type: ignore[no-untyped-def]
+        calls.append(rhs.shape[0] - rows.shape[0])  # samples that shared a subset
+        return real(cache, rows, group, rhs, ctx)
+
+    monkeypatch.setattr(_batched, "_square_solve", spy)
+    net = random_network([16, 64, 256], seed=7)
+    z = rng.standard_normal((40, 16))
+    fast, _ = assert_same_answers(net, net.forward(z), z_rtol=1e-9)
+    assert fast.counts() == {"unique": 40}
+    assert np.all(rel(fast.z, z) < 1e-9)
+    assert sum(calls) >= 20  # at least half of the 2 x 40 layer solves were shared
+
+
+def test_pair_up_pairs_are_disjoint_and_share_n_rows(rng: np.random.Generator) -> None:
+    ranked = rng.random((300, 120)) < 0.5
+    pairs = _batched._pair_up(ranked, 30)
+    assert pairs.shape[0] >= 120  # E[common] = 30: half the candidates qualify; 80% paired
+    assert len(np.unique(pairs)) == pairs.size
+    assert np.all((ranked[pairs[:, 0]] & ranked[pairs[:, 1]]).sum(axis=1) >= 30)
+    assert np.all(pairs // _batched.PAIR_BLOCK == pairs[:, :1] // _batched.PAIR_BLOCK)
+    assert _batched._pair_up(ranked[:1], 30).shape == (0, 2)
+
+
+def test_cuda_code_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch,
+                                   rng: np.random.Generator) -> None:
+    """The branches taken on CUDA (torch LU and Cholesky), run on the CPU."""
+    monkeypatch.setattr(_batched.Context, "on_cpu", property(lambda self: False))
+    for width in (16, 10_000):  # square subsets, then normal equations
+        monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", width)
+        net = random_network([12, 60, 240], seed=5)
+        z = rng.standard_normal((10, 12))
+        fast, _ = assert_same_answers(net, net.forward(z), n_jobs=1)
+        assert fast.counts() == {"unique": 10}
+        assert np.all(rel(fast.z, z) < 1e-9)
+
+
 def test_rejected_subsets_fall_back(monkeypatch: pytest.MonkeyPatch,
                                     rng: np.random.Generator) -> None:
     """Every square subset rejected -> normal equations; every Gram rejected -> reference."""
