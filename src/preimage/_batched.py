@@ -50,8 +50,11 @@ were measured to be up to 100x slower).
 
 The batch is split into chunks whose working memory stays under a budget;
 torch does the batched algebra (on CUDA when available). On the CPU the
-batched Cholesky factorisations go through NumPy's (OpenBLAS) LAPACK, about
-2.5x faster than torch's for n ~ 100 on the machine measured.
+Cholesky factorisations and their solves go through LAPACK's packed routines
+(dpptrf / dpptrs) on the packed Gram rows, over the thread pool: about 2.5x
+faster than torch's batched Cholesky and triangular solves for n ~ 100 on the
+machine measured, and with no scatter of the packed rows into n x n matrices
+(NumPy's batched Cholesky where the packed table would not fit).
 """
 
 from __future__ import annotations
@@ -592,6 +595,8 @@ def _gram_solve(
 
     Full column rank is certified by the Cholesky factorisation of G - delta I.
     """
+    if ctx.on_cpu and cache.packed is not None:
+        return _gram_solve_packed(cache, target, active, ctx)
     torch = ctx.torch
     dev = ctx.device
     m, n = cache.w_np.shape
@@ -625,6 +630,79 @@ def _gram_solve(
         ok &= (size <= GRAM_RTOL) & torch.isfinite(h).all(dim=1)
         h_all[sl] = h.cpu().numpy()
         ok_all[sl] = ok.cpu().numpy()
+    return h_all, ok_all
+
+
+def _gram_solve_packed(
+    cache: _LayerCache, target: np.ndarray, active: np.ndarray, ctx: Context
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_gram_solve` on the CPU, with the Gram matrices kept packed.
+
+    mask @ packed gives each sample's lower triangle row by row, which is
+    LAPACK's column-major *upper* packed storage of the same symmetric
+    matrix: dpptrf / dpptrs factor and solve it in place, with no scatter
+    into n x n matrices (which cost as much as the product) and no batched
+    triangular solves (torch's cost 10x more than dpptrs here). The
+    factorisations run over the thread pool, in slices of samples.
+    """
+    from scipy.linalg.lapack import dpptrf, dpptrs
+
+    torch = ctx.torch
+    m, n = cache.w_np.shape
+    b = target.shape[0]
+    diag = np.arange(n) * (np.arange(n) + 3) // 2  # where G_jj sits in a packed row
+    h_all = np.zeros((b, n))
+    ok_all = np.zeros(b, dtype=bool)
+    per_sample = 8 * (n * (n + 1) // 2 + 6 * m + 4 * n)
+    piece = max(1, min(b, PIECE_MEMORY // per_sample))
+    for lo in range(0, b, piece):
+        sl = slice(lo, min(b, lo + piece))
+        p = sl.stop - sl.start
+        mask = torch.as_tensor(active[sl], dtype=torch.float64)  # (p, m)
+        r = (torch.as_tensor(target[sl]) - cache.bias) * mask  # r_A, 0 elsewhere
+        g = (mask @ cache.packed).numpy()  # (p, n (n + 1) / 2) packed lower triangles
+        # Cholesky of G - delta I succeeds only if lambda_min(G) > delta - O(n eps tr G) > 0.
+        g[:, diag] -= GRAM_SHIFT * n * np.finfo(np.float64).eps * g[:, diag].sum(
+            axis=1, keepdims=True
+        )
+        rhs = (r @ cache.w).numpy()
+        h = np.zeros((p, n))
+        ok = np.zeros(p, dtype=bool)
+        step_k = -(-p // ctx.n_jobs)  # one slice of samples per worker
+        slices = [range(k, min(p, k + step_k)) for k in range(0, p, step_k)]
+
+        def factor(
+            ks: range, g: np.ndarray = g, rhs: np.ndarray = rhs, h: np.ndarray = h,
+            ok: np.ndarray = ok,
+        ) -> None:
+            for k in ks:
+                _, info = dpptrf(n, g[k], lower=0, overwrite_ap=1)  # in place
+                if info == 0:
+                    h[k], _ = dpptrs(n, g[k], rhs[k], lower=0)
+                    ok[k] = True
+
+        ctx.map(factor, slices)
+        # one step of refinement on the float64 residual W_A^T (r_A - W_A h), as in
+        # `_gram_solve`: it converges at the rate delta / lambda_min.
+        ht = torch.from_numpy(h)
+        res = (((r - ht @ cache.w.T) * mask) @ cache.w).numpy()
+        step = np.zeros((p, n))
+
+        def correct(
+            ks: range, g: np.ndarray = g, res: np.ndarray = res, step: np.ndarray = step,
+            ok: np.ndarray = ok,
+        ) -> None:
+            for k in ks:
+                if ok[k]:
+                    step[k], _ = dpptrs(n, g[k], res[k], lower=0)
+
+        ctx.map(correct, slices)
+        h += step
+        with np.errstate(invalid="ignore", divide="ignore"):
+            size = np.max(np.abs(step), axis=1) / np.maximum(np.max(np.abs(h), axis=1), 1e-300)
+        ok &= (size <= GRAM_RTOL) & np.all(np.isfinite(h), axis=1)
+        h_all[sl] = h
+        ok_all[sl] = ok
     return h_all, ok_all
 
 
