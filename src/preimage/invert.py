@@ -481,9 +481,12 @@ def _invert_batched(
             else:
                 results.append(_BATCH_SOLVED)
         outcome = _compose(net, z[b] if reached[b] else None, results, rtol)
-        if settings.enabled and outcome.status in ("failed", "feasible"):
+        if settings.enabled and (
+            outcome.status == "failed" or (outcome.status == "feasible" and settings.milp)
+        ):
             # The search needs every layer's point, which the batch did not keep:
-            # redo this sample through the reference path first.
+            # redo this sample through the reference path first (only where the
+            # search will run: a "feasible" sample is searched by the MILP alone).
             outcome = _settle_globally(
                 net, xb[b], _invert_one(net, xb[b], rtol), rtol, settings
             )
