@@ -593,34 +593,27 @@ def _gram_solve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Least squares over all active rows by the normal equations; (h (b, n), ok (b,)).
 
-    Full column rank is certified by the Cholesky factorisation of G - delta I.
+    Full column rank is certified by the Cholesky factorisation of G - delta I
+    (`_factor_packed` on the CPU when the packed table exists, else `_factor_dense`).
     """
-    if ctx.on_cpu and cache.packed is not None:
-        return _gram_solve_packed(cache, target, active, ctx)
     torch = ctx.torch
     dev = ctx.device
     m, n = cache.w_np.shape
     b = target.shape[0]
     h_all = np.zeros((b, n))
     ok_all = np.zeros(b, dtype=bool)
-    per_sample = 8 * (4 * n * n + 6 * m + (0 if cache.packed is not None else m * n))
+    if ctx.on_cpu and cache.packed is not None:
+        factor = _factor_packed
+        per_sample = 8 * (n * (n + 1) // 2 + 6 * m + 4 * n)
+    else:
+        factor = _factor_dense
+        per_sample = 8 * (4 * n * n + 6 * m + (0 if cache.packed is not None else m * n))
     piece = max(1, min(b, PIECE_MEMORY // per_sample))
     for lo in range(0, b, piece):
         sl = slice(lo, min(b, lo + piece))
         mask = torch.as_tensor(active[sl], device=dev, dtype=torch.float64)  # (p, m)
         r = (torch.as_tensor(target[sl], device=dev) - cache.bias) * mask  # r_A, 0 elsewhere
-        g = _gram(cache, mask, ctx)  # lower triangle only
-        # Cholesky of G - delta I succeeds only if lambda_min(G) > delta - O(n eps tr G) > 0.
-        diag = torch.diagonal(g, dim1=1, dim2=2)
-        diag -= GRAM_SHIFT * n * torch.finfo(torch.float64).eps * diag.sum(dim=1, keepdim=True)
-        chol, ok = _cholesky(g, ctx)
-        if not bool(ok.all()):
-            chol[~ok] = torch.eye(n, dtype=torch.float64, device=dev)
-
-        def solve(rhs: Any, chol: Any = chol) -> Any:
-            y = torch.linalg.solve_triangular(chol, rhs[:, :, None], upper=False)
-            return torch.linalg.solve_triangular(chol.mT, y, upper=True)[:, :, 0]
-
+        ok, solve = factor(cache, mask, ctx)
         # h from the shifted factor, then one step of refinement on the float64
         # residual W_A^T (r_A - W_A h): it converges at the rate delta / lambda_min.
         h = solve(r @ cache.w)
@@ -633,77 +626,73 @@ def _gram_solve(
     return h_all, ok_all
 
 
-def _gram_solve_packed(
-    cache: _LayerCache, target: np.ndarray, active: np.ndarray, ctx: Context
-) -> tuple[np.ndarray, np.ndarray]:
-    """`_gram_solve` on the CPU, with the Gram matrices kept packed.
+def _shift(trace: Any, n: int) -> Any:
+    """delta: Cholesky of G - delta I succeeds only if lambda_min(G) > delta - O(n eps tr G) > 0."""
+    return GRAM_SHIFT * n * float(np.finfo(np.float64).eps) * trace
+
+
+def _factor_dense(cache: _LayerCache, mask: Any, ctx: Context) -> tuple[Any, Callable[[Any], Any]]:
+    """Cholesky factors of G - delta I (p, n, n) in torch; (ok (p,), solve (p, n) -> (p, n))."""
+    torch = ctx.torch
+    n = cache.w_np.shape[1]
+    g = _gram(cache, mask, ctx)  # lower triangle only
+    diag = torch.diagonal(g, dim1=1, dim2=2)
+    diag -= _shift(diag.sum(dim=1, keepdim=True), n)
+    chol, ok = _cholesky(g, ctx)
+    if not bool(ok.all()):
+        chol[~ok] = torch.eye(n, dtype=torch.float64, device=ctx.device)
+
+    def solve(rhs: Any) -> Any:
+        y = torch.linalg.solve_triangular(chol, rhs[:, :, None], upper=False)
+        return torch.linalg.solve_triangular(chol.mT, y, upper=True)[:, :, 0]
+
+    return ok, solve
+
+
+def _factor_packed(
+    cache: _LayerCache, mask: Any, ctx: Context
+) -> tuple[Any, Callable[[Any], Any]]:
+    """`_factor_dense` on the CPU, with the Gram matrices kept packed.
 
     mask @ packed gives each sample's lower triangle row by row, which is
     LAPACK's column-major *upper* packed storage of the same symmetric
     matrix: dpptrf / dpptrs factor and solve it in place, with no scatter
     into n x n matrices (which cost as much as the product) and no batched
-    triangular solves (torch's cost 10x more than dpptrs here). The
-    factorisations run over the thread pool, in slices of samples.
+    triangular solves (torch's cost 10x more than dpptrs here). Both run over
+    the thread pool, one slice of samples per worker.
     """
     from scipy.linalg.lapack import dpptrf, dpptrs
 
     torch = ctx.torch
-    m, n = cache.w_np.shape
-    b = target.shape[0]
+    n = cache.w_np.shape[1]
+    g = (mask @ cache.packed).numpy()  # (p, n (n + 1) / 2) packed lower triangles
     diag = np.arange(n) * (np.arange(n) + 3) // 2  # where G_jj sits in a packed row
-    h_all = np.zeros((b, n))
-    ok_all = np.zeros(b, dtype=bool)
-    per_sample = 8 * (n * (n + 1) // 2 + 6 * m + 4 * n)
-    piece = max(1, min(b, PIECE_MEMORY // per_sample))
-    for lo in range(0, b, piece):
-        sl = slice(lo, min(b, lo + piece))
-        p = sl.stop - sl.start
-        mask = torch.as_tensor(active[sl], dtype=torch.float64)  # (p, m)
-        r = (torch.as_tensor(target[sl]) - cache.bias) * mask  # r_A, 0 elsewhere
-        g = (mask @ cache.packed).numpy()  # (p, n (n + 1) / 2) packed lower triangles
-        # Cholesky of G - delta I succeeds only if lambda_min(G) > delta - O(n eps tr G) > 0.
-        g[:, diag] -= GRAM_SHIFT * n * np.finfo(np.float64).eps * g[:, diag].sum(
-            axis=1, keepdims=True
-        )
-        rhs = (r @ cache.w).numpy()
-        h = np.zeros((p, n))
-        ok = np.zeros(p, dtype=bool)
-        step_k = -(-p // ctx.n_jobs)  # one slice of samples per worker
-        slices = [range(k, min(p, k + step_k)) for k in range(0, p, step_k)]
+    g[:, diag] -= _shift(g[:, diag].sum(axis=1, keepdims=True), n)
+    p = g.shape[0]
+    ok = np.zeros(p, dtype=bool)
+    size = -(-p // ctx.n_jobs)
+    slices = [range(k, min(p, k + size)) for k in range(0, p, size)]
 
-        def factor(
-            ks: range, g: np.ndarray = g, rhs: np.ndarray = rhs, h: np.ndarray = h,
-            ok: np.ndarray = ok,
-        ) -> None:
-            for k in ks:
-                _, info = dpptrf(n, g[k], lower=0, overwrite_ap=1)  # in place
-                if info == 0:
-                    h[k], _ = dpptrs(n, g[k], rhs[k], lower=0)
-                    ok[k] = True
+    def factor(ks: range) -> None:
+        for k in ks:
+            _, info = dpptrf(n, g[k], lower=0, overwrite_ap=1)  # in place
+            ok[k] = info == 0
 
-        ctx.map(factor, slices)
-        # one step of refinement on the float64 residual W_A^T (r_A - W_A h), as in
-        # `_gram_solve`: it converges at the rate delta / lambda_min.
-        ht = torch.from_numpy(h)
-        res = (((r - ht @ cache.w.T) * mask) @ cache.w).numpy()
-        step = np.zeros((p, n))
+    ctx.map(factor, slices)
 
-        def correct(
-            ks: range, g: np.ndarray = g, res: np.ndarray = res, step: np.ndarray = step,
-            ok: np.ndarray = ok,
-        ) -> None:
+    def solve(rhs: Any) -> Any:
+        rhs_np = rhs.numpy()
+        out = np.zeros_like(rhs_np)
+
+        def part(ks: range) -> None:
             for k in ks:
                 if ok[k]:
-                    step[k], _ = dpptrs(n, g[k], res[k], lower=0)
+                    out[k], _ = dpptrs(n, g[k], rhs_np[k], lower=0)
 
-        ctx.map(correct, slices)
-        h += step
-        with np.errstate(invalid="ignore", divide="ignore"):
-            size = np.max(np.abs(step), axis=1) / np.maximum(np.max(np.abs(h), axis=1), 1e-300)
-        ok &= (size <= GRAM_RTOL) & np.all(np.isfinite(h), axis=1)
-        h_all[sl] = h
-        ok_all[sl] = ok
-    return h_all, ok_all
+        ctx.map(part, slices)
+        return torch.from_numpy(out)
+
+    return torch.from_numpy(ok), solve
 
 
 def _gram(cache: _LayerCache, mask: Any, ctx: Context) -> Any:
