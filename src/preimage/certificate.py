@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import linprog
 
+from preimage._highs import RowLP
 from preimage.network import Layer
 
 Verdict = Literal["unique", "non_unique", "feasible"]
@@ -64,30 +64,23 @@ def _null_space(m: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 def _stiemke_certifies(m: np.ndarray) -> bool:
     """True when some y >= 1 has M^T y = 0 (alternative (b): the cone is {0})."""
     rows = m / np.linalg.norm(m, axis=1, keepdims=True)
-    res = linprog(
-        np.zeros(rows.shape[0]),
-        A_eq=rows.T,
-        b_eq=np.zeros(rows.shape[1]),
-        bounds=(1.0, None),
-        method="highs",
-    )
-    return bool(res.status == 0)
+    k = rows.shape[1]
+    lp = RowLP(np.zeros(rows.shape[0]), lower=1.0)  # one variable y_i per row of M
+    lp.add(rows.T, upper=np.zeros(k), lower=np.zeros(k))
+    status, _ = lp.solve()
+    return status == "optimal"
 
 
 def _witness_direction(m: np.ndarray) -> np.ndarray | None:
     """A u with M u >= 0, M u != 0 (alternative (a)), or None."""
     rows = m / np.linalg.norm(m, axis=1, keepdims=True)
-    k = rows.shape[1]
-    res = linprog(
-        -rows.sum(axis=0),
-        A_ub=-rows,
-        b_ub=np.zeros(rows.shape[0]),
-        bounds=[(-1.0, 1.0)] * k,
-        method="highs",
-    )
-    if res.status != 0 or -res.fun <= 1e-9:
+    cost = -rows.sum(axis=0)
+    lp = RowLP(cost, lower=-1.0, upper=1.0)
+    lp.add(-rows, upper=np.zeros(rows.shape[0]))
+    _, u = lp.solve()
+    if u is None or -float(cost @ u) <= 1e-9:
         return None
-    return np.asarray(res.x)
+    return u
 
 
 def _step_to_boundary(
