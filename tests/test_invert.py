@@ -243,3 +243,61 @@ def test_row_generation_lp_matches_one_full_linprog(n: int, k: int, inactive: in
     rhs_bad = np.concatenate([rhs, [-1.0]])
     h_bad, message = _polyhedron_lp(h0, null_basis, w_bad, rhs_bad, nonneg=True)
     assert h_bad is None and "no common point" in message
+
+
+@given(
+    p=st.integers(1, 60),
+    k=st.integers(1, 30),
+    deficiency=st.integers(0, 3),
+    log_scale=st.floats(-8.0, 8.0),
+    seed=st.integers(0, 2**16),
+)
+def test_cholesky_rank_test_never_contradicts_the_svd(
+    p: int, k: int, deficiency: int, log_scale: float, seed: int
+) -> None:
+    """`_full_column_rank` says True only where the SVD's rank threshold counts all of M."""
+    from preimage.certificate import _full_column_rank, _null_space
+
+    rng = np.random.default_rng(seed)
+    rank = max(0, min(p, k) - deficiency)
+    m = rng.standard_normal((p, rank)) @ rng.standard_normal((rank, k)) * 10.0**log_scale
+    s = np.linalg.svd(m, compute_uv=False)
+    svd_full = p >= k and int(np.sum(s > 1e-10 * s[0] * max(p, k))) == k
+    if _full_column_rank(m, 1e-10):
+        assert svd_full
+    null = _null_space(m)
+    assert null.shape[1] == k - (int(np.sum(s > 1e-10 * max(s[0], 1e-300) * max(p, k))))
+    assert np.allclose(m @ null, 0.0, atol=1e-8 * max(s[0], 1e-300))
+
+
+def test_stiemke_and_witness_lps_on_known_cones() -> None:
+    """{u : M u >= 0} = {0} for the rows +-e_i (certified); one row e_1 leaves a ray."""
+    from preimage.certificate import _stiemke_certifies, _witness_direction
+
+    box = np.vstack([np.eye(3), -np.eye(3)])
+    assert _stiemke_certifies(box)
+    simplex = np.vstack([np.eye(2), -np.ones((1, 2))])  # u1, u2 >= 0, u1 + u2 <= 0
+    assert _stiemke_certifies(simplex)
+    half = np.vstack([np.eye(2), [[-1.0, 0.0]]])  # u1 = 0, u2 >= 0: the ray (0, 1)
+    assert not _stiemke_certifies(half)
+    u = _witness_direction(half)
+    assert u is not None and np.all(half @ u >= -1e-12) and np.max(half @ u) > 0.5
+    assert _witness_direction(box) is None
+
+
+@pytest.mark.parametrize(("a", "n", "rank"), [(30, 50, 30), (30, 50, 20), (1, 5, 1), (50, 50, 50),
+                                             (80, 50, 50), (80, 50, 45)])
+def test_active_equalities_qr_matches_the_svd(a: int, n: int, rank: int) -> None:
+    """The QR shortcut for wide W_A gives the SVD's least-norm h0, rank and null space."""
+    from preimage.layer_inversion import _active_equalities
+
+    rng = np.random.default_rng(a * n + rank)
+    w_a = rng.standard_normal((a, rank)) @ rng.standard_normal((rank, n))
+    r_a = w_a @ rng.standard_normal(n)
+    h0, null, got_rank, sigma_min = _active_equalities(w_a, r_a)
+    s = np.linalg.svd(w_a, compute_uv=False)
+    assert got_rank == rank and sigma_min == pytest.approx(s[rank - 1], rel=1e-10)
+    assert np.allclose(h0, np.linalg.pinv(w_a) @ r_a, atol=1e-10)
+    assert null.shape == (n, n - rank)
+    assert np.allclose(null.T @ null, np.eye(n - rank), atol=1e-12)
+    assert np.allclose(w_a @ null, 0.0, atol=1e-10 * s[0])

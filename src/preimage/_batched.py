@@ -1,7 +1,7 @@
 """Batched exact inversion: all samples of a batch through one layer at once.
 
 `invert_layer` (the reference) inverts one sample of one layer through an SVD
-of W_A and, when W_A is rank-deficient, an LP in its null space. For a batch,
+(or QR) of W_A and, when W_A is rank-deficient, an LP in its null space. For a batch,
 most samples of an expanding layer have a full-column-rank W_A: then the
 active equalities alone fix h and no LP is needed. This module solves those
 samples together and sends the others to `invert_layer`.
