@@ -236,3 +236,27 @@ def test_feasible_samples_match_reference(monkeypatch: pytest.MonkeyPatch) -> No
     assert any("unsettled at layer" in m for m in fast.message)
     assert len(redone) == searched  # without the MILP a "feasible" sample is not redone
     assert np.allclose(fast.z, ref.z, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5])
+def test_frequent_rows_first_then_all_rows(
+    monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator, factor: float
+) -> None:
+    """The normal equations over the most often active rows, the rest over all rows."""
+    monkeypatch.setattr(_batched, "FREQUENT_ROWS", factor)
+    widths: list[int] = []
+    real = _batched._gram_solve
+
+    def spy(cache: object, target: np.ndarray, active: np.ndarray, ctx: object) -> object:
+        widths.append(active.shape[1])
+        return real(cache, target, active, ctx)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_batched, "_gram_solve", spy)
+    net = random_network([20, 100, 500], seed=0)
+    z = rng.standard_normal((60, 20))
+    fast, _ = assert_same_answers(net, net.forward(z))
+    assert fast.counts() == {"unique": 60}
+    assert np.all(rel(fast.z, z) < 1e-12)
+    assert min(widths) < 400  # the most often active rows first
+    if factor == 1.0:  # about half the samples have fewer than n of them active
+        assert 500 in widths

@@ -17,7 +17,12 @@ orders of magnitude above the SVD rank threshold of `invert_layer`
 (sigma > sigma_max max(|A|, n) eps), so both paths take the same decision.
 h is the least-squares solution of the active equalities, like the
 reference's: the shifted factor preconditions iterative refinement on
-W_A^T (r_A - W_A h) computed in float64 (two steps).
+W_A^T (r_A - W_A h) computed in float64 (two steps). The product costs the
+same for inactive rows as for active ones, so it first runs over only the
+rows most often active in the batch, enough for about 1.5 n active rows per
+sample (`_gram_solve_frequent`: 1.3-1.5x faster on 20-100-500 and the MNIST
+decoder, errors 1e-15 instead of 1e-16): a certified W_{A and R} certifies
+W_A, and the samples it does not settle use all rows.
 
 **Wider layers: a square subset.** The Gram matrix costs |A| n^2 per sample;
 instead S = the first n active rows in a fixed pseudo-random order, and all
@@ -66,7 +71,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -108,6 +113,11 @@ DEFAULT_MEMORY = 128 * 2**20
 PIECE_MEMORY = 32 * 2**20
 #: Working memory of one piece of the square-subset solves (batched LU on CUDA).
 SQUARE_MEMORY = 512 * 2**20
+#: The normal equations first use the rows most often active in the batch, as
+#: few as give this many times n active rows per sample on average ...
+FREQUENT_ROWS = 1.5
+#: ... when those are at most this fraction of the layer's rows (else all rows).
+FREQUENT_MAX = 0.8
 #: Largest table of packed outer products w_i w_i^T kept for the Gram matrices.
 PACKED_MEMORY = 256 * 2**20
 
@@ -349,7 +359,7 @@ def _solve_full_rank(
     b = target.shape[0]
     n = cache.w_np.shape[1]
     if n < SQUARE_MIN_WIDTH:
-        return _gram_solve(cache, target, active, ctx)
+        return _gram_solve_frequent(cache, target, active, ctx)
     h0 = np.zeros((b, n))
     solved = np.zeros(b, dtype=bool)
     ranked = active[:, cache.order]  # active flags in the fixed order of the rows
@@ -586,6 +596,45 @@ def _refine(
         going[where[~shrinking | (error[where] <= REFINE_FLOOR)]] = False
         last[where] = np.minimum(prev, size)
     return (error <= REFINE_RTOL) & np.all(np.isfinite(h[samples]), axis=1)
+
+
+def _gram_solve_frequent(
+    cache: _LayerCache, target: np.ndarray, active: np.ndarray, ctx: Context
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_gram_solve` over the rows most often active in the batch, then over all rows.
+
+    The Gram product costs the same for every row of the mask, active or not.
+    R = the rows most often active in this batch, as few as give
+    FREQUENT_ROWS n active rows per sample on average: a sample whose Cholesky
+    of W_{A and R}^T W_{A and R} - delta I succeeds has full column rank (W_A
+    contains those rows) and h solves its equalities on A and R, which the
+    checks then verify on all of A. The other samples (too few active rows in
+    R, or a failed factorisation) use all rows. In a 100 -> 500 layer R is
+    300 rows, on the MNIST decoder's 60 -> 784 layer about 130.
+    """
+    b, m = active.shape
+    n = cache.w_np.shape[1]
+    count = active.sum(axis=0)
+    by_count = np.argsort(-count, kind="stable")
+    enough = np.cumsum(count[by_count]) >= FREQUENT_ROWS * n * b
+    r = int(np.argmax(enough)) + 1 if enough.any() else m
+    if r > FREQUENT_MAX * m or cache.packed is None:
+        return _gram_solve(cache, target, active, ctx)
+    rows = np.sort(by_count[:r])
+    h = np.zeros((b, n))
+    ok = np.zeros(b, dtype=bool)
+    todo = np.flatnonzero(active[:, rows].sum(axis=1) >= n)
+    if todo.size:
+        rows_t = ctx.torch.as_tensor(rows, device=ctx.device)
+        sub = replace(
+            cache, w=cache.w[rows_t], bias=cache.bias[rows_t], w_np=cache.w_np[rows],
+            packed=cache.packed[rows_t],
+        )
+        h[todo], ok[todo] = _gram_solve(sub, target[todo][:, rows], active[todo][:, rows], ctx)
+    rest = np.flatnonzero(~ok)
+    if rest.size:
+        h[rest], ok[rest] = _gram_solve(cache, target[rest], active[rest], ctx)
+    return h, ok
 
 
 def _gram_solve(
