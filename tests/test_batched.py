@@ -238,25 +238,54 @@ def test_feasible_samples_match_reference(monkeypatch: pytest.MonkeyPatch) -> No
     assert np.allclose(fast.z, ref.z, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("factor", [1.0, 1.5])
-def test_frequent_rows_first_then_all_rows(
+@pytest.mark.parametrize("factor", [1.0, 1.25])
+def test_downdates_over_frequent_rows_then_all_rows(
     monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator, factor: float
 ) -> None:
-    """The normal equations over the most often active rows, the rest over all rows."""
+    """Downdates over the most often active rows, the rest by Gram matrices of all rows."""
     monkeypatch.setattr(_batched, "FREQUENT_ROWS", factor)
-    widths: list[int] = []
-    real = _batched._gram_solve
+    calls: list[tuple[str, int, int]] = []
 
-    def spy(cache: object, target: np.ndarray, active: np.ndarray, ctx: object) -> object:
-        widths.append(active.shape[1])
-        return real(cache, target, active, ctx)  # type: ignore[arg-type]
+    def spy(name: str) -> object:
+        real = getattr(_batched, name)
 
-    monkeypatch.setattr(_batched, "_gram_solve", spy)
+        def call(cache: object, target: np.ndarray, active: np.ndarray, ctx: object) -> object:
+            calls.append((name, *active.shape))
+            return real(cache, target, active, ctx)
+
+        return call
+
+    for name in ("_gram_solve", "_downdate_solve"):
+        monkeypatch.setattr(_batched, name, spy(name))
     net = random_network([20, 100, 500], seed=0)
     z = rng.standard_normal((60, 20))
     fast, _ = assert_same_answers(net, net.forward(z))
     assert fast.counts() == {"unique": 60}
     assert np.all(rel(fast.z, z) < 1e-12)
-    assert min(widths) < 400  # the most often active rows first
-    if factor == 1.0:  # about half the samples have fewer than n of them active
-        assert 500 in widths
+    downdates = [c for c in calls if c[0] == "_downdate_solve"]
+    assert len(downdates) == 1 and downdates[0][2] < 250  # the 500-wide layer, over few rows
+    full = [c for c in calls if c == ("_gram_solve", c[1], 500)]
+    if factor == 1.0:  # about half the samples have fewer than n rows active among them
+        assert full and 10 < full[0][1] < 50
+    else:
+        assert not full
+
+
+def test_downdate_certificate_rejects_rank_deficient_samples(rng: np.random.Generator) -> None:
+    """A sample whose active rows span fewer than n directions is never solved by a downdate."""
+    n = 10
+    basis = rng.standard_normal((5, n))
+    w = np.vstack([rng.standard_normal((30, n)), rng.standard_normal((30, 5)) @ basis])
+    layer = preimage.Network.from_weights([w]).layers[0]
+    ctx = _batched.Context("cpu", 2)
+    cache = ctx.layer(layer)
+    h = rng.standard_normal((3, n))
+    target = h @ w.T
+    active = np.ones((3, 60), dtype=bool)
+    active[0, 4:30] = False  # 4 generic rows + the 5-dim subspace: rank 9 < n
+    active[1, 20:30] = False  # 20 generic rows: full rank
+    active[2, 40:] = False
+    solved, ok = _batched._downdate_solve(cache, target, active, ctx)
+    ctx.close()
+    assert list(ok) == [False, True, True]
+    assert np.allclose(solved[1:], h[1:], rtol=0, atol=1e-12)

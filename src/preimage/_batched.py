@@ -17,12 +17,17 @@ orders of magnitude above the SVD rank threshold of `invert_layer`
 (sigma > sigma_max max(|A|, n) eps), so both paths take the same decision.
 h is the least-squares solution of the active equalities, like the
 reference's: the shifted factor preconditions iterative refinement on
-W_A^T (r_A - W_A h) computed in float64 (two steps). The product costs the
-same for inactive rows as for active ones, so it first runs over only the
-rows most often active in the batch, enough for about 1.5 n active rows per
-sample (`_gram_solve_frequent`: 1.3-1.5x faster on 20-100-500 and the MNIST
-decoder, errors 1e-15 instead of 1e-16): a certified W_{A and R} certifies
-W_A, and the samples it does not settle use all rows.
+W_A^T (r_A - W_A h) computed in float64 (two steps).
+
+**Downdates (CPU, before the normal equations).** Over the rows R most often
+active in the batch (about 1.25 n active per sample), a sample's Gram matrix
+is the shared W_R^T W_R minus its few inactive rows of R: when those are at
+most n / 2 on average, each sample factors only the small Woodbury capacitance
+matrix of its inactive rows, gathered from one shared projector
+(`_downdate_solve`; 20-100-500: the 500-wide layer's samples each factor a
+35 x 35 matrix instead of forming and factoring a 100 x 100 Gram matrix, 2x
+faster end to end, errors 2e-15). A certified W_{A and R} certifies W_A; the
+samples it does not settle take the normal equations over all rows.
 
 **Wider layers: a square subset.** The Gram matrix costs |A| n^2 per sample;
 instead S = the first n active rows in a fixed pseudo-random order, and all
@@ -115,9 +120,12 @@ PIECE_MEMORY = 32 * 2**20
 SQUARE_MEMORY = 512 * 2**20
 #: The normal equations first use the rows most often active in the batch, as
 #: few as give this many times n active rows per sample on average ...
-FREQUENT_ROWS = 1.5
-#: ... when those are at most this fraction of the layer's rows (else all rows).
-FREQUENT_MAX = 0.8
+FREQUENT_ROWS = 1.25
+#: Downdate one shared factorisation when the samples' inactive rows among those
+#: are at most this fraction of n on average (its cost grows as their cube) ...
+DOWNDATE_MAX = 0.5
+#: ... grouping the samples by their number of inactive rows rounded up to this.
+DOWNDATE_PAD = 8
 #: Largest table of packed outer products w_i w_i^T kept for the Gram matrices.
 PACKED_MEMORY = 256 * 2**20
 
@@ -601,16 +609,20 @@ def _refine(
 def _gram_solve_frequent(
     cache: _LayerCache, target: np.ndarray, active: np.ndarray, ctx: Context
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`_gram_solve` over the rows most often active in the batch, then over all rows.
+    """The normal equations as downdates over the most often active rows, then all rows.
 
-    The Gram product costs the same for every row of the mask, active or not.
-    R = the rows most often active in this batch, as few as give
-    FREQUENT_ROWS n active rows per sample on average: a sample whose Cholesky
-    of W_{A and R}^T W_{A and R} - delta I succeeds has full column rank (W_A
-    contains those rows) and h solves its equalities on A and R, which the
-    checks then verify on all of A. The other samples (too few active rows in
-    R, or a failed factorisation) use all rows. In a 100 -> 500 layer R is
-    300 rows, on the MNIST decoder's 60 -> 784 layer about 130.
+    R = the rows most often active in the batch, as few as give FREQUENT_ROWS n
+    active rows per sample on average. When the samples' inactive rows in R
+    are few (at most DOWNDATE_MAX n on average; on the CPU), each sample's
+    factorisation is a downdate of the shared one of W_R^T W_R
+    (`_downdate_solve`): a sample whose W_{A and R} is certified to have full
+    column rank has a full-column-rank W_A (which contains those rows), and h
+    solves its equalities on A and R, which the checks then verify on all of
+    A. The samples it does not settle (too few active rows in R, a failed
+    factorisation), and every sample when the downdates would not pay, get
+    their own Gram matrix over all rows (`_gram_solve`). In the 100 -> 500
+    layer of 20-100-500, R is 160 rows, 35 of them inactive per sample on
+    average.
     """
     b, m = active.shape
     n = cache.w_np.shape[1]
@@ -618,23 +630,108 @@ def _gram_solve_frequent(
     by_count = np.argsort(-count, kind="stable")
     enough = np.cumsum(count[by_count]) >= FREQUENT_ROWS * n * b
     r = int(np.argmax(enough)) + 1 if enough.any() else m
-    if r > FREQUENT_MAX * m or cache.packed is None:
-        return _gram_solve(cache, target, active, ctx)
     rows = np.sort(by_count[:r])
+    todo = np.flatnonzero(active[:, rows].sum(axis=1) >= n)
+    sub_active = active[todo][:, rows]
     h = np.zeros((b, n))
     ok = np.zeros(b, dtype=bool)
-    todo = np.flatnonzero(active[:, rows].sum(axis=1) >= n)
-    if todo.size:
-        rows_t = ctx.torch.as_tensor(rows, device=ctx.device)
-        sub = replace(
-            cache, w=cache.w[rows_t], bias=cache.bias[rows_t], w_np=cache.w_np[rows],
-            packed=cache.packed[rows_t],
-        )
-        h[todo], ok[todo] = _gram_solve(sub, target[todo][:, rows], active[todo][:, rows], ctx)
+    if ctx.on_cpu and todo.size and r - sub_active.sum(axis=1).mean() <= DOWNDATE_MAX * n:
+        sub = replace(cache, w_np=cache.w_np[rows], bias_np=cache.bias_np[rows])
+        h[todo], ok[todo] = _downdate_solve(sub, target[todo][:, rows], sub_active, ctx)
     rest = np.flatnonzero(~ok)
     if rest.size:
         h[rest], ok[rest] = _gram_solve(cache, target[rest], active[rest], ctx)
     return h, ok
+
+
+def _downdate_solve(
+    cache: _LayerCache, target: np.ndarray, active: np.ndarray, ctx: Context
+) -> tuple[np.ndarray, np.ndarray]:
+    """The normal equations of each sample as a downdate of one shared factorisation.
+
+    With R all the rows of `cache` (r of them; only w_np and bias_np are
+    read), G_R = W_R^T W_R and E = R - A a sample's inactive rows (Woodbury;
+    a Schur complement for the last line):
+
+        G_A = W_A^T W_A = G_R - W_E^T W_E,
+        G_A^-1 = G_R^-1 + G_R^-1 W_E^T C^-1 W_E G_R^-1,   C = I - P[E, E],
+        G_A is positive definite  iff  C is,              P = W_R G_R^-1 W_R^T.
+
+    G_R^-1 and P are computed once; each sample gathers its |E| x |E| block of
+    P and factors C - delta I: |E|^3 / 3 flops where its own Gram matrix and
+    Cholesky factor cost r n^2 + n^3 / 3. P is an orthogonal projector
+    (|P_ij| <= 1) computed to about n eps kappa(G_R), so delta = GRAM_SHIFT
+    (n + |E|) eps kappa covers that and the factorisation's rounding: success
+    certifies lambda_min(C) > 0, hence full column rank, with
+    lambda_min(G_A) >= lambda_min(G_R) min(1, delta). h is refined once on the
+    float64 residual and accepted as in `_gram_solve`. On the CPU only (the
+    triangular solves are torch's, the factorisations NumPy's over the pool).
+    Returns (h (b, n), ok (b,)).
+    """
+    from scipy.linalg import cho_solve, solve_triangular
+
+    torch = ctx.torch
+    r, n = cache.w_np.shape
+    b = target.shape[0]
+    h_all = np.zeros((b, n))
+    ok_all = np.zeros(b, dtype=bool)
+    w = cache.w_np
+    gram = w.T @ w
+    lam = np.linalg.eigvalsh(gram)
+    if not (np.isfinite(lam).all() and lam[0] > 1e-8 * lam[-1]):
+        return h_all, ok_all  # W_R itself is (nearly) rank-deficient: not a usable base
+    kappa = 2.0 * lam[-1] / lam[0]  # eigvalsh is backward stable: a safe bound
+    chol = np.linalg.cholesky(gram)
+    g_inv = cho_solve((chol, True), np.eye(n))
+    y = solve_triangular(chol, w.T, lower=True).T  # W_R L^-T: P = y y^T
+    proj = np.zeros((r + 1, r + 1))  # P with a zero row and column for padding
+    proj[:r, :r] = y @ y.T
+    proj_flat = proj.ravel()
+    z = torch.from_numpy(w @ g_inv)
+    g_inv_t, w_t = torch.from_numpy(g_inv), torch.from_numpy(w)
+
+    mask = torch.from_numpy(active)
+    r_a = (torch.from_numpy(target) - torch.from_numpy(cache.bias_np)) * mask
+    size = r - active.sum(axis=1)  # |E| of each sample
+    inactive_first = np.argsort(active, axis=1, kind="stable")
+    # Samples grouped by |E| rounded up to DOWNDATE_PAD: E padded with the index r.
+    padded = -(-size // DOWNDATE_PAD) * DOWNDATE_PAD
+    groups = []
+    for e in np.unique(padded):
+        members = np.flatnonzero(padded == e)
+        piece = max(1, PIECE_MEMORY // (8 * 3 * max(int(e), 1) ** 2))
+        for lo in range(0, members.size, piece):
+            idx = members[lo : lo + piece]
+            cols = np.where(np.arange(e) < size[idx, None], inactive_first[idx, :e], r)
+            c = -np.take(proj_flat, cols[:, :, None] * (r + 1) + cols[:, None, :])
+            diag = np.arange(e)
+            c[:, diag, diag] += 1.0 - _shift(1.0, n + int(e)) * kappa
+            factor, ok = _cholesky(torch.from_numpy(c), ctx) if e else (None, None)
+            if factor is not None and not bool(ok.all()):
+                factor[~ok] = torch.eye(int(e), dtype=torch.float64)
+            ok_all[idx] = True if ok is None else ok.numpy()
+            groups.append((torch.from_numpy(idx), torch.from_numpy(cols), factor))
+
+    def solve(rhs: Any) -> Any:  # (b, n) -> G_A^-1 rhs for each sample
+        h1 = rhs @ g_inv_t
+        u = torch.cat([h1 @ w_t.T, torch.zeros(b, 1, dtype=torch.float64)], dim=1)
+        s = torch.zeros(b, r + 1, dtype=torch.float64)
+        for idx, cols, factor in groups:
+            if factor is None:
+                continue
+            u_e = torch.gather(u[idx], 1, cols)[:, :, None]
+            lower = torch.linalg.solve_triangular(factor, u_e, upper=False)
+            s_e = torch.linalg.solve_triangular(factor.mT, lower, upper=True)[:, :, 0]
+            s[idx] = torch.zeros(idx.numel(), r + 1, dtype=torch.float64).scatter_(1, cols, s_e)
+        return h1 + s[:, :r] @ z
+
+    h = solve(r_a @ w_t)
+    step = solve(((r_a - h @ w_t.T) * mask) @ w_t)
+    h = h + step
+    change = step.abs().amax(dim=1) / h.abs().amax(dim=1).clamp_min(1e-300)
+    ok_all &= ((change <= GRAM_RTOL) & torch.isfinite(h).all(dim=1)).numpy()
+    h_all[:] = h.numpy()
+    return h_all, ok_all
 
 
 def _gram_solve(
