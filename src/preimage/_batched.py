@@ -574,7 +574,7 @@ def _refine(
         if where.size == 0:
             break
         sel = samples[where]
-        pre = h[sel] @ cache.w_np.T  # (s, m) float64
+        pre = (ctx.torch.from_numpy(h[sel]) @ cache.w.T).numpy()  # (s, m) float64, torch threads
         resid = rhs[sel] - np.take_along_axis(pre, rows[group[sel]], axis=1)
         by_group: dict[int, list[int]] = {}
         for pos, j in enumerate(sel):
