@@ -50,7 +50,7 @@ LP_THRESHOLD = 1e-6
 #: name -> (batch sizes for preimage, naive-LP samples, Adam samples, naive-LP time limit)
 FULL: dict[str, tuple[tuple[int, ...], int, int, float]] = {
     "20-100-500": ((100, 1000, 10000), 30, 300, 60.0),
-    "100-500-784": ((100,), 4, 50, 60.0),
+    "100-500-784": ((100,), 8, 50, 60.0),
     "200-600-2000": ((100,), 2, 20, 60.0),
     "512-2048-8192": ((1000,), 1, 4, 120.0),
     "mnist-relu-20-60-784": ((1000,), 30, 300, 60.0),

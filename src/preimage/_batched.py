@@ -1,9 +1,9 @@
 """Batched exact inversion: all samples of a batch through one layer at once.
 
 `invert_layer` (the reference) inverts one sample of one layer through an SVD
-(or QR) of W_A and, when W_A is rank-deficient, an LP in its null space. For a batch,
-most samples of an expanding layer have a full-column-rank W_A: then the
-active equalities alone fix h and no LP is needed. This module solves those
+(or QR) of W_A and, when W_A is rank-deficient, an LP in its null space. For
+a batch, most samples of an expanding layer have a full-column-rank W_A: then
+the active equalities alone fix h and no LP is needed. This module solves those
 samples together and sends the others to `invert_layer`.
 
 **Layers narrower than SQUARE_MIN_WIDTH: normal equations.** For every sample,
@@ -76,7 +76,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -636,8 +636,9 @@ def _gram_solve_frequent(
     h = np.zeros((b, n))
     ok = np.zeros(b, dtype=bool)
     if ctx.on_cpu and todo.size and r - sub_active.sum(axis=1).mean() <= DOWNDATE_MAX * n:
-        sub = replace(cache, w_np=cache.w_np[rows], bias_np=cache.bias_np[rows])
-        h[todo], ok[todo] = _downdate_solve(sub, target[todo][:, rows], sub_active, ctx)
+        h[todo], ok[todo] = _downdate_solve(
+            cache.w_np[rows], cache.bias_np[rows], target[todo][:, rows], sub_active, ctx
+        )
     rest = np.flatnonzero(~ok)
     if rest.size:
         h[rest], ok[rest] = _gram_solve(cache, target[rest], active[rest], ctx)
@@ -645,13 +646,14 @@ def _gram_solve_frequent(
 
 
 def _downdate_solve(
-    cache: _LayerCache, target: np.ndarray, active: np.ndarray, ctx: Context
+    w: np.ndarray, bias: np.ndarray, target: np.ndarray, active: np.ndarray, ctx: Context
 ) -> tuple[np.ndarray, np.ndarray]:
     """The normal equations of each sample as a downdate of one shared factorisation.
 
-    With R all the rows of `cache` (r of them; only w_np and bias_np are
-    read), G_R = W_R^T W_R and E = R - A a sample's inactive rows (Woodbury;
-    a Schur complement for the last line):
+    w (r, n) = W_R and bias (r,) are the rows R of a layer, target and active
+    (b, r) the samples' values and active flags on them. With G_R = W_R^T W_R
+    and E = R - A a sample's inactive rows (Woodbury; a Schur complement for
+    the last line):
 
         G_A = W_A^T W_A = G_R - W_E^T W_E,
         G_A^-1 = G_R^-1 + G_R^-1 W_E^T C^-1 W_E G_R^-1,   C = I - P[E, E],
@@ -660,22 +662,23 @@ def _downdate_solve(
     G_R^-1 and P are computed once; each sample gathers its |E| x |E| block of
     P and factors C - delta I: |E|^3 / 3 flops where its own Gram matrix and
     Cholesky factor cost r n^2 + n^3 / 3. P is an orthogonal projector
-    (|P_ij| <= 1) computed to about n eps kappa(G_R), so delta = GRAM_SHIFT
-    (n + |E|) eps kappa covers that and the factorisation's rounding: success
-    certifies lambda_min(C) > 0, hence full column rank, with
-    lambda_min(G_A) >= lambda_min(G_R) min(1, delta). h is refined once on the
-    float64 residual and accepted as in `_gram_solve`. On the CPU only (the
-    triangular solves are torch's, the factorisations NumPy's over the pool).
-    Returns (h (b, n), ok (b,)).
+    (|P_ij| <= 1) whose computed entries are off by at most about
+    n eps kappa(G_R), so its |E| x |E| block is off by at most about
+    |E| n eps kappa in norm: delta = GRAM_SHIFT |E| (n + 1) eps kappa covers
+    that and the factorisation's own rounding (about |E| eps). Success
+    certifies lambda_min(C) > 0 with a margin of about delta, hence full column
+    rank: lambda_min(G_A) >= lambda_min(G_R) min(1, lambda_min(C)). h is
+    refined once on the float64 residual and accepted as in `_gram_solve`. On
+    the CPU only (the triangular solves are torch's, the factorisations
+    NumPy's over the pool). Returns (h (b, n), ok (b,)).
     """
     from scipy.linalg import cho_solve, solve_triangular
 
     torch = ctx.torch
-    r, n = cache.w_np.shape
+    r, n = w.shape
     b = target.shape[0]
     h_all = np.zeros((b, n))
     ok_all = np.zeros(b, dtype=bool)
-    w = cache.w_np
     gram = w.T @ w
     lam = np.linalg.eigvalsh(gram)
     if not (np.isfinite(lam).all() and lam[0] > 1e-8 * lam[-1]):
@@ -691,7 +694,7 @@ def _downdate_solve(
     g_inv_t, w_t = torch.from_numpy(g_inv), torch.from_numpy(w)
 
     mask = torch.from_numpy(active)
-    r_a = (torch.from_numpy(target) - torch.from_numpy(cache.bias_np)) * mask
+    r_a = (torch.from_numpy(target) - torch.from_numpy(bias)) * mask
     size = r - active.sum(axis=1)  # |E| of each sample
     inactive_first = np.argsort(active, axis=1, kind="stable")
     # Samples grouped by |E| rounded up to DOWNDATE_PAD: E padded with the index r.
@@ -705,7 +708,7 @@ def _downdate_solve(
             cols = np.where(np.arange(e) < size[idx, None], inactive_first[idx, :e], r)
             c = -np.take(proj_flat, cols[:, :, None] * (r + 1) + cols[:, None, :])
             diag = np.arange(e)
-            c[:, diag, diag] += 1.0 - _shift(1.0, n + int(e)) * kappa
+            c[:, diag, diag] += 1.0 - _shift(kappa, int(e) * (n + 1))
             factor, ok = _cholesky(torch.from_numpy(c), ctx) if e else (None, None)
             if factor is not None and not bool(ok.all()):
                 factor[~ok] = torch.eye(int(e), dtype=torch.float64)
