@@ -90,11 +90,13 @@ class LayerReport:
         """
 
         fields = dict(columns)
+        reached = [b for b, r in enumerate(results) if r is not None]
         for name, (missing, dtype) in REPORT_FIELDS.items():
             if name not in fields:
-                fields[name] = np.array(
-                    [missing if r is None else getattr(r, name) for r in results], dtype=dtype
-                )
+                column = np.full(len(results), missing, dtype=dtype)
+                for b in reached:
+                    column[b] = getattr(results[b], name)
+                fields[name] = column
         return cls(index=index, **fields)
 
 
