@@ -334,9 +334,12 @@ def fast_layer(
     act = layer.activation
     with np.errstate(all="ignore"):
         target = act.inverse(y) if act.is_bijective else y
-    finite = np.all(np.isfinite(target), axis=1)
-    target = np.where(np.isfinite(target), target, 0.0)
-    scale = np.maximum(np.maximum(np.max(np.abs(target), axis=1), cache.bias_max), 1e-300)
+    is_finite = np.isfinite(target)
+    finite = np.all(is_finite, axis=1)
+    if not finite.all():
+        target = np.where(is_finite, target, 0.0)
+    largest = np.maximum(np.max(target, axis=1), -np.min(target, axis=1))  # max |t_i|
+    scale = np.maximum(np.maximum(largest, cache.bias_max), 1e-300)
     tau = rtol * scale
     if act.is_bijective:
         active = np.ones((b, m), dtype=bool)
@@ -349,12 +352,16 @@ def fast_layer(
     todo = np.flatnonzero(finite & ~negative & (n_active >= n))
     if todo.size == 0:
         return out
-    h0, solved = _solve_full_rank(cache, target[todo], active[todo], ctx)
-    todo, h0 = todo[solved], h0[solved]
+    def rows(a: np.ndarray) -> np.ndarray:  # a[todo], without a copy when todo is all
+        return a if todo.size == b else a[todo]
+
+    h0, solved = _solve_full_rank(cache, rows(target), rows(active), ctx)
+    if not solved.all():
+        todo, h0 = todo[solved], h0[solved]
     if todo.size == 0:
         return out
-    ok, h, residual = _check(layer, cache, h0, y[todo], target[todo], active[todo],
-                             scale[todo], rtol, nonneg, ctx)
+    ok, h, residual = _check(layer, cache, h0, rows(y), rows(target), rows(active),
+                             rows(scale), rtol, nonneg, ctx)
     out.ok[todo[ok]] = True
     out.h[todo[ok]] = h[ok]
     out.residual[todo[ok]] = residual[ok]
