@@ -13,7 +13,7 @@ of a 100-500-784 network: 84 ms per LP against 128 ms for one full linprog.
 
 The small dense LPs of the uniqueness certificate (`certificate`) use the
 same class with one round. HiGHS's presolve is off: on these dense LPs it
-removes nothing and cost as much as the solve (the Stiemke LP of a
+removes nothing and costs as much as the solve (the Stiemke LP of a
 100-500-784 layer: 12 ms without it, 21 ms with it, 25 ms through linprog).
 
 Uses highspy's core binding ``_Highs``: the public ``highspy.Highs`` adds
