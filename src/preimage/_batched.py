@@ -692,6 +692,7 @@ def _downdate_solve(
     b = target.shape[0]
     h_all = np.zeros((b, n))
     ok_all = np.zeros(b, dtype=bool)
+    ok = np.zeros(b, dtype=bool)  # in the sorted order below
     gram = w.T @ w
     lam = np.linalg.eigvalsh(gram)
     if not (np.isfinite(lam).all() and lam[0] > 1e-8 * lam[-1]):
@@ -703,50 +704,63 @@ def _downdate_solve(
     proj = np.zeros((r + 1, r + 1))  # P with a zero row and column for padding
     proj[:r, :r] = y @ y.T
     proj_flat = proj.ravel()
-    z = torch.from_numpy(w @ g_inv)
-    g_inv_t, w_t = torch.from_numpy(g_inv), torch.from_numpy(w)
+    z = torch.from_numpy(w @ g_inv)  # W_R G_R^-1
+    w_t = torch.from_numpy(w)
 
-    mask = torch.from_numpy(active)
-    r_a = (torch.from_numpy(target) - torch.from_numpy(bias)) * mask
-    size = r - active.sum(axis=1)  # |E| of each sample
-    inactive_first = np.argsort(active, axis=1, kind="stable")
-    # Samples grouped by |E| rounded up to DOWNDATE_PAD: E padded with the index r.
+    # Samples sorted by |E| rounded up to DOWNDATE_PAD (E padded with the index
+    # r, a zero row and column of P): each padded size is one slice.
+    size = r - active.sum(axis=1)
     padded = -(-size // DOWNDATE_PAD) * DOWNDATE_PAD
-    groups = []
+    order = np.argsort(padded, kind="stable")
+    size, padded = size[order], padded[order]
+    inactive_first = np.argsort(active[order], axis=1, kind="stable")
+    mask = torch.from_numpy(active[order])
+    r_a = (torch.from_numpy(target[order]) - torch.from_numpy(bias)) * mask
+    pieces = []  # (lo, hi, e): the samples lo:hi have |E| padded to e
     for e in np.unique(padded):
-        members = np.flatnonzero(padded == e)
-        piece = max(1, PIECE_MEMORY // (8 * 3 * max(int(e), 1) ** 2))
-        for lo in range(0, members.size, piece):
-            idx = members[lo : lo + piece]
-            cols = np.where(np.arange(e) < size[idx, None], inactive_first[idx, :e], r)
-            c = -np.take(proj_flat, cols[:, :, None] * (r + 1) + cols[:, None, :])
-            diag = np.arange(e)
-            c[:, diag, diag] += 1.0 - _shift(kappa, int(e) * (n + 1))
-            factor, ok = _cholesky(torch.from_numpy(c), ctx) if e else (None, None)
-            if factor is not None and not bool(ok.all()):
-                factor[~ok] = torch.eye(int(e), dtype=torch.float64)
-            ok_all[idx] = True if ok is None else ok.numpy()
-            groups.append((torch.from_numpy(idx), torch.from_numpy(cols), factor))
+        lo, hi = np.searchsorted(padded, e), np.searchsorted(padded, e, side="right")
+        fits = PIECE_MEMORY // (8 * 3 * max(int(e), 1) ** 2)
+        step = max(1, min(fits, -(-(hi - lo) // ctx.n_jobs)))  # one piece per worker at least
+        pieces += [(a, min(hi, a + step), int(e)) for a in range(lo, hi, step)]
 
-    def solve(rhs: Any) -> Any:  # (b, n) -> G_A^-1 rhs for each sample
-        h1 = rhs @ g_inv_t
-        u = torch.cat([h1 @ w_t.T, torch.zeros(b, 1, dtype=torch.float64)], dim=1)
+    def factor(piece: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi, e = piece
+        if e == 0:  # every row of R active: G_A = G_R
+            return np.zeros((hi - lo, 0), dtype=np.int64), np.zeros((hi - lo, 0, 0)), np.ones(
+                hi - lo, dtype=bool
+            )
+        cols = np.where(np.arange(e) < size[lo:hi, None], inactive_first[lo:hi, :e], r)
+        c = -np.take(proj_flat, cols[:, :, None] * (r + 1) + cols[:, None, :])
+        diag = np.arange(e)
+        c[:, diag, diag] += 1.0 - _shift(kappa, e * (n + 1))
+        chol, factored = _cholesky_batch(c)
+        chol[~factored] = np.eye(e)  # (rejected: any invertible factor keeps the solves finite)
+        return cols, chol, factored
+
+    groups = []
+    for (lo, hi, e), (cols, chol, factored) in zip(pieces, ctx.map(factor, pieces), strict=True):
+        ok[lo:hi] = factored
+        if e:
+            groups.append((lo, hi, torch.from_numpy(cols), torch.from_numpy(chol)))
+
+    def solve(v: Any) -> Any:  # (b, r), zero off A -> G_A^-1 W_R^T v for each sample
+        h1 = v @ z  # G_R^-1 W_R^T v
+        u = torch.cat([h1 @ w_t.T, torch.zeros(b, 1, dtype=torch.float64)], dim=1)  # W_R h1
         s = torch.zeros(b, r + 1, dtype=torch.float64)
-        for idx, cols, factor in groups:
-            if factor is None:
-                continue
-            u_e = torch.gather(u[idx], 1, cols)[:, :, None]
-            lower = torch.linalg.solve_triangular(factor, u_e, upper=False)
-            s_e = torch.linalg.solve_triangular(factor.mT, lower, upper=True)[:, :, 0]
-            s[idx] = torch.zeros(idx.numel(), r + 1, dtype=torch.float64).scatter_(1, cols, s_e)
-        return h1 + s[:, :r] @ z
+        for lo, hi, cols, chol in groups:
+            u_e = torch.gather(u[lo:hi], 1, cols)[:, :, None]
+            lower = torch.linalg.solve_triangular(chol, u_e, upper=False)
+            s_e = torch.linalg.solve_triangular(chol.mT, lower, upper=True)[:, :, 0]
+            s[lo:hi].scatter_(1, cols, s_e)
+        return h1 + s[:, :r] @ z  # + G_R^-1 W_E^T C^-1 W_E h1
 
-    h = solve(r_a @ w_t)
-    step = solve(((r_a - h @ w_t.T) * mask) @ w_t)
+    h = solve(r_a)
+    step = solve((r_a - h @ w_t.T) * mask)
     h = h + step
     change = step.abs().amax(dim=1) / h.abs().amax(dim=1).clamp_min(1e-300)
-    ok_all &= ((change <= GRAM_RTOL) & torch.isfinite(h).all(dim=1)).numpy()
-    h_all[:] = h.numpy()
+    ok &= ((change <= GRAM_RTOL) & torch.isfinite(h).all(dim=1)).numpy()
+    h_all[order] = h.numpy()
+    ok_all[order] = ok
     return h_all, ok_all
 
 
@@ -883,26 +897,28 @@ def _cholesky(g: Any, ctx: Context) -> tuple[Any, Any]:
         chol, info = torch.linalg.cholesky_ex(g + torch.tril(g, diagonal=-1).mT)
         return chol, info == 0
     g_np = g.numpy()
-
-    def piece(sl: slice) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            return np.linalg.cholesky(g_np[sl]), np.ones(sl.stop - sl.start, dtype=bool)
-        except np.linalg.LinAlgError:  # one failure fails the whole call: redo one by one
-            out, ok = np.zeros_like(g_np[sl]), np.zeros(sl.stop - sl.start, dtype=bool)
-            for k, a in enumerate(g_np[sl]):
-                try:
-                    out[k] = np.linalg.cholesky(a)
-                    ok[k] = True
-                except np.linalg.LinAlgError:
-                    pass
-            return out, ok
-
     p = g_np.shape[0]
     step = max(1, -(-p // ctx.n_jobs))
-    res = ctx.map(piece, [slice(lo, min(p, lo + step)) for lo in range(0, p, step)])
+    res = ctx.map(lambda sl: _cholesky_batch(g_np[sl]),
+                  [slice(lo, min(p, lo + step)) for lo in range(0, p, step)])
     chol = np.concatenate([c for c, _ in res])
     ok = np.concatenate([k for _, k in res])
     return torch.from_numpy(chol), torch.from_numpy(ok)
+
+
+def _cholesky_batch(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy's Cholesky factors of a (p, n, n) (lower triangles read) and success flags."""
+    try:
+        return np.linalg.cholesky(a), np.ones(a.shape[0], dtype=bool)
+    except np.linalg.LinAlgError:  # one failure fails the whole call: redo one by one
+        out, ok = np.zeros_like(a), np.zeros(a.shape[0], dtype=bool)
+        for k, one in enumerate(a):
+            try:
+                out[k] = np.linalg.cholesky(one)
+                ok[k] = True
+            except np.linalg.LinAlgError:
+                pass
+        return out, ok
 
 
 def _check(
