@@ -271,7 +271,7 @@ def test_cholesky_rank_test_never_contradicts_the_svd(
 
 
 def test_stiemke_and_witness_lps_on_known_cones() -> None:
-    """{u : M u >= 0} = {0} for the rows +-e_i (certified); one row e_1 leaves a ray."""
+    """{u : M u >= 0} = {0} for the rows +-e_i (certified); e_1, e_2, -e_1 leave the ray (0, 1)."""
     from preimage.certificate import _stiemke_certifies, _witness_direction
 
     box = np.vstack([np.eye(3), -np.eye(3)])
