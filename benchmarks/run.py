@@ -16,7 +16,7 @@ Every measurement runs in its own subprocess, so its peak resident memory
 It prints a table and appends one JSON line to ``benchmarks/results.jsonl``
 (``--results``) with the machine's description.
 
-    python benchmarks/run.py            # the full run (about 9 minutes on 2 cores)
+    python benchmarks/run.py            # the full run (7-9 minutes on 2 cores)
     python benchmarks/run.py --quick    # a smoke run (seconds)
 """
 

@@ -380,7 +380,7 @@ def _solve_full_rank(
     b = target.shape[0]
     n = cache.w_np.shape[1]
     if n < SQUARE_MIN_WIDTH:
-        return _gram_solve_frequent(cache, target, active, ctx)
+        return _downdate_then_gram(cache, target, active, ctx)
     h0 = np.zeros((b, n))
     solved = np.zeros(b, dtype=bool)
     ranked = active[:, cache.order]  # active flags in the fixed order of the rows
@@ -619,24 +619,26 @@ def _refine(
     return (error <= REFINE_RTOL) & np.all(np.isfinite(h[samples]), axis=1)
 
 
-def _gram_solve_frequent(
+def _downdate_then_gram(
     cache: _LayerCache, target: np.ndarray, active: np.ndarray, ctx: Context
 ) -> tuple[np.ndarray, np.ndarray]:
     """The normal equations as downdates over the most often active rows, then all rows.
 
     R = the rows most often active in the batch, as few as give FREQUENT_ROWS n
     active rows per sample on average. When the samples' inactive rows in R
-    are few (at most DOWNDATE_MAX n on average; on the CPU), each sample's
+    are few (at most DOWNDATE_MAX n on average), each sample's
     factorisation is a downdate of the shared one of W_R^T W_R
     (`_downdate_solve`): a sample whose W_{A and R} is certified to have full
     column rank has a full-column-rank W_A (which contains those rows), and h
     solves its equalities on A and R, which the checks then verify on all of
     A. The samples it does not settle (too few active rows in R, a failed
     factorisation), and every sample when the downdates would not pay, get
-    their own Gram matrix over all rows (`_gram_solve`). In the 100 -> 500
-    layer of 20-100-500, R is 160 rows, 35 of them inactive per sample on
-    average.
+    their own Gram matrix over all rows (`_gram_solve`), as do all samples on
+    CUDA. In the 100 -> 500 layer of 20-100-500, R is 160 rows, 35 of them
+    inactive per sample on average.
     """
+    if not ctx.on_cpu:
+        return _gram_solve(cache, target, active, ctx)
     b, m = active.shape
     n = cache.w_np.shape[1]
     count = active.sum(axis=0)
@@ -648,7 +650,7 @@ def _gram_solve_frequent(
     sub_active = active[todo][:, rows]
     h = np.zeros((b, n))
     ok = np.zeros(b, dtype=bool)
-    if ctx.on_cpu and todo.size and r - sub_active.sum(axis=1).mean() <= DOWNDATE_MAX * n:
+    if todo.size and r - sub_active.sum(axis=1).mean() <= DOWNDATE_MAX * n:
         h[todo], ok[todo] = _downdate_solve(
             cache.w_np[rows], cache.bias_np[rows], target[todo][:, rows], sub_active, ctx
         )
