@@ -289,3 +289,45 @@ def test_downdate_certificate_rejects_rank_deficient_samples(rng: np.random.Gene
     ctx.close()
     assert list(ok) == [False, True, True]
     assert np.allclose(solved[1:], h[1:], rtol=0, atol=1e-12)
+
+
+def reference_checks(layer: preimage.Layer, h0: np.ndarray, y: np.ndarray, rtol: float) -> bool:
+    """`invert_layer`'s checks of a full-rank h0 (ReLU, input h >= 0), one sample."""
+    w, b = layer.weight.matrix(), layer.bias_or_zero()
+    scale = max(float(np.max(np.abs(y))), float(np.max(np.abs(b))), 1e-300)
+    tau = rtol * scale
+    active = y > tau
+    tol = rtol * (scale + float(np.max(np.abs(w) @ np.abs(h0))))
+    pre = w @ h0 + b
+    if np.max(np.abs(pre[active] - y[active])) > 10 * tol:
+        return False
+    if np.any(pre[~active] > tau + tol) or h0.min() < -tol:
+        return False
+    h = np.maximum(h0, 0.0)
+    size = scale + float(np.max(np.abs(w) @ h))
+    return float(np.max(np.abs(layer.forward(h[None])[0] - y))) <= 10 * rtol * size
+
+
+def test_batched_checks_accept_only_what_the_reference_accepts(rng: np.random.Generator) -> None:
+    """Perturbations of h0 around the tolerances: an accepted h0 passes `invert_layer`'s checks."""
+    net = random_network([20, 100, 300], seed=1)
+    layer = net.layers[1]
+    rtol = 1e-9
+    h_true = np.maximum(net.layers[0].forward(rng.standard_normal((200, 20))), 0.0)
+    y = layer.forward(h_true)
+    # each sample: one entry moved by +-10^k times rtol * |h|, k in [-3, 3]
+    h0 = h_true.copy()
+    rows = np.arange(200)
+    cols = rng.integers(0, 100, 200)
+    size = 10.0 ** rng.uniform(-3, 3, 200) * rtol * np.abs(h_true).max(axis=1)
+    h0[rows, cols] += np.where(rng.random(200) < 0.5, -size, size)
+    scale = np.maximum(np.abs(y).max(axis=1), np.abs(layer.bias_or_zero()).max())
+    active = y > rtol * scale[:, None]
+    ctx = _batched.Context("cpu", 1)
+    ok, h, _ = _batched._check(layer, ctx.layer(layer), h0, y, y, active, scale, rtol,
+                               True, ctx)
+    ctx.close()
+    reference = np.array([reference_checks(layer, h0[k], y[k], rtol) for k in range(200)])
+    assert not np.any(ok & ~reference)  # never more lenient than the reference
+    assert ok.sum() >= 0.9 * reference.sum() and 20 < ok.sum() < 180  # and hardly stricter
+    assert np.array_equal(h[ok], np.maximum(h0[ok], 0.0))

@@ -50,15 +50,17 @@ active rows of that order, then go to the normal equations. Using n rows
 instead of all |A| makes h less accurate: its error is about kappa(W_S) eps
 (1e-14..1e-12 measured) instead of kappa(W_A) eps.
 
-Every solved sample then passes, in batch, exactly the checks of
-`invert_layer` with its tolerances (rtol times the data's scale): the active
-equalities within 10 tol, the inactive units below tau + tol, h >= -tol when
-the input is a ReLU output, and the forward pass |act(W h + b) - y|_inf <=
-10 rtol size. A sample that is rank-deficient (|A| < n), infeasible, or fails
-any step or check is handed to `invert_layer`, run over samples in a thread
-pool (HiGHS and LAPACK release the GIL; OpenBLAS is limited to one thread per
-worker, as several threads each running a multi-threaded BLAS on two cores
-were measured to be up to 100x slower).
+Every solved sample then passes, in batch, the checks of `invert_layer` with
+its tolerances (rtol times the data's scale): the active equalities within
+10 tol, the inactive units below tau + tol, h >= -tol when the input is a
+ReLU output, and the forward pass |act(W h + b) - y|_inf <= 10 rtol size
+(`_check`: computed from h = max(h0, 0) with a bound on what the clipping
+changed, so never more lenient than the reference). A sample that is
+rank-deficient (|A| < n), infeasible, or fails any step or check is handed
+to `invert_layer`, run over samples in a thread pool (HiGHS and LAPACK
+release the GIL; OpenBLAS is limited to one thread per worker, as several
+threads each running a multi-threaded BLAS on two cores were measured to be
+up to 100x slower).
 
 The batch is split into chunks whose working memory stays under a budget;
 torch does the batched algebra (on CUDA when available). On the CPU the
@@ -118,6 +120,8 @@ DEFAULT_MEMORY = 128 * 2**20
 #: Working memory of one piece of the normal-equation solves (small pieces reuse
 #: freed memory instead of touching new pages, and stay in cache).
 PIECE_MEMORY = 32 * 2**20
+#: Memory of one (piece, m) array of the batched checks on the CPU (stays in cache).
+CHECK_MEMORY = 2 * 2**20
 #: Working memory of one piece of the square-subset solves (batched LU on CUDA).
 SQUARE_MEMORY = 512 * 2**20
 #: The normal equations first use the rows most often active in the batch, as
@@ -173,6 +177,7 @@ class _LayerCache:
     probes: np.ndarray  # (n, 2) fixed random right-hand sides
     w32: np.ndarray  # (m, n) float32, C order: the square subsets are gathered from it
     row_norm2: np.ndarray  # (m,) squared norms of the rows
+    row_l1_max: float  # max_i sum_j |w_ij|
     #: torch (m, n (n + 1) / 2): row i holds the lower triangle of w_i w_i^T, or None.
     packed: Any = None
     #: torch (n (n + 1) / 2,): where the packed columns go in a flattened n x n matrix.
@@ -256,6 +261,7 @@ class Context:
             probes=rng.standard_normal((n, 2)),
             w32=w_np.astype(np.float32),
             row_norm2=np.einsum("ij,ij->i", w_np, w_np),
+            row_l1_max=float(np.max(np.abs(w_np).sum(axis=1), initial=0.0)),
             packed=packed,
             lower_flat=torch.as_tensor(
                 np.flatnonzero(np.tri(n, dtype=bool)), device=self.device
@@ -703,11 +709,13 @@ def _downdate_solve(
     chol = np.linalg.cholesky(gram)
     g_inv = cho_solve((chol, True), np.eye(n))
     y = solve_triangular(chol, w.T, lower=True).T  # W_R L^-T: P = y y^T
+    proj_r = y @ y.T
     proj = np.zeros((r + 1, r + 1))  # P with a zero row and column for padding
-    proj[:r, :r] = y @ y.T
+    proj[:r, :r] = proj_r
     proj_flat = proj.ravel()
     z = torch.from_numpy(w @ g_inv)  # W_R G_R^-1
     w_t = torch.from_numpy(w)
+    proj_t = torch.from_numpy(proj_r)
 
     # Samples sorted by |E| rounded up to DOWNDATE_PAD (E padded with the index
     # r, a zero row and column of P): each padded size is one slice.
@@ -746,15 +754,16 @@ def _downdate_solve(
             groups.append((lo, hi, torch.from_numpy(cols), torch.from_numpy(chol)))
 
     def solve(v: Any) -> Any:  # (b, r), zero off A -> G_A^-1 W_R^T v for each sample
-        h1 = v @ z  # G_R^-1 W_R^T v
-        u = torch.cat([h1 @ w_t.T, torch.zeros(b, 1, dtype=torch.float64)], dim=1)  # W_R h1
-        s = torch.zeros(b, r + 1, dtype=torch.float64)
+        # G_A^-1 W_R^T v = z^T (v + s) with s = C^-1 (P v)_E on E (W_E G_R^-1 W_R^T = P_E)
+        u = torch.cat([v @ proj_t, torch.zeros(b, 1, dtype=torch.float64)], dim=1)  # P v
+        s = v.clone()  # v + s: v is zero on E
         for lo, hi, cols, chol in groups:
             u_e = torch.gather(u[lo:hi], 1, cols)[:, :, None]
             lower = torch.linalg.solve_triangular(chol, u_e, upper=False)
             s_e = torch.linalg.solve_triangular(chol.mT, lower, upper=True)[:, :, 0]
-            s[lo:hi].scatter_(1, cols, s_e)
-        return h1 + s[:, :r] @ z  # + G_R^-1 W_E^T C^-1 W_E h1
+            # the padding (column r of P, all zero) solves to exactly 0: add it anywhere
+            s[lo:hi].scatter_add_(1, cols.clamp_max(r - 1), s_e)
+        return s @ z
 
     h = solve(r_a)
     step = solve((r_a - h @ w_t.T) * mask)
@@ -935,34 +944,49 @@ def _check(
     nonneg: bool,
     ctx: Context,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The checks of `invert_layer` for a full-rank h0, in batch; (ok, h, residual)."""
+    """The checks of `invert_layer` for a full-rank h0, in batch; (ok, h, residual).
+
+    `invert_layer` checks h0 (the equalities within 10 tol, the inactive units
+    below tau + tol, h0 >= -tol, with tol = rtol (scale + max_i |w_i| |h0|)),
+    then the forward pass of h = max(h0, 0). Here everything is computed from
+    h alone, two products with W and |W| instead of four: with
+    nu = max_j max(-h0_j, 0), |w_i (h - h0)| <= nu max_i |w_i|_1 =: slack, and
+    |h| <= |h0| makes tol(h) <= tol(h0). So requiring each check on h with
+    the slack added, and nu <= tol(h), accepts only samples `invert_layer`
+    accepts. In pieces of about CHECK_MEMORY bytes per (piece, m) array on the
+    CPU: the temporaries stay in cache and reuse their memory.
+    """
     torch = ctx.torch
     dev = ctx.device
-    h0 = torch.as_tensor(h0_np, device=dev)
-    y = torch.as_tensor(y_np, device=dev)
-    target = torch.as_tensor(target_np, device=dev)
-    active = torch.as_tensor(active_np, device=dev)
-    scale = torch.as_tensor(scale_np, device=dev)
-    tau = rtol * scale
-    # tol = rtol (scale + max_i sum_j |w_ij h0_j|): the rounding of w_i h0 + b_i.
-    magnitude = (h0.abs() @ cache.abs_w.T).amax(dim=1)
-    tol = rtol * (scale + magnitude)
-    pre = torch.addmm(cache.bias, h0, cache.w.T)
-    over = pre.masked_fill(active, -math.inf).amax(dim=1)  # the inactive rows' largest
-    # (in place from here: every (b, m) temporary touches memory, as much as the math)
-    gap = pre.sub_(target).abs_().masked_fill_(~active, 0.0).amax(dim=1)  # on A
-    ok = (gap <= 10 * tol) & (over <= tau + tol)
-    if nonneg:
-        ok &= h0.amin(dim=1) >= -tol
-        h = h0.clamp(min=0.0)
+    b, m = y_np.shape
+    rows = b if not ctx.on_cpu else max(64, CHECK_MEMORY // (8 * m))
+    ok = np.zeros(b, dtype=bool)
+    h_np = np.maximum(h0_np, 0.0) if nonneg else h0_np
+    residual_np = np.zeros(b)
+    for lo in range(0, b, rows):
+        sl = slice(lo, min(b, lo + rows))
+        h = torch.as_tensor(h_np[sl], device=dev)
+        target = torch.as_tensor(target_np[sl], device=dev)
+        active = torch.as_tensor(active_np[sl], device=dev)
+        scale = torch.as_tensor(scale_np[sl], device=dev)
         size = scale + (h.abs() @ cache.abs_w.T).amax(dim=1)
-    else:
-        h = h0
-        size = scale + magnitude
-    after = _activate(layer, torch.addmm(cache.bias, h, cache.w.T))
-    residual = after.sub_(y).abs_().amax(dim=1)
-    ok &= residual <= 10 * rtol * size
-    return ok.cpu().numpy(), h.cpu().numpy(), residual.cpu().numpy()
+        tol = rtol * size  # the rounding of w_i h + b_i
+        pre = torch.addmm(cache.bias, h, cache.w.T)
+        if nonneg:
+            nu = torch.as_tensor(np.maximum(-h0_np[sl].min(axis=1), 0.0), device=dev)
+            slack = nu * cache.row_l1_max
+        else:
+            nu = slack = torch.zeros_like(tol)
+        # max over units of (|w_i h + b_i - t_i| - 10 tol) on A and (w_i h + b_i - tau - tol)
+        # off A: <= -slack exactly when every unit passes its check with the slack.
+        excess = torch.where(active, (pre - target).abs_() - 10 * tol[:, None],
+                             pre - (rtol * scale + tol)[:, None]).amax(dim=1)
+        y = torch.as_tensor(y_np[sl], device=dev)
+        residual = (_activate(layer, pre) - y).abs_().amax(dim=1)
+        good = (excess + slack <= 0) & (nu <= tol) & (residual <= 10 * rtol * size)
+        ok[sl] = good.cpu().numpy()
+        residual_np[sl] = residual.cpu().numpy()
+    return ok, h_np, residual_np
 
 
 # --- the layer-wise descent over a batch -------------------------------------------
