@@ -331,3 +331,22 @@ def test_batched_checks_accept_only_what_the_reference_accepts(rng: np.random.Ge
     assert not np.any(ok & ~reference)  # never more lenient than the reference
     assert ok.sum() >= 0.9 * reference.sum() and 20 < ok.sum() < 180  # and hardly stricter
     assert np.array_equal(h[ok], np.maximum(h0[ok], 0.0))
+
+
+@pytest.mark.parametrize(("gather_cost", "packed_min"), [(1e-9, 32), (1e9, 32), (1e9, 1000)])
+def test_gram_pieces_gathered_or_packed(monkeypatch: pytest.MonkeyPatch,
+                                        rng: np.random.Generator, gather_cost: float,
+                                        packed_min: int) -> None:
+    """Gram matrices from gathered rows, from the packed table (dense Cholesky or dpptrf)."""
+    monkeypatch.setattr(_batched, "GATHER_COST", gather_cost)
+    monkeypatch.setattr(_batched, "PACKED_MIN_WIDTH", packed_min)
+    monkeypatch.setattr(_batched, "DOWNDATE_MAX", -1.0)  # no downdates: every sample here
+    monkeypatch.setattr(_batched, "GRAM_PIECE_MIN", 4)
+    monkeypatch.setattr(_batched, "GRAM_MEMORY", 1)  # pieces of 4 samples, sorted by |A|
+    net = random_network([12, 40, 160], seed=2)
+    z = rng.standard_normal((30, 12))
+    fast, _ = assert_same_answers(net, net.forward(z))
+    assert fast.counts() == {"unique": 30}
+    assert np.all(rel(fast.z, z) < 1e-12)
+    for report in fast.layers:  # solved here, not by the reference (which computes sigma_min)
+        assert np.isnan(report.sigma_min).all()

@@ -9,7 +9,9 @@ samples together and sends the others to `invert_layer`.
 **Layers narrower than SQUARE_MIN_WIDTH: normal equations.** For every sample,
 G = W_A^T W_A = sum over active rows of w_i w_i^T, for the whole batch in one
 matrix product (mask (B, m) times the m packed outer products w_i w_i^T) or,
-when that table would not fit in memory, in batched products of the masked W.
+when that costs more or the table would not fit in memory, in batched
+products of each sample's gathered active rows (an MNIST decoder's pixels:
+few active).
 A Cholesky factorisation of G - delta I with delta = 1e-11 trace(G) succeeds in
 floating point only when lambda_min(G) > delta - O(n eps trace G) > 0; it
 certifies full column rank with sigma_min(W_A) >= ~3e-6 sigma_max(W_A), many
@@ -62,13 +64,16 @@ release the GIL; OpenBLAS is limited to one thread per worker, as several
 threads each running a multi-threaded BLAS on two cores were measured to be
 up to 100x slower).
 
-The batch is split into chunks whose working memory stays under a budget;
-torch does the batched algebra (on CUDA when available). On the CPU the
-Cholesky factorisations and their solves go through LAPACK's packed routines
-(dpptrf / dpptrs) on the packed Gram rows, over the thread pool: about 2.5x
-faster than torch's batched Cholesky and triangular solves for n ~ 100 on the
-machine measured, and with no scatter of the packed rows into n x n matrices
-(NumPy's batched Cholesky where the packed table would not fit).
+The batch is split into chunks whose working memory stays under a budget.
+On CUDA torch does the batched algebra. On the CPU the normal equations and
+downdates run piece by piece over the thread pool, each piece of a few
+hundred samples from product to refined h in one worker, so that its
+matrices stay in cache (1.2x faster end to end than whole-chunk steps, which
+wrote and re-read each chunk's factors from memory): NumPy's batched Cholesky
+and torch's batched triangular solves for small matrices, LAPACK's packed
+dpptrf / dpptrs on the packed Gram rows from n >= PACKED_MIN_WIDTH (about
+2.5x faster than torch's batched Cholesky and triangular solves for n ~ 100
+on the machine measured).
 """
 
 from __future__ import annotations
@@ -132,6 +137,17 @@ FREQUENT_ROWS = 1.25
 DOWNDATE_MAX = 0.5
 #: ... grouping the samples by their number of inactive rows rounded up to this.
 DOWNDATE_PAD = 8
+#: Bytes of the capacitance matrices of one piece of downdates (it stays in cache
+#: from gather to solve), but at least DOWNDATE_PIECE_MIN samples per piece.
+DOWNDATE_MEMORY = 2 * 2**20
+DOWNDATE_PIECE_MIN = 64
+#: Bytes of one piece of Gram matrices on the CPU, but at least GRAM_PIECE_MIN samples.
+GRAM_MEMORY = 4 * 2**20
+GRAM_PIECE_MIN = 32
+#: Gather a piece's active rows for its Gram matrices (|A| n^2 flops per sample)
+#: when GATHER_COST |A| n^2 < m n (n + 1) / 2, the flops of the packed product (small
+#: products of gathered rows were measured at about half the speed of one large one).
+GATHER_COST = 2.0
 #: From this width on, the CPU factors the Gram matrices with LAPACK's packed
 #: routines per sample; narrower ones go through NumPy's batched Cholesky (one C
 #: loop), as the per-call overhead would dominate (20 x 20: 0.13 -> 0.09 s per 10k).
@@ -700,78 +716,160 @@ def _downdate_solve(
     b = target.shape[0]
     h_all = np.zeros((b, n))
     ok_all = np.zeros(b, dtype=bool)
-    ok = np.zeros(b, dtype=bool)  # in the sorted order below
     gram = w.T @ w
     lam = np.linalg.eigvalsh(gram)
     if not (np.isfinite(lam).all() and lam[0] > 1e-8 * lam[-1]):
         return h_all, ok_all  # W_R itself is (nearly) rank-deficient: not a usable base
     kappa = 2.0 * lam[-1] / lam[0]  # eigvalsh is backward stable: a safe bound
     chol = np.linalg.cholesky(gram)
-    g_inv = cho_solve((chol, True), np.eye(n))
     y = solve_triangular(chol, w.T, lower=True).T  # W_R L^-T: P = y y^T
-    proj_r = y @ y.T
     proj = np.zeros((r + 1, r + 1))  # P with a zero row and column for padding
-    proj[:r, :r] = proj_r
+    proj[:r, :r] = y @ y.T
     proj_flat = proj.ravel()
-    z = torch.from_numpy(w @ g_inv)  # W_R G_R^-1
-    w_t = torch.from_numpy(w)
-    proj_t = torch.from_numpy(proj_r)
+    z = w @ cho_solve((chol, True), np.eye(n))  # W_R G_R^-1
+    w_rows = np.ascontiguousarray(w.T)  # (n, r): h @ w_rows = W_R h for each sample
 
     # Samples sorted by |E| rounded up to DOWNDATE_PAD (E padded with the index
-    # r, a zero row and column of P): each padded size is one slice.
+    # r, a zero row and column of P): each padded size is one slice, cut into
+    # pieces that each worker takes from start to end while they stay in cache.
     size = r - active.sum(axis=1)
     padded = -(-size // DOWNDATE_PAD) * DOWNDATE_PAD
     order = np.argsort(padded, kind="stable")
-    size, padded = size[order], padded[order]
-    inactive_first = np.argsort(active[order], axis=1, kind="stable")
-    mask = torch.from_numpy(active[order])
-    r_a = (torch.from_numpy(target[order]) - torch.from_numpy(bias)) * mask
-    pieces = []  # (lo, hi, e): the samples lo:hi have |E| padded to e
+    padded = padded[order]
+    pieces = []  # (lo, hi, e): the samples order[lo:hi] have |E| padded to e
     for e in np.unique(padded):
         lo, hi = np.searchsorted(padded, e), np.searchsorted(padded, e, side="right")
-        fits = PIECE_MEMORY // (8 * 3 * max(int(e), 1) ** 2)
+        fits = max(DOWNDATE_PIECE_MIN, DOWNDATE_MEMORY // (8 * max(int(e), 1) ** 2))
         step = max(1, min(fits, -(-(hi - lo) // ctx.n_jobs)))  # one piece per worker at least
         pieces += [(a, min(hi, a + step), int(e)) for a in range(lo, hi, step)]
 
-    def factor(piece: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(piece: tuple[int, int, int]) -> None:
         lo, hi, e = piece
-        if e == 0:  # every row of R active: G_A = G_R
-            return np.zeros((hi - lo, 0), dtype=np.int64), np.zeros((hi - lo, 0, 0)), np.ones(
-                hi - lo, dtype=bool
-            )
-        cols = np.where(np.arange(e) < size[lo:hi, None], inactive_first[lo:hi, :e], r)
-        c = -np.take(proj_flat, cols[:, :, None] * (r + 1) + cols[:, None, :])
-        diag = np.arange(e)
-        c[:, diag, diag] += 1.0 - _shift(kappa, e * (n + 1))
-        chol, factored = _cholesky_batch(c)
-        chol[~factored] = np.eye(e)  # (rejected: any invertible factor keeps the solves finite)
-        return cols, chol, factored
-
-    groups = []
-    for (lo, hi, e), (cols, chol, factored) in zip(pieces, ctx.map(factor, pieces), strict=True):
-        ok[lo:hi] = factored
+        idx = order[lo:hi]
+        act = active[idx]
+        v = (target[idx] - bias) * act  # r_A on R, zero on E
         if e:
-            groups.append((lo, hi, torch.from_numpy(cols), torch.from_numpy(chol)))
+            cols = np.argsort(act, axis=1, kind="stable")[:, :e]  # the inactive rows first
+            cols[np.arange(e) >= size[idx, None]] = r
+            c = -np.take(proj_flat, cols[:, :, None] * (r + 1) + cols[:, None, :])
+            diag = np.arange(e)
+            c[:, diag, diag] += 1.0 - _shift(kappa, e * (n + 1))
+            factor, factored = _cholesky_batch(c)
+            factor[~factored] = np.eye(e)  # (rejected: any invertible factor keeps it finite)
+            lower = torch.from_numpy(factor)
+        else:  # every row of R active: G_A = G_R
+            factored = np.ones(hi - lo, dtype=bool)
+        spread = np.zeros((hi - lo, r + 1))
 
-    def solve(v: Any) -> Any:  # (b, r), zero off A -> G_A^-1 W_R^T v for each sample
-        # G_A^-1 W_R^T v = z^T (v + s) with s = C^-1 (P v)_E on E (W_E G_R^-1 W_R^T = P_E)
-        u = torch.cat([v @ proj_t, torch.zeros(b, 1, dtype=torch.float64)], dim=1)  # P v
-        s = v.clone()  # v + s: v is zero on E
-        for lo, hi, cols, chol in groups:
-            u_e = torch.gather(u[lo:hi], 1, cols)[:, :, None]
-            lower = torch.linalg.solve_triangular(chol, u_e, upper=False)
-            s_e = torch.linalg.solve_triangular(chol.mT, lower, upper=True)[:, :, 0]
-            # the padding (column r of P, all zero) solves to exactly 0: add it anywhere
-            s[lo:hi].scatter_add_(1, cols.clamp_max(r - 1), s_e)
-        return s @ z
+        def solve(rhs: np.ndarray) -> np.ndarray:  # G_A^-1 W_R^T rhs, rhs zero on E
+            # = G_R^-1 W_R^T (rhs + s), s = C^-1 (P rhs)_E on E (Woodbury: W_E G_R^-1 W_R^T = P_E)
+            spread[:, :r] = rhs
+            if e:
+                u_e = np.take_along_axis(rhs @ proj[:r], cols, axis=1)  # (P rhs)_E, 0 on pads
+                s_e = torch.linalg.solve_triangular(
+                    lower, torch.from_numpy(u_e[:, :, None]), upper=False)
+                s_e = torch.linalg.solve_triangular(lower.mT, s_e, upper=True)
+                np.put_along_axis(spread, cols, s_e[:, :, 0].numpy(), axis=1)
+            return spread[:, :r] @ z
 
-    h = solve(r_a)
-    step = solve((r_a - h @ w_t.T) * mask)
-    h = h + step
-    change = step.abs().amax(dim=1) / h.abs().amax(dim=1).clamp_min(1e-300)
-    ok &= ((change <= GRAM_RTOL) & torch.isfinite(h).all(dim=1)).numpy()
-    h_all[order] = h.numpy()
-    ok_all[order] = ok
+        h = solve(v)
+        step = solve((v - h @ w_rows) * act)
+        h += step
+        with np.errstate(invalid="ignore", divide="ignore"):
+            change = np.max(np.abs(step), axis=1) / np.maximum(np.max(np.abs(h), axis=1), 1e-300)
+        h_all[idx] = h
+        ok_all[idx] = factored & (change <= GRAM_RTOL) & np.all(np.isfinite(h), axis=1)
+
+    ctx.map(run, pieces)
+    return h_all, ok_all
+
+
+def _gram_solve_cpu(
+    cache: _LayerCache, target: np.ndarray, active: np.ndarray, ctx: Context
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_gram_solve` on the CPU: each piece of samples from Gram matrix to h in one worker.
+
+    Samples are sorted by |A| and cut into pieces of about GRAM_MEMORY bytes,
+    which stay in cache from the product to the solves. A piece forms its
+    Gram matrices either from the packed table (mask @ packed: m n (n + 1) / 2
+    per sample) or from its samples' gathered active rows, padded to the
+    piece's largest |A| (|A| n^2 per sample), whichever costs fewer flops: in
+    a layer where few units are active (an MNIST decoder's pixels) gathering
+    skips the inactive rows. Factorisation: NumPy's batched Cholesky, or
+    LAPACK's packed dpptrf / dpptrs per sample from n >= PACKED_MIN_WIDTH
+    (torch's batched triangular solves cost more there); NumPy products with
+    one BLAS thread per worker.
+    """
+    torch = ctx.torch
+    m, n = cache.w_np.shape
+    b = target.shape[0]
+    w, bias = cache.w_np, cache.bias_np
+    packed = None if cache.packed is None else cache.packed.numpy()
+    h_all = np.zeros((b, n))
+    ok_all = np.zeros(b, dtype=bool)
+    count = active.sum(axis=1)
+    order = np.argsort(count, kind="stable")
+    per_sample = 8 * (2 * n * n + 6 * m)
+    step = max(GRAM_PIECE_MIN, GRAM_MEMORY // per_sample)
+    step = max(1, min(step, -(-b // ctx.n_jobs)))  # one piece per worker at least
+    diag_packed = np.arange(n) * (np.arange(n) + 3) // 2  # where G_jj sits in a packed row
+    lower_flat = np.flatnonzero(np.tri(n, dtype=bool))
+
+    def run(lo: int) -> None:
+        idx = order[lo : lo + step]
+        act = active[idx]
+        mask = act.astype(np.float64)
+        r = (target[idx] - bias) * mask  # r_A, 0 elsewhere
+        width = int(count[idx[-1]])
+        p = idx.size
+        use_packed = packed is not None and m * (n + 1) <= 2 * GATHER_COST * width * n
+        if use_packed and n >= PACKED_MIN_WIDTH:
+            from scipy.linalg.lapack import dpptrf, dpptrs
+
+            g = mask @ packed  # (p, n (n + 1) / 2): the packed upper triangles (column-major)
+            g[:, diag_packed] -= _shift(g[:, diag_packed].sum(axis=1, keepdims=True), n)
+            ok = np.zeros(p, dtype=bool)
+            for k in range(p):
+                ok[k] = dpptrf(n, g[k], lower=0, overwrite_ap=1)[1] == 0
+
+            def solve(rhs: np.ndarray) -> np.ndarray:
+                out = np.zeros_like(rhs)
+                for k in np.flatnonzero(ok):
+                    out[k] = dpptrs(n, g[k], rhs[k], lower=0)[0]
+                return out
+        else:
+            if use_packed:
+                dense = np.zeros((p, n * n))
+                dense[:, lower_flat] = mask @ packed  # the lower triangles
+                dense = dense.reshape(p, n, n)
+            else:
+                rows = np.argsort(~act, axis=1, kind="stable")[:, :width]  # active rows first
+                w_a = w[rows]
+                w_a[np.arange(width) >= count[idx, None]] = 0.0
+                dense = np.matmul(w_a.transpose(0, 2, 1), w_a)
+            diag = np.arange(n)
+            trace = dense[:, diag, diag].sum(axis=1)
+            dense[:, diag, diag] -= _shift(trace, n)[:, None]
+            chol, ok = _cholesky_batch(dense)
+            chol[~ok] = np.eye(n)
+            lower = torch.from_numpy(chol)
+
+            def solve(rhs: np.ndarray) -> np.ndarray:
+                y = torch.linalg.solve_triangular(lower, torch.from_numpy(rhs[:, :, None]),
+                                                  upper=False)
+                return torch.linalg.solve_triangular(lower.mT, y, upper=True)[:, :, 0].numpy()
+
+        # h from the shifted factor, then one step of refinement on the float64
+        # residual W_A^T (r_A - W_A h): it converges at the rate delta / lambda_min.
+        h = solve(r @ w)
+        step_h = solve(((r - h @ w.T) * mask) @ w)
+        h += step_h
+        with np.errstate(invalid="ignore", divide="ignore"):
+            size = np.max(np.abs(step_h), axis=1) / np.maximum(np.max(np.abs(h), axis=1), 1e-300)
+        h_all[idx] = h
+        ok_all[idx] = ok & (size <= GRAM_RTOL) & np.all(np.isfinite(h), axis=1)
+
+    ctx.map(run, list(range(0, b, step)))
     return h_all, ok_all
 
 
@@ -781,21 +879,18 @@ def _gram_solve(
     """Least squares over all active rows by the normal equations; (h (b, n), ok (b,)).
 
     Full column rank is certified by the Cholesky factorisation of G - delta I
-    (`_factor_packed` on the CPU when the packed table exists and n >= PACKED_MIN_WIDTH,
-    else `_factor_dense`).
+    (`_gram_solve_cpu` on the CPU; `_factor_dense`, batched in torch, on CUDA).
     """
+    if ctx.on_cpu:
+        return _gram_solve_cpu(cache, target, active, ctx)
     torch = ctx.torch
     dev = ctx.device
     m, n = cache.w_np.shape
     b = target.shape[0]
     h_all = np.zeros((b, n))
     ok_all = np.zeros(b, dtype=bool)
-    if ctx.on_cpu and cache.packed is not None and n >= PACKED_MIN_WIDTH:
-        factor = _factor_packed
-        per_sample = 8 * (n * (n + 1) // 2 + 6 * m + 4 * n)
-    else:
-        factor = _factor_dense
-        per_sample = 8 * (4 * n * n + 6 * m + (0 if cache.packed is not None else m * n))
+    factor = _factor_dense
+    per_sample = 8 * (4 * n * n + 6 * m + (0 if cache.packed is not None else m * n))
     piece = max(1, min(b, PIECE_MEMORY // per_sample))
     for lo in range(0, b, piece):
         sl = slice(lo, min(b, lo + piece))
@@ -835,52 +930,6 @@ def _factor_dense(cache: _LayerCache, mask: Any, ctx: Context) -> tuple[Any, Cal
         return torch.linalg.solve_triangular(chol.mT, y, upper=True)[:, :, 0]
 
     return ok, solve
-
-
-def _factor_packed(
-    cache: _LayerCache, mask: Any, ctx: Context
-) -> tuple[Any, Callable[[Any], Any]]:
-    """`_factor_dense` on the CPU, with the Gram matrices kept packed.
-
-    mask @ packed gives each sample's lower triangle row by row, which is
-    LAPACK's column-major *upper* packed storage of the same symmetric
-    matrix: dpptrf / dpptrs factor and solve it in place, with no scatter
-    into n x n matrices (which cost as much as the product) and no batched
-    triangular solves (torch's cost 10x more than dpptrs here). Both run over
-    the thread pool, one slice of samples per worker.
-    """
-    from scipy.linalg.lapack import dpptrf, dpptrs
-
-    torch = ctx.torch
-    n = cache.w_np.shape[1]
-    g = (mask @ cache.packed).numpy()  # (p, n (n + 1) / 2) packed lower triangles
-    diag = np.arange(n) * (np.arange(n) + 3) // 2  # where G_jj sits in a packed row
-    g[:, diag] -= _shift(g[:, diag].sum(axis=1, keepdims=True), n)
-    p = g.shape[0]
-    ok = np.zeros(p, dtype=bool)
-    size = -(-p // ctx.n_jobs)
-    slices = [range(k, min(p, k + size)) for k in range(0, p, size)]
-
-    def factor(ks: range) -> None:
-        for k in ks:
-            _, info = dpptrf(n, g[k], lower=0, overwrite_ap=1)  # in place
-            ok[k] = info == 0
-
-    ctx.map(factor, slices)
-
-    def solve(rhs: Any) -> Any:
-        rhs_np = rhs.numpy()
-        out = np.zeros_like(rhs_np)
-
-        def part(ks: range) -> None:
-            for k in ks:
-                if ok[k]:
-                    out[k], _ = dpptrs(n, g[k], rhs_np[k], lower=0)
-
-        ctx.map(part, slices)
-        return torch.from_numpy(out)
-
-    return torch.from_numpy(ok), solve
 
 
 def _gram(cache: _LayerCache, mask: Any, ctx: Context) -> Any:
