@@ -1032,8 +1032,9 @@ def _check(
             nu = slack = torch.zeros_like(tol)
         # max over units of (|w_i h + b_i - t_i| - 10 tol) on A and (w_i h + b_i - tau - tol)
         # off A: <= -slack exactly when every unit passes its check with the slack.
-        excess = torch.where(active, (pre - target).abs_() - 10 * tol[:, None],
-                             pre - (rtol * scale + tol)[:, None]).amax(dim=1)
+        on_a = (pre - target).abs_().sub_(10 * tol[:, None])
+        off_a = pre - (rtol * scale + tol)[:, None]
+        excess = torch.where(active, on_a, off_a, out=on_a).amax(dim=1)
         y = torch.as_tensor(y_np[sl], device=dev)
         residual = (_activate(layer, pre) - y).abs_().amax(dim=1)
         good = (excess + slack <= 0) & (nu <= tol) & (residual <= 10 * rtol * size)

@@ -100,11 +100,14 @@ def _polyhedron_lp(
 ) -> tuple[np.ndarray | None, str]:
     """A point of P in null-space coordinates: h = h0 + N u.
 
-        minimise    1^T (h0 + N u)          (only when D = R^n_+: the sparsest
-                                              point, NOTES-math section 3)
+    When D = R^n_+ (h is a ReLU output), the sparsest point (NOTES-math section 3):
+
+        minimise    1^T (h0 + N u)
         subject to  W_I N u <= rhs - W_I h0  (inactive rows)
-                    -N u    <= h0            (h >= 0, when D = R^n_+)
+                    -N u    <= h0            (h >= 0)
                     u free, k variables
+
+    When D = R^n, the deepest point instead (`_deepest_point_lp`).
 
     Solved by row generation on one HiGHS instance (`preimage._highs.RowLP`:
     each round restarts the dual simplex from the last basis). The first
@@ -119,18 +122,16 @@ def _polyhedron_lp(
     Returns (h, message); h is None when the LP is infeasible or fails.
     """
     k = null_basis.shape[1]
-    # The pool of rows  a u <= b : the inactive units, then (D = R^n_+) h >= 0.
-    a_rows, b_rows = [w_ineq @ null_basis], [rhs_ineq - w_ineq @ h0]
-    if nonneg:
-        a_rows.append(-null_basis)
-        b_rows.append(h0)
-    a_pool, b_pool = np.vstack(a_rows), np.concatenate(b_rows)
+    if not nonneg:
+        return _deepest_point_lp(h0, null_basis, w_ineq, rhs_ineq)
+    # The pool of rows  a u <= b : the inactive units, then h >= 0.
+    a_pool = np.vstack([w_ineq @ null_basis, -null_basis])
+    b_pool = np.concatenate([rhs_ineq - w_ineq @ h0, h0])
     keep = b_pool < 0  # rows violated at u = 0
-    if nonneg:
-        smallest = np.argsort(h0)[: min(h0.size, 2 * k + NONNEG_MARGIN)]
-        keep[w_ineq.shape[0] + smallest] = True
+    smallest = np.argsort(h0)[: min(h0.size, 2 * k + NONNEG_MARGIN)]
+    keep[w_ineq.shape[0] + smallest] = True
     slack_tol = VIOLATION_RTOL * max(float(np.max(np.abs(b_pool), initial=0.0)), 1e-300)
-    lp = RowLP(null_basis.sum(axis=0) if nonneg else np.zeros(k))
+    lp = RowLP(null_basis.sum(axis=0))
     lp.add(a_pool[keep], b_pool[keep])
     for _ in range(a_pool.shape[0] + 1):  # every round but the last adds a row
         status, u = lp.solve()
@@ -139,7 +140,7 @@ def _polyhedron_lp(
             keep[:] = True
             continue
         if status == "infeasible" or (status == "unbounded_or_infeasible" and keep.all()):
-            # (with every row the objective is bounded: 1^T h >= 0, or the cost is 0)
+            # (with every row the objective is bounded: 1^T h >= 0)
             return None, "the active equalities and inactive inequalities have no common point"
         if u is None:
             return None, f"HiGHS did not solve the layer LP ({status})"
@@ -151,6 +152,44 @@ def _polyhedron_lp(
         lp.add(a_pool[violated], b_pool[violated])
         keep |= violated
     return None, "row generation did not settle"  # not reached: the pool is finite
+
+
+def _deepest_point_lp(
+    h0: np.ndarray, null_basis: np.ndarray, w_ineq: np.ndarray, rhs_ineq: np.ndarray
+) -> tuple[np.ndarray | None, str]:
+    """The point of P (D = R^n) deepest inside the inactive half-spaces, capped.
+
+        maximise    t
+        subject to  a_r u + |a_r| t <= b_r   (a = W_I N, b = rhs - W_I h0)
+                    0 <= t <= max(|h0|, 1),  u free
+
+    With no h >= 0 rows every point of P is as good an answer as any other
+    (`_polyhedron_lp` minimises nothing there); this one, at distance t from
+    every inactive unit's boundary within null(W_A), makes the certificate's
+    work trivial when t > 0: no constraint is tight, so every null direction
+    is a second preimage (`certificate.certify_unique` finds it without the
+    Stiemke or witness LP). t = 0 means P has no interior within null(W_A) (a
+    single point, or a flat face); the certificate then decides as for any
+    point. One LP with every row (k + 1 variables, m - |A| rows): a free
+    layer is the latent one, whose rows are few.
+    """
+    k = null_basis.shape[1]
+    a = w_ineq @ null_basis
+    b = rhs_ineq - w_ineq @ h0
+    norms = np.linalg.norm(a, axis=1)
+    cap = max(float(np.linalg.norm(h0)), 1.0)
+    cost = np.zeros(k + 1)
+    cost[k] = -1.0
+    lp = RowLP(cost)
+    lp.add(np.column_stack([a, norms]), b)
+    lp.add(np.eye(1, k + 1, k), np.array([cap]), np.array([0.0]))  # 0 <= t <= cap
+    status, ut = lp.solve()
+    if status == "infeasible":
+        return None, "the active equalities and inactive inequalities have no common point"
+    if ut is None:
+        return None, f"HiGHS did not solve the layer LP ({status})"
+    depth = float(ut[k]) if ut[k] > 0 else 0.0
+    return h0 + null_basis @ ut[:k], f"LP solved (HiGHS: optimal; depth {depth:.3g})"
 
 
 def _active_equalities(
