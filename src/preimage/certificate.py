@@ -164,7 +164,8 @@ def certify_unique(
         return Certificate("unique", None, 0, "the active rows have full column rank")
     inactive = np.flatnonzero(~active)
     pre_inactive = layer.weight.rows(inactive) @ h + layer.bias_or_zero()[inactive]
-    tight = inactive[pre_inactive >= -tol]
+    is_tight = pre_inactive >= -tol
+    tight = inactive[is_tight]
     zero = np.flatnonzero(h <= tol) if nonneg else np.empty(0, dtype=int)
     m = np.vstack([-layer.weight.rows(tight) @ null_basis, null_basis[zero]])
     m = m[np.linalg.norm(m, axis=1) > 1e-12]
@@ -186,8 +187,8 @@ def certify_unique(
         if u is not None:
             directions.append(u)
 
-    slack_rows = np.setdiff1d(inactive, tight)
-    slack_coords = np.setdiff1d(np.arange(h.size), zero) if nonneg else np.empty(0, dtype=int)
+    slack_rows = inactive[~is_tight]
+    slack_coords = np.flatnonzero(~(h <= tol)) if nonneg else np.empty(0, dtype=int)
     scale = max(float(np.linalg.norm(h)), 1.0)
     for u in directions:
         d = null_basis @ u
