@@ -1073,7 +1073,7 @@ def descend_batch(
     step = chunk_size(net, batch, batch_size)
     for start in range(0, batch, step):
         idx = np.arange(start, min(batch, start + step))
-        h = xb[idx]
+        h = xb[start : start + idx.size]  # a view: the layers only read it
         alive = np.ones(idx.size, dtype=bool)
         for i in range(len(net.layers) - 1, -1, -1):
             live = np.flatnonzero(alive)
@@ -1103,7 +1103,8 @@ def _layer_step(
     layer = net.layers[i]
     nonneg = _nonneg_input(net, i)
     start = time.perf_counter()
-    fast = fast_layer(layer, h[live], nonneg=nonneg, rtol=rtol, ctx=ctx)
+    fast = fast_layer(layer, h if live.size == h.shape[0] else h[live], nonneg=nonneg,
+                      rtol=rtol, ctx=ctx)
     share = (time.perf_counter() - start) / live.size
     new_h = np.full((h.shape[0], layer.in_width), np.nan)
     good = live[fast.ok]
