@@ -726,7 +726,7 @@ def _downdate_solve(
     y = solve_triangular(chol, w.T, lower=True).T  # W_R L^-T: P = y y^T
     proj = np.zeros((r + 1, r + 1))  # P with a zero row and column for padding
     proj[:r, :r] = y @ y.T
-    proj_flat = proj.ravel()
+    minus_proj = -proj
     z = w @ cho_solve((chol, True), np.eye(n))  # W_R G_R^-1
     w_rows = np.ascontiguousarray(w.T)  # (n, r): h @ w_rows = W_R h for each sample
 
@@ -752,7 +752,7 @@ def _downdate_solve(
         if e:
             cols = np.argsort(act, axis=1, kind="stable")[:, :e]  # the inactive rows first
             cols[np.arange(e) >= size[idx, None]] = r
-            c = -np.take(proj_flat, cols[:, :, None] * (r + 1) + cols[:, None, :])
+            c = minus_proj[cols[:, :, None], cols[:, None, :]]  # -P[E, E]
             diag = np.arange(e)
             c[:, diag, diag] += 1.0 - _shift(kappa, e * (n + 1))
             factor, factored = _cholesky_batch(c)
