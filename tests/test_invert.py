@@ -303,25 +303,29 @@ def test_active_equalities_qr_matches_the_svd(a: int, n: int, rank: int) -> None
     assert np.allclose(w_a @ null, 0.0, atol=1e-10 * s[0])
 
 
-def test_deepest_point_lp_on_known_polyhedra() -> None:
-    """Free layers: the centre of a box within null(W_A); a flat P gives depth 0; none: None."""
-    from preimage.layer_inversion import _deepest_point_lp
+def test_inner_point_lp_on_known_polyhedra() -> None:
+    """Free layers: the point nearest h0 inside a box; a flat or empty P goes to the plain LP."""
+    from preimage.layer_inversion import DEPTH_RTOL, _inner_point_lp, _polyhedron_lp
 
     n = 4
     null_basis = np.eye(n)[:, :2]  # null(W_A) = span(e_1, e_2)
     h0 = np.array([5.0, -3.0, 1.0, 2.0])
-    # |h_1 - 1| <= 1 and |h_2| <= 3 as four inactive rows w h <= rhs: centre (1, 0), depth 1
+    d = DEPTH_RTOL * np.linalg.norm(h0)
+    # |h_1 - 1| <= 1 and |h_2| <= 3 as four inactive rows w h <= rhs
     w_i = np.vstack([np.eye(n)[0], -np.eye(n)[0], np.eye(n)[1], -np.eye(n)[1]])
-    rhs = np.array([2.0, 0.0, 3.0, 3.0])
-    h, message = _deepest_point_lp(h0, null_basis, w_i, rhs)
-    assert h is not None and "depth 1" in message
-    assert abs(h[0] - 1.0) < 1e-9 and abs(h[1]) <= 2.0 + 1e-9  # at distance 1 from every wall
-    assert np.array_equal(h[2:], h0[2:])  # moved within null(W_A) only
-    # h_1 <= 0 and h_1 >= 0: P is a segment with no interior; depth 0, still a point of P
-    flat = np.vstack([np.eye(n)[0], -np.eye(n)[0], np.eye(n)[1], -np.eye(n)[1]])
-    h, message = _deepest_point_lp(h0, null_basis, flat, np.array([0.0, 0.0, 3.0, 3.0]))
-    assert h is not None and "depth 0" in message and abs(h[0]) < 1e-9 and abs(h[1]) <= 3 + 1e-9
-    h, message = _deepest_point_lp(h0, null_basis, flat, np.array([-1.0, 0.0, 3.0, 3.0]))
+    h = _inner_point_lp(h0, null_basis, w_i, np.array([2.0, 0.0, 3.0, 3.0]))
+    assert h is not None
+    assert abs(h[0] - (2.0 - d)) < 1e-9  # as near h0 as depth d allows
+    assert abs(h[1]) <= 3.0 - d + 1e-9 and np.array_equal(h[2:], h0[2:])  # within null(W_A)
+    # h_1 <= 0 and h_1 >= 0: a segment with no point at depth d; an empty P
+    flat, empty = np.array([0.0, 0.0, 3.0, 3.0]), np.array([-1.0, 0.0, 3.0, 3.0])
+    assert _inner_point_lp(h0, null_basis, w_i, flat) is None
+    assert _inner_point_lp(h0, null_basis, w_i, empty) is None
+    # ... where the plain feasibility LP decides
+    h, message = _polyhedron_lp(h0, null_basis, w_i, flat, nonneg=False)
+    assert h is not None and abs(h[0]) < 1e-9 and abs(h[1]) <= 3 + 1e-9
+    assert message == "LP solved (HiGHS: optimal)"
+    h, message = _polyhedron_lp(h0, null_basis, w_i, empty, nonneg=False)
     assert h is None and "no common point" in message
     # the latent layer of a net with too few active units, where the least-norm h0
     # violates an inactive unit: the LP's deep point leaves no constraint tight, so
@@ -331,6 +335,6 @@ def test_deepest_point_lp_on_known_polyhedra() -> None:
     res = preimage.invert_layer(layer, y)
     assert res.used_lp and (y > 0).sum() < 20
     assert res.status == "non_unique" and res.witness is not None
-    assert "depth 0." in res.message and "along null(W_A)" in res.message
+    assert "inside every inactive unit" in res.message and "along null(W_A)" in res.message
     assert np.max(np.abs(layer.forward(res.witness[None])[0] - y)) <= 1e-8 * np.abs(y).max()
     assert np.linalg.norm(res.witness - res.h) > 0.1

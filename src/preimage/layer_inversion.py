@@ -88,6 +88,9 @@ class LayerResult:
 NONNEG_MARGIN = 40
 #: ... and adds the rows its answer violates by more than this (relative to the rows' bounds).
 VIOLATION_RTOL = 1e-12
+#: `_inner_point_lp` keeps this times max(|h0|, 1) from every inactive unit's boundary:
+#: far above the tolerances that call a constraint tight, so that none is.
+DEPTH_RTOL = 1e-3
 
 
 def _polyhedron_lp(
@@ -100,14 +103,14 @@ def _polyhedron_lp(
 ) -> tuple[np.ndarray | None, str]:
     """A point of P in null-space coordinates: h = h0 + N u.
 
-    When D = R^n_+ (h is a ReLU output), the sparsest point (NOTES-math section 3):
-
-        minimise    1^T (h0 + N u)
+        minimise    1^T (h0 + N u)          (only when D = R^n_+: the sparsest
+                                              point, NOTES-math section 3)
         subject to  W_I N u <= rhs - W_I h0  (inactive rows)
-                    -N u    <= h0            (h >= 0)
+                    -N u    <= h0            (h >= 0, when D = R^n_+)
                     u free, k variables
 
-    When D = R^n, the deepest point instead (`_deepest_point_lp`).
+    When D = R^n, a point strictly inside the inactive half-spaces first
+    (`_inner_point_lp`); this feasibility LP only where P has no such point.
 
     Solved by row generation on one HiGHS instance (`preimage._highs.RowLP`:
     each round restarts the dual simplex from the last basis). The first
@@ -123,15 +126,21 @@ def _polyhedron_lp(
     """
     k = null_basis.shape[1]
     if not nonneg:
-        return _deepest_point_lp(h0, null_basis, w_ineq, rhs_ineq)
-    # The pool of rows  a u <= b : the inactive units, then h >= 0.
-    a_pool = np.vstack([w_ineq @ null_basis, -null_basis])
-    b_pool = np.concatenate([rhs_ineq - w_ineq @ h0, h0])
+        h = _inner_point_lp(h0, null_basis, w_ineq, rhs_ineq)
+        if h is not None:
+            return h, "LP solved (HiGHS: optimal; a point inside every inactive unit's half-space)"
+    # The pool of rows  a u <= b : the inactive units, then (D = R^n_+) h >= 0.
+    a_rows, b_rows = [w_ineq @ null_basis], [rhs_ineq - w_ineq @ h0]
+    if nonneg:
+        a_rows.append(-null_basis)
+        b_rows.append(h0)
+    a_pool, b_pool = np.vstack(a_rows), np.concatenate(b_rows)
     keep = b_pool < 0  # rows violated at u = 0
-    smallest = np.argsort(h0)[: min(h0.size, 2 * k + NONNEG_MARGIN)]
-    keep[w_ineq.shape[0] + smallest] = True
+    if nonneg:
+        smallest = np.argsort(h0)[: min(h0.size, 2 * k + NONNEG_MARGIN)]
+        keep[w_ineq.shape[0] + smallest] = True
     slack_tol = VIOLATION_RTOL * max(float(np.max(np.abs(b_pool), initial=0.0)), 1e-300)
-    lp = RowLP(null_basis.sum(axis=0))
+    lp = RowLP(null_basis.sum(axis=0) if nonneg else np.zeros(k))
     lp.add(a_pool[keep], b_pool[keep])
     for _ in range(a_pool.shape[0] + 1):  # every round but the last adds a row
         status, u = lp.solve()
@@ -140,7 +149,7 @@ def _polyhedron_lp(
             keep[:] = True
             continue
         if status == "infeasible" or (status == "unbounded_or_infeasible" and keep.all()):
-            # (with every row the objective is bounded: 1^T h >= 0)
+            # (with every row the objective is bounded: 1^T h >= 0, or the cost is 0)
             return None, "the active equalities and inactive inequalities have no common point"
         if u is None:
             return None, f"HiGHS did not solve the layer LP ({status})"
@@ -154,42 +163,36 @@ def _polyhedron_lp(
     return None, "row generation did not settle"  # not reached: the pool is finite
 
 
-def _deepest_point_lp(
+def _inner_point_lp(
     h0: np.ndarray, null_basis: np.ndarray, w_ineq: np.ndarray, rhs_ineq: np.ndarray
-) -> tuple[np.ndarray | None, str]:
-    """The point of P (D = R^n) deepest inside the inactive half-spaces, capped.
+) -> np.ndarray | None:
+    """The point of P (D = R^n) nearest h0 at depth d inside every inactive half-space.
 
-        maximise    t
-        subject to  a_r u + |a_r| t <= b_r   (a = W_I N, b = rhs - W_I h0)
-                    0 <= t <= max(|h0|, 1),  u free
+        minimise    s                                   (= |u|_inf: h - h0 = N u)
+        subject to  a_r u <= b_r - |a_r| d               (a = W_I N, b = rhs - W_I h0)
+                    -s <= u_j <= s,   u free,  d = DEPTH_RTOL max(|h0|, 1)
 
-    With no h >= 0 rows every point of P is as good an answer as any other
-    (`_polyhedron_lp` minimises nothing there); this one, at distance t from
-    every inactive unit's boundary within null(W_A), makes the certificate's
-    work trivial when t > 0: no constraint is tight, so every null direction
-    is a second preimage (`certificate.certify_unique` finds it without the
-    Stiemke or witness LP). t = 0 means P has no interior within null(W_A) (a
-    single point, or a flat face); the certificate then decides as for any
-    point. One LP with every row (k + 1 variables, m - |A| rows): a free
-    layer is the latent one, whose rows are few.
+    With no h >= 0 rows every point of P is as good an answer as any other;
+    this one lies at distance d within null(W_A) from every inactive unit's
+    boundary, so no constraint is tight there and every null direction is a
+    second preimage: `certificate.certify_unique` finds one without its
+    Stiemke or witness LP. Nearest to h0, the least-norm solution of the
+    equalities, so that the answer stays near it (the deepest point of an
+    unbounded P lies arbitrarily far out). None when no point of P is that
+    deep (P a single point, a flat face, or empty): the feasibility LP then
+    decides. One LP with every row (k + 1 variables, m - |A| + 2k rows): a
+    free layer is the latent one, whose rows are few.
     """
     k = null_basis.shape[1]
     a = w_ineq @ null_basis
-    b = rhs_ineq - w_ineq @ h0
-    norms = np.linalg.norm(a, axis=1)
-    cap = max(float(np.linalg.norm(h0)), 1.0)
-    cost = np.zeros(k + 1)
-    cost[k] = -1.0
-    lp = RowLP(cost)
-    lp.add(np.column_stack([a, norms]), b)
-    lp.add(np.eye(1, k + 1, k), np.array([cap]), np.array([0.0]))  # 0 <= t <= cap
-    status, ut = lp.solve()
-    if status == "infeasible":
-        return None, "the active equalities and inactive inequalities have no common point"
-    if ut is None:
-        return None, f"HiGHS did not solve the layer LP ({status})"
-    depth = float(ut[k]) if ut[k] > 0 else 0.0
-    return h0 + null_basis @ ut[:k], f"LP solved (HiGHS: optimal; depth {depth:.3g})"
+    depth = DEPTH_RTOL * max(float(np.linalg.norm(h0)), 1.0)
+    b = rhs_ineq - w_ineq @ h0 - np.linalg.norm(a, axis=1) * depth
+    lp = RowLP(np.eye(1, k + 1, k)[0])  # variables (u, s)
+    lp.add(np.column_stack([a, np.zeros(a.shape[0])]), b)
+    box = np.hstack([np.vstack([np.eye(k), -np.eye(k)]), -np.ones((2 * k, 1))])
+    lp.add(box, np.zeros(2 * k))  # u_j - s <= 0 and -u_j - s <= 0
+    _, us = lp.solve()
+    return None if us is None else h0 + null_basis @ us[:k]
 
 
 def _active_equalities(
