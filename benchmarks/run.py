@@ -10,7 +10,8 @@ One run measures, on the same seeded inputs x = G(z), z ~ N(0, I):
 - ``adam``: `preimage.baselines.gradient_invert`, batched, 1000 steps, one
   restart (CSGM uses 10: multiply its time by 10), on a subset and scaled;
 
-and, for reference, one float64 forward pass of the same batch in torch.
+and, for reference, one float64 forward pass of the same batch in torch (the median
+of FORWARD_REPEATS timings).
 Every measurement runs in its own subprocess, so its peak resident memory
 (``ru_maxrss``) is its own (``--quick`` runs them in one process instead).
 It prints a table and appends one JSON line to ``benchmarks/results.jsonl``
@@ -59,6 +60,8 @@ QUICK: dict[str, tuple[tuple[int, ...], int, int, float]] = {
     "20-100-500": ((100,), 2, 20, 60.0),
 }
 ADAM_STEPS = {"full": 1000, "quick": 20}
+#: The forward pass, the yardstick of the "x a forward pass" ratios, is timed this many times.
+FORWARD_REPEATS = 21
 
 
 # --- the networks and data ----------------------------------------------------------
@@ -154,10 +157,12 @@ def measure(name: str, method: str, batch: int, threads: int, steps: int,
         zt = torch.as_tensor(z)
         with torch.no_grad():
             model(zt)
-            start = time.perf_counter()
-            for _ in range(5):
+            times = []  # the median of many: one run takes milliseconds, a hiccup as much
+            for _ in range(FORWARD_REPEATS):
+                start = time.perf_counter()
                 model(zt)
-            elapsed = (time.perf_counter() - start) / 5
+                times.append(time.perf_counter() - start)
+            elapsed = float(np.median(times))
         z_hat = z
     else:
         raise ValueError(method)
