@@ -810,7 +810,7 @@ def _gram_solve_cpu(
     ok_all = np.zeros(b, dtype=bool)
     count = active.sum(axis=1)
     order = np.argsort(count, kind="stable")
-    per_sample = 8 * (2 * n * n + 6 * m)
+    per_sample = 8 * (2 * n * n + 6 * m + int(count.max(initial=0)) * n)  # gathered W_A too
     step = max(GRAM_PIECE_MIN, GRAM_MEMORY // per_sample)
     step = max(1, min(step, -(-b // ctx.n_jobs)))  # one piece per worker at least
     diag_packed = np.arange(n) * (np.arange(n) + 3) // 2  # where G_jj sits in a packed row
