@@ -24,7 +24,6 @@ verdict from its per-layer results on both paths.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -592,9 +591,10 @@ def _assemble(
         scale = np.maximum(np.maximum(x_part.max(axis=1), -x_part.min(axis=1)), 1e-300)
         residual[part] = np.max(np.abs(net.forward(z[part]) - x_part), axis=1) / scale
 
+    from preimage._batched import default_jobs
+
     parts = [done[lo : lo + RESIDUAL_ROWS] for lo in range(0, done.size, RESIDUAL_ROWS)]
-    jobs = min(len(parts), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else os.cpu_count() or 1)
+    jobs = min(len(parts), default_jobs())
     if jobs > 1:
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(measure, parts))
