@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,8 @@ if TYPE_CHECKING:
     from preimage._batched import LayerArrays
 
 ProgressCallback = Callable[[int, int], None]
+#: fn over items, possibly in threads: `_batched.Context.map`.
+PoolMap = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
 #: Default relative tolerance by the precision of the observation.
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-5}
@@ -466,9 +467,11 @@ def _invert_batched(
             z, reached, arrays = _batched.descend_batch(
                 net, xb, rtol, ctx, batch_size=batch_size, progress=progress
             )
+            return _verdicts(
+                net, xb, z, reached, arrays, single, rtol, start, settings, ctx.map
+            )
         finally:
             ctx.close()
-        return _verdicts(net, xb, z, reached, arrays, single, rtol, start, settings)
 
 
 def _verdicts(
@@ -481,8 +484,12 @@ def _verdicts(
     rtol: float,
     start: float,
     settings: GlobalSettings,
+    pool_map: PoolMap,
 ) -> InversionResult:
-    """Each sample's verdict from the batched descent (`_compose`), searches where asked."""
+    """Each sample's verdict from the batched descent (`_compose`), searches where asked.
+
+    pool_map runs the final residuals' pieces (`_assemble`) over the batch's threads.
+    """
     batch = xb.shape[0]
     status = np.empty(batch, dtype=object)
     witness = np.full_like(z, np.nan)
@@ -522,7 +529,7 @@ def _verdicts(
     reports = tuple(arr.report for arr in arrays)
     return _assemble(
         net, xb, z, status, witness, messages, reports, single, "exact", rtol,
-        time.perf_counter() - start,
+        time.perf_counter() - start, pool_map=pool_map,
     )
 
 
@@ -577,30 +584,29 @@ def _assemble(
     method: str,
     rtol: float,
     elapsed: float,
+    pool_map: PoolMap | None = None,
 ) -> InversionResult:
-    """The InversionResult from per-sample arrays (shared by both paths)."""
+    """The InversionResult from per-sample arrays (shared by both paths).
+
+    pool_map: how to run the residuals' pieces (the batched path passes its
+    threads, which run NumPy with one BLAS thread each); in turn by default.
+    """
     success = np.isin(status, ("unique", "non_unique", "feasible"))
     residual = np.full(len(status), np.nan)
     done = np.flatnonzero(success)
     # In pieces of RESIDUAL_ROWS samples: arrays of a few MB reuse freed memory,
     # where one (B, n_d) array at a time touches new pages (measured 5x slower).
-    # The pieces go over threads (NumPy's products release the GIL): the batched
-    # path runs with one BLAS thread.
     def measure(part: np.ndarray) -> None:
         x_part = xb[part]
         scale = np.maximum(np.maximum(x_part.max(axis=1), -x_part.min(axis=1)), 1e-300)
         residual[part] = np.max(np.abs(net.forward(z[part]) - x_part), axis=1) / scale
 
-    from preimage._batched import default_jobs
-
     parts = [done[lo : lo + RESIDUAL_ROWS] for lo in range(0, done.size, RESIDUAL_ROWS)]
-    jobs = min(len(parts), default_jobs())
-    if jobs > 1:
-        with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(measure, parts))
-    else:
+    if pool_map is None:
         for part in parts:
             measure(part)
+    else:
+        pool_map(measure, parts)
     if single:
         return InversionResult(
             z[0], str(status[0]), bool(success[0]), float(residual[0]), witness[0], messages[0],
