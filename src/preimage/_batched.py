@@ -122,8 +122,8 @@ GRAM_RTOL = 1e-7
 #: Working-memory budget of a chunk of samples, in bytes (chunks of a few MB per
 #: array reuse freed memory; on the VM measured, fresh pages cost more than the math).
 DEFAULT_MEMORY = 128 * 2**20
-#: Working memory of one piece of the normal-equation solves (small pieces reuse
-#: freed memory instead of touching new pages, and stay in cache).
+#: Working memory of one piece of the normal-equation solves on CUDA (the CPU's
+#: pieces: GRAM_MEMORY, DOWNDATE_MEMORY).
 PIECE_MEMORY = 32 * 2**20
 #: Memory of one (piece, m) array of the batched checks on the CPU (stays in cache).
 CHECK_MEMORY = 2 * 2**20
@@ -916,13 +916,17 @@ def _shift(trace: Any, n: int) -> Any:
 
 
 def _factor_dense(cache: _LayerCache, mask: Any, ctx: Context) -> tuple[Any, Callable[[Any], Any]]:
-    """Cholesky factors of G - delta I (p, n, n) in torch; (ok (p,), solve (p, n) -> (p, n))."""
+    """Cholesky factors of G - delta I (p, n, n) in torch; (ok (p,), solve (p, n) -> (p, n)).
+
+    The CUDA path (the CPU's is `_gram_solve_cpu`).
+    """
     torch = ctx.torch
     n = cache.w_np.shape[1]
     g = _gram(cache, mask, ctx)  # lower triangle only
     diag = torch.diagonal(g, dim1=1, dim2=2)
     diag -= _shift(diag.sum(dim=1, keepdim=True), n)
-    chol, ok = _cholesky(g, ctx)
+    chol, info = torch.linalg.cholesky_ex(g + torch.tril(g, diagonal=-1).mT)
+    ok = info == 0
     if not bool(ok.all()):
         chol[~ok] = torch.eye(n, dtype=torch.float64, device=ctx.device)
 
@@ -949,22 +953,6 @@ def _gram(cache: _LayerCache, mask: Any, ctx: Context) -> Any:
     keep = torch.arange(width, device=ctx.device)[None, :] < count[:, None]
     w_a = cache.w[order] * keep[:, :, None]
     return w_a.mT @ w_a
-
-
-def _cholesky(g: Any, ctx: Context) -> tuple[Any, Any]:
-    """Lower Cholesky factors of a batch (p, n, n) (lower triangles given) and success flags."""
-    torch = ctx.torch
-    if not ctx.on_cpu:
-        chol, info = torch.linalg.cholesky_ex(g + torch.tril(g, diagonal=-1).mT)
-        return chol, info == 0
-    g_np = g.numpy()
-    p = g_np.shape[0]
-    step = max(1, -(-p // ctx.n_jobs))
-    res = ctx.map(lambda sl: _cholesky_batch(g_np[sl]),
-                  [slice(lo, min(p, lo + step)) for lo in range(0, p, step)])
-    chol = np.concatenate([c for c, _ in res])
-    ok = np.concatenate([k for _, k in res])
-    return torch.from_numpy(chol), torch.from_numpy(ok)
 
 
 def _cholesky_batch(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
