@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -33,7 +34,7 @@ AUTHORS := ../shared/models/invertgan_lp
 figures: $(STAMP)
 	$(BIN)/preimage experiment noise --runs 30 --out docs/figures
 	$(BIN)/preimage experiment latent-dim --runs 50 --out docs/figures
-	$(BIN)/preimage experiment sensing --runs 30 --out docs/figures
+	$(BIN)/preimage experiment partial --runs 30 --out docs/figures
 	$(BIN)/preimage experiment mnist-decoder --runs 30 --out docs/figures \
 		$(if $(wildcard $(AUTHORS)),--model $(AUTHORS),)
 	$(BIN)/preimage demo --out docs/figures

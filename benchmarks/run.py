@@ -7,7 +7,7 @@ One run measures, on the same seeded inputs x = G(z), z ~ N(0, I):
   feasibility LP per layer per sample (active units as equalities, inactive
   ones as inequalities, h >= 0 below the top layer), samples one after the
   other, no null space, no certificate; measured on a subset and scaled;
-- ``adam``: `preimage.baselines.gradient_invert`, batched, 1000 steps, one
+- ``adam``: `preimage.invert(method="adam")`, batched, 1000 steps, one
   restart (CSGM uses 10: multiply its time by 10), on a subset and scaled;
 
 and, for reference, one float64 forward pass of the same batch in torch (the median
@@ -73,11 +73,9 @@ def load_network(name: str) -> Any:
 
     if name.startswith("mnist"):
         try:
-            from preimage import mnist  # shipped decoder, where this version has it
+            from preimage.model.mnist import shipped_decoder
 
-            layers = mnist.DECODER_LAYERS
-            layers = layers["relu"] if isinstance(layers, dict) else layers
-            return preimage.Network.from_state_dict(mnist.load_vae_state("relu"), list(layers))
+            return shipped_decoder("relu")
         except (ImportError, AttributeError, FileNotFoundError, KeyError):
             pass
         if not AUTHORS_DECODER.exists():
@@ -107,7 +105,7 @@ def recovery(z_hat: np.ndarray, z: np.ndarray) -> tuple[float, float, float]:
 
 def naive_lp(net: Any, x: np.ndarray, time_limit: float) -> tuple[np.ndarray, bool]:
     """The paper's method: one feasibility LP per layer, top down; (z, finished in time)."""
-    from preimage.baselines import paper_layerwise_lp
+    from preimage.methods.paper_lp import paper_layerwise_lp
 
     # the LP's answer is exact only to HiGHS's tolerance (1e-7): threshold it
     z, timed_out = paper_layerwise_lp(
@@ -122,7 +120,10 @@ def measure(name: str, method: str, batch: int, threads: int, steps: int,
 
     torch.set_num_threads(threads)
     import preimage
-    from preimage.baselines import gradient_invert
+
+    def adam(x: np.ndarray, steps: int) -> Any:
+        options = {"steps": steps, "restarts": 1}
+        return preimage.invert(net, x, method="adam", options=options)
 
     net = load_network(name)
     z, x = data(net, batch, seed=1)
@@ -145,9 +146,9 @@ def measure(name: str, method: str, batch: int, threads: int, steps: int,
         z_hat = np.stack([o[0] for o in outs])
         row["timed_out"] = int(sum(not o[1] for o in outs))
     elif method == "adam":
-        gradient_invert(net, warm_x, steps=5, restarts=1)
+        adam(warm_x, 5)
         start = time.perf_counter()
-        result = gradient_invert(net, x, steps=steps, restarts=1)
+        result = adam(x, steps)
         elapsed = time.perf_counter() - start
         z_hat = result.z
         row["steps"] = steps
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _missing_mnist() -> bool:
     try:
-        from preimage import mnist  # noqa: F401
+        from preimage.model import mnist  # noqa: F401
 
         return False
     except ImportError:

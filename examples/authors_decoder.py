@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 import preimage
-from preimage.baselines import gradient_invert
 
 DEFAULT = (
     Path(__file__).resolve().parents[2]
@@ -38,7 +37,9 @@ def main() -> None:
     rows.append(("exact (layer-wise LP + search)", exact, time.perf_counter() - start))
     for restarts in (1, args.restarts):
         start = time.perf_counter()
-        adam = gradient_invert(net, x, steps=1000, restarts=restarts)
+        adam = preimage.invert(
+            net, x, method="adam", options={"steps": 1000, "restarts": restarts}
+        )
         rows.append((f"adam, 1000 steps x {restarts} restarts", adam, time.perf_counter() - start))
     print(f"{net}; {args.codes} codes z ~ N(0, I), x = G(z)")
     print(f"{'method':38s} {'z to 1e-6':>10s} {'G(z)=x':>8s} {'median err':>11s} {'s/sample':>9s}")

@@ -33,10 +33,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import preimage  # noqa: E402
-from preimage.baselines import paper_layerwise_lp  # noqa: E402
-from preimage.measurements import GaussianMatrix, Mask  # noqa: E402
-from preimage.noisy import invert_noisy_one  # noqa: E402
-from preimage.partial import restrict_output  # noqa: E402
+from preimage.methods.noisy import invert_noisy_one  # noqa: E402
+from preimage.methods.paper_lp import paper_layerwise_lp  # noqa: E402
+from preimage.methods.partial import restrict_output  # noqa: E402
+from preimage.model.operators import GaussianMatrix, Mask  # noqa: E402
 
 AUTHORS = Path(__file__).resolve().parents[2] / "shared" / "models" / "invertgan_lp"
 EXACT = 1e-6  # "recovered": relative error of z below this

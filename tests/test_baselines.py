@@ -7,14 +7,10 @@ import pytest
 
 import preimage
 from preimage import random_network
-from preimage.baselines import (
-    clipping_invert,
-    gradient_invert,
-    hybrid_invert,
-    latent_descent,
-    negation_invert,
-)
-from preimage.patterns import activation_pattern, pattern_lp, pattern_walk
+from preimage.methods.gradient import gradient_invert, latent_descent
+from preimage.methods.hybrid import hybrid_invert
+from preimage.methods.search import cell_walk
+from preimage.solvers.cell import activation_pattern, cell_lp
 from tests.conftest import authors_state_dict
 
 
@@ -22,55 +18,52 @@ def rel_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-def test_pattern_lp_is_exact_in_the_true_cell(rng: np.random.Generator) -> None:
+def test_cell_lp_is_exact_in_the_true_cell(rng: np.random.Generator) -> None:
     net = random_network([10, 40, 120, 300], bias=True, seed=5)
     z = rng.standard_normal(10)
     x = net.forward(z)
-    fit = pattern_lp(net, x, activation_pattern(net, z))
+    fit = cell_lp(net, x, activation_pattern(net, z))
     assert fit.misfit < 1e-10
     assert rel_rows(fit.z, z) < 1e-9
-    assert fit.cell_duals is not None and len(fit.cell_duals) == 2
+    assert fit.wall_duals is not None and len(fit.wall_duals) == 2
     # A wrong pattern: the best fit in that cell misses.
     wrong = activation_pattern(net, z)
     flip = np.flatnonzero(wrong[0])[:5]
     wrong[0][flip] = False
-    assert pattern_lp(net, x, wrong).misfit > 1e-6
+    assert cell_lp(net, x, wrong).misfit > 1e-6
 
 
-def test_pattern_walk_turns_a_near_miss_into_an_exact_answer(rng: np.random.Generator) -> None:
+def test_cell_walk_turns_a_near_miss_into_an_exact_answer(rng: np.random.Generator) -> None:
     net = random_network([10, 40, 160], seed=6)
     z = rng.standard_normal(10)
     x = net.forward(z)
     start = z + 0.3 * rng.standard_normal(10)
     assert activation_pattern(net, start)[0].tolist() != activation_pattern(net, z)[0].tolist()
-    fit = pattern_walk(net, x, start, norm="l1", target=1e-12, max_lps=200)
+    fit = cell_walk(net, x, start, norm="l1", target=1e-12, max_lps=200)
     assert fit.misfit < 1e-9 and rel_rows(fit.z, z) < 1e-8
     assert fit.steps >= 1 and fit.n_lps >= 2
 
 
-def test_pattern_lp_rejects_a_bad_norm() -> None:
+def test_cell_lp_rejects_a_bad_norm() -> None:
     net = random_network([4, 12], seed=0)
     with pytest.raises(ValueError, match="`norm` must be 'linf' or 'l1'"):
-        pattern_lp(net, np.ones(12), [], norm="l2")
+        cell_lp(net, np.ones(12), [], norm="l2")
 
 
 def test_gradient_methods_share_the_result_type(rng: np.random.Generator) -> None:
     net = random_network([10, 50, 200], seed=2)
     z = rng.standard_normal((3, 10))
     x = net.forward(z)
-    for fn, kw in [
-        (gradient_invert, {}),
-        (clipping_invert, {"bound": 3.0}),
-        (negation_invert, {}),
-    ]:
-        res = fn(net, x, steps=50, restarts=2, **kw)
+    for method, kw in [("adam", {}), ("clipping", {"bound": 3.0}), ("negation", {})]:
+        res = gradient_invert(net, x, method=method, steps=50, restarts=2, **kw)
+        assert res.method == method
         assert res.z.shape == (3, 10)
         assert set(res.status) <= {"feasible", "failed"}
         assert res.misfit.shape == (3,) and np.all(res.misfit >= 0)
         assert np.all(res.steps == 100) and res.time > 0
         assert np.allclose(res.misfit, np.linalg.norm(net.forward(res.z) - x, axis=1))
         assert res.layers == ()
-    one = clipping_invert(net, x[0], steps=20, restarts=2, bound=0.5)
+    one = gradient_invert(net, x[0], method="clipping", steps=20, restarts=2, bound=0.5)
     assert np.all(np.abs(one.z) <= 0.5) and one.method == "clipping"
     assert isinstance(one.status, str) and isinstance(one.steps, int)
 
@@ -88,7 +81,7 @@ def test_negation_step_flips_a_reflected_start(rng: np.random.Generator) -> None
     )
     assert rel_rows(flipped.z[0, 0], z[0]) < 1e-6
     assert rel_rows(plain.z[0, 0], -z[0]) < 0.1
-    full = negation_invert(net, x, steps=300, restarts=2)
+    full = gradient_invert(net, x, method="negation", steps=300, restarts=2)
     assert full.status[0] == "feasible" and rel_rows(full.z, z)[0] < 1e-6
 
 
@@ -115,9 +108,11 @@ def test_bad_baseline_arguments() -> None:
     with pytest.raises(ValueError, match="`lr` must be"):
         gradient_invert(net, x, lr=0)
     with pytest.raises(ValueError, match="`steps` and `restarts`"):
-        negation_invert(net, x, steps=0)
+        gradient_invert(net, x, method="negation", steps=0)
     with pytest.raises(ValueError, match=r"`bound`"):
-        clipping_invert(net, x, bound=-1.0)
+        gradient_invert(net, x, method="clipping", bound=-1.0)
+    with pytest.raises(TypeError, match=r"`bound` is a setting of method 'clipping' only"):
+        gradient_invert(net, x, bound=2.0)
     with pytest.raises(TypeError, match=r"preimage\.Network"):
         hybrid_invert("net", x)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"\['speed'\] are not settings of method 'adam'"):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import preimage
-from preimage import _batched, invert, random_network
+from preimage import invert, random_network
+from preimage.methods.batched import checks, context, gram, square
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -126,7 +127,7 @@ def test_duplicate_columns_are_never_called_unique(rng: np.random.Generator) -> 
 
 def test_square_subset_path(monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator) -> None:
     """The path of wide layers (LU of n active rows, float32 + refinement), on a small net."""
-    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 16)
+    monkeypatch.setattr(context, "SQUARE_MIN_WIDTH", 16)
     net = random_network([12, 60, 240], seed=5)
     z = rng.standard_normal((30, 12))
     fast, _ = assert_same_answers(net, net.forward(z), z_rtol=1e-9)
@@ -138,7 +139,7 @@ def test_square_subset_path(monkeypatch: pytest.MonkeyPatch, rng: np.random.Gene
 def test_square_subset_path_wider(monkeypatch: pytest.MonkeyPatch,
                                   rng: np.random.Generator) -> None:
     """n = 256: the size where torch's batched CPU LU went wrong (pivots < 1)."""
-    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 200)
+    monkeypatch.setattr(context, "SQUARE_MIN_WIDTH", 200)
     net = random_network([32, 256, 1024], seed=6)
     z = rng.standard_normal((6, 32))
     fast, _ = assert_same_answers(net, net.forward(z), n_jobs=2)
@@ -149,15 +150,15 @@ def test_square_subset_path_wider(monkeypatch: pytest.MonkeyPatch,
 def test_pairs_share_one_factorisation(monkeypatch: pytest.MonkeyPatch,
                                         rng: np.random.Generator) -> None:
     """A layer 4x wider than its input: most samples are solved in pairs, answers unchanged."""
-    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 16)
+    monkeypatch.setattr(context, "SQUARE_MIN_WIDTH", 16)
     calls: list[int] = []
-    real = _batched._square_solve
+    real = square._square_solve
 
     def spy(cache, rows, group, rhs, ctx):  # type: ignore[no-untyped-def]
         calls.append(rhs.shape[0] - rows.shape[0])  # samples that shared a subset
         return real(cache, rows, group, rhs, ctx)
 
-    monkeypatch.setattr(_batched, "_square_solve", spy)
+    monkeypatch.setattr(square, "_square_solve", spy)
     net = random_network([16, 64, 256], seed=7)
     z = rng.standard_normal((40, 16))
     fast, _ = assert_same_answers(net, net.forward(z), z_rtol=1e-9)
@@ -168,20 +169,20 @@ def test_pairs_share_one_factorisation(monkeypatch: pytest.MonkeyPatch,
 
 def test_pair_up_pairs_are_disjoint_and_share_n_rows(rng: np.random.Generator) -> None:
     ranked = rng.random((300, 120)) < 0.5
-    pairs = _batched._pair_up(ranked, 30)
+    pairs = square.pair_up(ranked, 30)
     assert pairs.shape[0] >= 120  # E[common] = 30: half the candidates qualify; 80% paired
     assert len(np.unique(pairs)) == pairs.size
     assert np.all((ranked[pairs[:, 0]] & ranked[pairs[:, 1]]).sum(axis=1) >= 30)
-    assert np.all(pairs // _batched.PAIR_BLOCK == pairs[:, :1] // _batched.PAIR_BLOCK)
-    assert _batched._pair_up(ranked[:1], 30).shape == (0, 2)
+    assert np.all(pairs // square.PAIR_BLOCK == pairs[:, :1] // square.PAIR_BLOCK)
+    assert square.pair_up(ranked[:1], 30).shape == (0, 2)
 
 
 def test_cuda_code_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch,
                                    rng: np.random.Generator) -> None:
     """The branches taken on CUDA (torch LU and Cholesky), run on the CPU."""
-    monkeypatch.setattr(_batched.Context, "on_cpu", property(lambda self: False))
+    monkeypatch.setattr(context.Context, "on_cpu", property(lambda self: False))
     for width in (16, 10_000):  # square subsets, then normal equations
-        monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", width)
+        monkeypatch.setattr(context, "SQUARE_MIN_WIDTH", width)
         net = random_network([12, 60, 240], seed=5)
         z = rng.standard_normal((10, 12))
         fast, _ = assert_same_answers(net, net.forward(z), n_jobs=1)
@@ -192,13 +193,13 @@ def test_cuda_code_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch,
 def test_rejected_subsets_fall_back(monkeypatch: pytest.MonkeyPatch,
                                     rng: np.random.Generator) -> None:
     """Every square subset rejected -> normal equations; every Gram rejected -> reference."""
-    monkeypatch.setattr(_batched, "SQUARE_MIN_WIDTH", 16)
-    monkeypatch.setattr(_batched, "KAPPA_PER_WIDTH", 1e-9)
+    monkeypatch.setattr(context, "SQUARE_MIN_WIDTH", 16)
+    monkeypatch.setattr(square, "KAPPA_PER_WIDTH", 1e-9)
     net = random_network([12, 60, 240], seed=5)
     x = net.forward(rng.standard_normal((8, 12)))
     fast, _ = assert_same_answers(net, x)
     assert not any(r.used_lp.any() for r in fast.layers)
-    monkeypatch.setattr(_batched, "GRAM_RTOL", 0.0)  # nothing passes: all via invert_layer
+    monkeypatch.setattr(gram, "GRAM_RTOL", 0.0)  # nothing passes: all via invert_layer
     fast, _ = assert_same_answers(net, x)
     assert all(np.isfinite(r.sigma_min).all() for r in fast.layers)
 
@@ -218,7 +219,7 @@ def test_feasible_samples_match_reference(monkeypatch: pytest.MonkeyPatch) -> No
     x = net.forward(np.random.default_rng(0).standard_normal((12, 20)))  # both kinds
     import importlib
 
-    invert_module = importlib.import_module("preimage.invert")
+    invert_module = importlib.import_module("preimage.methods.layerwise")
     redone: list[int] = []
     real = invert_module._invert_one
 
@@ -243,11 +244,11 @@ def test_downdates_over_frequent_rows_then_all_rows(
     monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator, factor: float
 ) -> None:
     """Downdates over the most often active rows, the rest by Gram matrices of all rows."""
-    monkeypatch.setattr(_batched, "FREQUENT_ROWS", factor)
+    monkeypatch.setattr(gram, "FREQUENT_ROWS", factor)
     calls: list[tuple[str, int, int]] = []
 
     def spy(name: str) -> object:
-        real = getattr(_batched, name)
+        real = getattr(gram, name)
 
         def call(*args: object) -> object:
             active = args[-2]
@@ -257,8 +258,8 @@ def test_downdates_over_frequent_rows_then_all_rows(
 
         return call
 
-    for name in ("_gram_solve", "_downdate_solve"):
-        monkeypatch.setattr(_batched, name, spy(name))
+    for name in ("gram_solve", "_downdate_solve"):
+        monkeypatch.setattr(gram, name, spy(name))
     net = random_network([20, 100, 500], seed=0)
     z = rng.standard_normal((60, 20))
     fast, _ = assert_same_answers(net, net.forward(z))
@@ -266,7 +267,7 @@ def test_downdates_over_frequent_rows_then_all_rows(
     assert np.all(rel(fast.z, z) < 1e-12)
     downdates = [c for c in calls if c[0] == "_downdate_solve"]
     assert len(downdates) == 1 and downdates[0][2] < 250  # the 500-wide layer, over few rows
-    full = [c for c in calls if c == ("_gram_solve", c[1], 500)]
+    full = [c for c in calls if c == ("gram_solve", c[1], 500)]
     if factor == 1.0:  # about half the samples have fewer than n rows active among them
         assert full and 10 < full[0][1] < 50
     else:
@@ -278,14 +279,14 @@ def test_downdate_certificate_rejects_rank_deficient_samples(rng: np.random.Gene
     n = 10
     basis = rng.standard_normal((5, n))
     w = np.vstack([rng.standard_normal((30, n)), rng.standard_normal((30, 5)) @ basis])
-    ctx = _batched.Context("cpu", 2)
+    ctx = context.Context("cpu", 2)
     h = rng.standard_normal((3, n))
     target = h @ w.T
     active = np.ones((3, 60), dtype=bool)
     active[0, 4:30] = False  # 4 generic rows + the 5-dim subspace: rank 9 < n
     active[1, 20:30] = False  # 20 generic rows: full rank
     active[2, 40:] = False
-    solved, ok = _batched._downdate_solve(w, np.zeros(60), target, active, ctx)
+    solved, ok = gram._downdate_solve(w, np.zeros(60), target, active, ctx)
     ctx.close()
     assert list(ok) == [False, True, True]
     assert np.allclose(solved[1:], h[1:], rtol=0, atol=1e-12)
@@ -323,8 +324,8 @@ def test_batched_checks_accept_only_what_the_reference_accepts(rng: np.random.Ge
     h0[rows, cols] += np.where(rng.random(200) < 0.5, -size, size)
     scale = np.maximum(np.abs(y).max(axis=1), np.abs(layer.bias_or_zero()).max())
     active = y > rtol * scale[:, None]
-    ctx = _batched.Context("cpu", 1)
-    ok, h, _ = _batched._check(layer, ctx.layer(layer), h0, y, y, active, scale, rtol,
+    ctx = context.Context("cpu", 1)
+    ok, h, _ = checks.check(layer, ctx.layer(layer), h0, y, y, active, scale, rtol,
                                True, ctx)
     ctx.close()
     reference = np.array([reference_checks(layer, h0[k], y[k], rtol) for k in range(200)])
@@ -338,11 +339,11 @@ def test_gram_pieces_gathered_or_packed(monkeypatch: pytest.MonkeyPatch,
                                         rng: np.random.Generator, gather_cost: float,
                                         packed_min: int) -> None:
     """Gram matrices from gathered rows, from the packed table (dense Cholesky or dpptrf)."""
-    monkeypatch.setattr(_batched, "GATHER_COST", gather_cost)
-    monkeypatch.setattr(_batched, "PACKED_MIN_WIDTH", packed_min)
-    monkeypatch.setattr(_batched, "DOWNDATE_MAX", -1.0)  # no downdates: every sample here
-    monkeypatch.setattr(_batched, "GRAM_PIECE_MIN", 4)
-    monkeypatch.setattr(_batched, "GRAM_MEMORY", 1)  # pieces of 4 samples, sorted by |A|
+    monkeypatch.setattr(gram, "GATHER_COST", gather_cost)
+    monkeypatch.setattr(gram, "PACKED_MIN_WIDTH", packed_min)
+    monkeypatch.setattr(gram, "DOWNDATE_MAX", -1.0)  # no downdates: every sample here
+    monkeypatch.setattr(gram, "GRAM_PIECE_MIN", 4)
+    monkeypatch.setattr(gram, "GRAM_MEMORY", 1)  # pieces of 4 samples, sorted by |A|
     net = random_network([12, 40, 160], seed=2)
     z = rng.standard_normal((30, 12))
     fast, _ = assert_same_answers(net, net.forward(z))
@@ -350,3 +351,13 @@ def test_gram_pieces_gathered_or_packed(monkeypatch: pytest.MonkeyPatch,
     assert np.all(rel(fast.z, z) < 1e-12)
     for report in fast.layers:  # solved here, not by the reference (which computes sigma_min)
         assert np.isnan(report.sigma_min).all()
+
+
+@pytest.mark.parametrize("width", [5, 6, 7, 9])
+def test_tiny_layers_whose_padded_downdates_exceed_their_rows(width: int) -> None:
+    """|E| rounded up to DOWNDATE_PAD may exceed the rows R themselves (an IndexError once)."""
+    net = random_network([2, width], seed=width)
+    z = np.random.default_rng(2).standard_normal((8, 2))
+    fast, _ = assert_same_answers(net, net.forward(z))
+    unique = np.asarray(fast.status) == "unique"
+    assert unique.any() and np.all(rel(fast.z[unique], z[unique]) < 1e-9)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from preimage import Network, random_network
-from preimage.cli import main
+from preimage.apps.cli import main
 
 
 def _save_state(net: Network, path: Path, names: list[str], extra: bool = False) -> None:
@@ -106,8 +106,7 @@ def test_invert_errors_name_the_problem(
 def test_from_file_reads_the_shipped_safetensors() -> None:
     from importlib.resources import files
 
-    from preimage.experiments import shipped_decoder
-    from preimage.mnist import DECODER_LAYERS, WEIGHT_FILES
+    from preimage.model.mnist import DECODER_LAYERS, WEIGHT_FILES, shipped_decoder
 
     path = files("preimage") / "models" / WEIGHT_FILES["leaky_relu"]
     net = Network.from_file(

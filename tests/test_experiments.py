@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preimage import experiments as ex
-from preimage.cli import main
+from preimage.apps import experiments as ex
+from preimage.apps.cli import main
+from preimage.apps.experiments.grids import identifiability_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUSES = {"unique", "non_unique", "feasible", "infeasible", "failed"}
@@ -42,6 +43,7 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
     return {name: (out, text) for name, text in printed.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ex.EXPERIMENTS))
 def test_every_experiment_runs_3_runs_to_a_csv_and_a_png(
     name: str, quick_runs: dict[str, tuple[Path, str]]
@@ -66,6 +68,7 @@ def test_every_experiment_runs_3_runs_to_a_csv_and_a_png(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_latent_dim_rows_match_the_theory(quick_runs: dict[str, tuple[Path, str]]) -> None:
     """Small k: the LP recovers z exactly; k = 250 on a 250-wide ReLU layer: it cannot."""
     rows = ex.read_rows(quick_runs["latent-dim"][0] / "latent-dim.csv")
@@ -77,11 +80,12 @@ def test_latent_dim_rows_match_the_theory(quick_runs: dict[str, tuple[Path, str]
         assert big["error"] > ex.SUCCESS_RTOL
         # LeakyReLU is a bijection: [250, 250, 600] is still invertible
         assert lp["leaky_relu", 250, run]["error"] < 1e-6
-    assert ex.identifiability_limit(10) == pytest.approx(1.0)
-    assert ex.identifiability_limit(125) == pytest.approx(0.525, abs=0.01)
-    assert ex.identifiability_limit(200) < 1e-15
+    assert identifiability_limit(10) == pytest.approx(1.0)
+    assert identifiability_limit(125) == pytest.approx(0.525, abs=0.01)
+    assert identifiability_limit(200) < 1e-15
 
 
+@pytest.mark.slow
 def test_mnist_decoder_rows(quick_runs: dict[str, tuple[Path, str]]) -> None:
     rows = ex.read_rows(quick_runs["mnist-decoder"][0] / "mnist-decoder.csv")
     codes = [r for r in rows if r["target"] == "code"]
@@ -98,6 +102,7 @@ def test_mnist_decoder_rows(quick_runs: dict[str, tuple[Path, str]]) -> None:
         assert 0 < r["misfit"] < 5
 
 
+@pytest.mark.slow
 def test_noise_rows(quick_runs: dict[str, tuple[Path, str]]) -> None:
     """The noisy LPs' error follows the noise: about the level, far below Adam's at 1e-5."""
     rows = ex.read_rows(quick_runs["noise"][0] / "noise.csv")
@@ -109,75 +114,105 @@ def test_noise_rows(quick_runs: dict[str, tuple[Path, str]]) -> None:
             assert r["status"] in ("feasible", "failed")  # an estimate, never "unique"
 
 
-def test_resume_skips_done_runs_and_adds_missing_ones(
-    tmp_path: Path, quick_runs: dict[str, tuple[Path, str]]
-) -> None:
-    path = tmp_path / "mnist-decoder.csv"
-    experiment = ex.EXPERIMENTS["mnist-decoder"]
-    config = ex.Config(runs=2, quick=True)
+def _toy_experiment() -> ex.Experiment:
+    """A two-setting experiment whose runs take microseconds: for the CSV bookkeeping."""
+    from preimage import invert, random_network
+    from preimage.apps.experiments.spec import codes, outcome_of
+
+    def settings(config: ex.Config) -> list[ex.Setting]:
+        out = []
+        for width in (6, 8):
+            net = random_network([2, width], seed=width)
+
+            def draw(runs: tuple[int, ...], net=net) -> ex.Batch:  # type: ignore[no-untyped-def]
+                z = codes(net, runs, config.seed, "toy", net.output_dim)
+                return ex.Batch(tuple(runs), net.forward(z), z)
+
+            def exact(batch: ex.Batch, step: object, net=net) -> ex.Outcome:  # type: ignore[no-untyped-def]
+                return outcome_of(invert(net, batch.x), len(batch.runs))
+
+            def zero(batch: ex.Batch, step: object) -> ex.Outcome:
+                n = len(batch.runs)
+                return ex.Outcome(np.zeros((n, 2)), np.full(n, "failed", dtype=object),
+                                  np.zeros(n))
+
+            out.append(ex.Setting({"width": width}, net, draw, {"exact": exact, "zero": zero}))
+        return out
+
+    def figure(rows: list[dict[str, object]], path: Path) -> None:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n")
+
+    return ex.Experiment("toy", "a toy grid", ("width",), 2, settings, figure)
+
+
+@pytest.fixture
+def toy(monkeypatch: pytest.MonkeyPatch) -> ex.Experiment:
+    experiment = _toy_experiment()
+    monkeypatch.setitem(ex.EXPERIMENTS, "toy", experiment)
+    return experiment
+
+
+def test_resume_skips_done_runs_and_adds_missing_ones(tmp_path: Path, toy: ex.Experiment) -> None:
+    path = tmp_path / "toy.csv"
+    config = ex.Config(runs=2)
     # interrupted: only the first (setting, method) made it to the file
-    first = next(iter(ex.run_experiment("mnist-decoder", config)))
-    ex.append_rows(path, "mnist-decoder", first)
-    done = ex.done_keys(path, "mnist-decoder")
+    first = next(iter(ex.run_experiment("toy", config)))
+    ex.append_rows(path, "toy", first)
+    done = ex.done_keys(path, "toy")
     assert len(done) == len(first) == 2
     calls: list[tuple[int, int]] = []
     rest = [
         r
         for chunk in ex.run_experiment(
-            "mnist-decoder", config, done=done, progress=lambda d, t: calls.append((d, t))
+            "toy", config, done=done, progress=lambda d, t: calls.append((d, t))
         )
         for r in chunk
     ]
-    n_grid = _grid_size("mnist-decoder", config)
-    assert len(rest) == 2 * n_grid - 2
+    assert len(rest) == 2 * 4 - 2  # 2 settings x 2 methods x 2 runs, 2 done
     assert calls[0] == (0, len(rest)) and calls[-1] == (len(rest), len(rest))
-    ex.append_rows(path, "mnist-decoder", rest)
+    ex.append_rows(path, "toy", rest)
     # more runs later: only run 2 of each (setting, method) is computed
-    config3 = ex.Config(runs=3, quick=True)
-    more = [
-        r
-        for chunk in ex.run_experiment(
-            "mnist-decoder", config3, done=ex.done_keys(path, "mnist-decoder")
-        )
-        for r in chunk
-    ]
-    assert {r["run"] for r in more} == {2} and len(more) == n_grid
-    ex.append_rows(path, "mnist-decoder", more)
+    config3 = ex.Config(runs=3)
+    more = [r for chunk in ex.run_experiment("toy", config3, done=ex.done_keys(path, "toy"))
+            for r in chunk]
+    assert {r["run"] for r in more} == {2} and len(more) == 4
+    ex.append_rows(path, "toy", more)
     # nothing left: nothing computed
-    assert list(ex.run_experiment("mnist-decoder", config3,
-                                  done=ex.done_keys(path, "mnist-decoder"))) == []
-    # runs are keyed, not sequential: the exact method's rows equal an uninterrupted run's
-    fresh = {ex.row_key(experiment, r): r for r in
-             ex.read_rows(quick_runs["mnist-decoder"][0] / "mnist-decoder.csv")}
+    assert list(ex.run_experiment("toy", config3, done=ex.done_keys(path, "toy"))) == []
+    # runs are keyed, not sequential: the rows equal those of an uninterrupted run
+    fresh = {ex.row_key(toy, r): r for chunk in ex.run_experiment("toy", config3)
+             for r in chunk}
     resumed = ex.read_rows(path)
-    assert len(resumed) == len(fresh)
+    assert len(resumed) == len(fresh) == 12
     for r in resumed:
-        f = fresh[ex.row_key(experiment, r)]
-        if r["method"] in ("lp", "lp-linf", "encoder"):  # Adam's starts are drawn per batch
-            assert r["status"] == f["status"]
-            assert r["error"] == pytest.approx(f["error"], rel=1e-6, abs=1e-12, nan_ok=True)
-            assert r["misfit"] == pytest.approx(f["misfit"], rel=1e-6, abs=1e-12, nan_ok=True)
+        f = fresh[ex.row_key(toy, r)]
+        assert r["status"] == f["status"]
+        assert r["error"] == pytest.approx(f["error"], rel=1e-9, abs=1e-15, nan_ok=True)
+        assert r["misfit"] == pytest.approx(f["misfit"], rel=1e-9, abs=1e-15, nan_ok=True)
+    exact = [r for r in resumed if r["method"] == "exact"]
+    assert all(r["status"] == "unique" and r["error"] < 1e-9 and r["in_range"] for r in exact)
 
 
 def test_cli_resumes_and_refuses_a_foreign_csv(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy: ex.Experiment
 ) -> None:
-    args = ["experiment", "mnist-decoder", "--runs", "1", "--quick", "--out", str(tmp_path)]
+    args = ["experiment", "toy", "--runs", "1", "--out", str(tmp_path)]
     assert main(args) == 0
-    n = len(_csv(tmp_path / "mnist-decoder.csv"))
+    n = len(_csv(tmp_path / "toy.csv"))
+    assert n == 4 and (tmp_path / "toy.png").exists()
     capsys.readouterr()
     assert main(args) == 0
     assert "0 new rows" in capsys.readouterr().out
-    assert len(_csv(tmp_path / "mnist-decoder.csv")) == n
+    assert len(_csv(tmp_path / "toy.csv")) == n
     # another seed is another experiment: nothing of seed 0 counts as done
     assert main([*args, "--seed", "1"]) == 0
     assert f"{n} new rows" in capsys.readouterr().out
-    rows = _csv(tmp_path / "mnist-decoder.csv")
+    rows = _csv(tmp_path / "toy.csv")
     assert len(rows) == 2 * n and {r["seed"] for r in rows} == {"0", "1"}
-    (tmp_path / "sensing.csv").write_text("a,b\n1,2\n")
-    bad = ["experiment", "sensing", "--runs", "1", "--quick", "--out", str(tmp_path)]
+    (tmp_path / "partial.csv").write_text("a,b\n1,2\n")
+    bad = ["experiment", "partial", "--runs", "1", "--quick", "--out", str(tmp_path)]
     assert main(bad) == 2
-    assert "not those of experiment 'sensing'" in capsys.readouterr().err
+    assert "not those of experiment 'partial'" in capsys.readouterr().err
 
 
 def test_config_and_names_are_checked() -> None:
@@ -204,6 +239,7 @@ def test_authors_decoders_join_mnist_decoder_with_model(tmp_path: Path) -> None:
     assert nets["authors-leaky_relu"] == [20, 200, 500, 784]
 
 
+@pytest.mark.slow
 def test_demo_prints_the_table_and_writes_the_png(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -224,7 +260,7 @@ def test_demo_prints_the_table_and_writes_the_png(
 
 
 def test_demo_report(tmp_path: Path) -> None:
-    from preimage.demo import run_demo
+    from preimage.apps.demo import run_demo
 
     report = run_demo(tmp_path, codes=6, digits=0, adam_steps=5, restarts=1)
     assert [r.part for r in report.rows] == ["codes", "codes"]

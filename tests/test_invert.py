@@ -218,7 +218,7 @@ def test_row_generation_lp_matches_one_full_linprog(n: int, k: int, inactive: in
     """`_polyhedron_lp` (warm row generation) reaches the optimum of the whole LP."""
     from scipy.optimize import linprog
 
-    from preimage.layer_inversion import _polyhedron_lp
+    from preimage.solvers.layer import _polyhedron_lp
 
     rng = np.random.default_rng(n + k)
     null_basis = np.linalg.qr(rng.standard_normal((n, k)))[0]
@@ -226,8 +226,8 @@ def test_row_generation_lp_matches_one_full_linprog(n: int, k: int, inactive: in
     h0 = h_true - null_basis @ rng.standard_normal(k)  # h_true = h0 + N u*
     w_i = rng.standard_normal((inactive, n))
     rhs = w_i @ h_true + rng.uniform(0.0, 1.0, inactive)  # slack at h_true
-    h, message = _polyhedron_lp(h0, null_basis, w_i, rhs, nonneg=True)
-    assert h is not None, message
+    h, status, message = _polyhedron_lp(h0, null_basis, w_i, rhs, nonneg=True)
+    assert h is not None and status == "optimal", message
     full = linprog(
         null_basis.sum(axis=0),
         A_ub=np.vstack([w_i @ null_basis, -null_basis]),
@@ -241,8 +241,8 @@ def test_row_generation_lp_matches_one_full_linprog(n: int, k: int, inactive: in
     # an inactive row h_0 <= -1, which no h >= 0 meets: infeasible, and said so
     w_bad = np.vstack([w_i, np.eye(1, n)])
     rhs_bad = np.concatenate([rhs, [-1.0]])
-    h_bad, message = _polyhedron_lp(h0, null_basis, w_bad, rhs_bad, nonneg=True)
-    assert h_bad is None and "no common point" in message
+    h_bad, status, message = _polyhedron_lp(h0, null_basis, w_bad, rhs_bad, nonneg=True)
+    assert h_bad is None and status == "infeasible", message
 
 
 @given(
@@ -256,7 +256,7 @@ def test_cholesky_rank_test_never_contradicts_the_svd(
     p: int, k: int, deficiency: int, log_scale: float, seed: int
 ) -> None:
     """`_full_column_rank` says True only where the SVD's rank threshold counts all of M."""
-    from preimage.certificate import _full_column_rank, _null_space
+    from preimage.solvers.certificate import _full_column_rank, _null_space
 
     rng = np.random.default_rng(seed)
     rank = max(0, min(p, k) - deficiency)
@@ -272,7 +272,7 @@ def test_cholesky_rank_test_never_contradicts_the_svd(
 
 def test_stiemke_and_witness_lps_on_known_cones() -> None:
     """{u : M u >= 0} = {0} for the rows +-e_i (certified); e_1, e_2, -e_1 leave the ray (0, 1)."""
-    from preimage.certificate import _stiemke_certifies, _witness_direction
+    from preimage.solvers.certificate import _stiemke_certifies, _witness_direction
 
     box = np.vstack([np.eye(3), -np.eye(3)])
     assert _stiemke_certifies(box)
@@ -289,7 +289,7 @@ def test_stiemke_and_witness_lps_on_known_cones() -> None:
                                              (80, 50, 50), (80, 50, 45)])
 def test_active_equalities_qr_matches_the_svd(a: int, n: int, rank: int) -> None:
     """The QR shortcut for wide W_A gives the SVD's least-norm h0, rank and null space."""
-    from preimage.layer_inversion import _active_equalities
+    from preimage.solvers.layer import _active_equalities
 
     rng = np.random.default_rng(a * n + rank)
     w_a = rng.standard_normal((a, rank)) @ rng.standard_normal((rank, n))
@@ -305,7 +305,7 @@ def test_active_equalities_qr_matches_the_svd(a: int, n: int, rank: int) -> None
 
 def test_inner_point_lp_on_known_polyhedra() -> None:
     """Free layers: the point nearest h0 inside a box; a flat or empty P goes to the plain LP."""
-    from preimage.layer_inversion import DEPTH_RTOL, _inner_point_lp, _polyhedron_lp
+    from preimage.solvers.layer import DEPTH_RTOL, _inner_point_lp, _polyhedron_lp
 
     n = 4
     null_basis = np.eye(n)[:, :2]  # null(W_A) = span(e_1, e_2)
@@ -322,11 +322,11 @@ def test_inner_point_lp_on_known_polyhedra() -> None:
     assert _inner_point_lp(h0, null_basis, w_i, flat) is None
     assert _inner_point_lp(h0, null_basis, w_i, empty) is None
     # ... where the plain feasibility LP decides
-    h, message = _polyhedron_lp(h0, null_basis, w_i, flat, nonneg=False)
+    h, _, message = _polyhedron_lp(h0, null_basis, w_i, flat, nonneg=False)
     assert h is not None and abs(h[0]) < 1e-9 and abs(h[1]) <= 3 + 1e-9
     assert message == "LP solved (HiGHS: optimal)"
-    h, message = _polyhedron_lp(h0, null_basis, w_i, empty, nonneg=False)
-    assert h is None and "no common point" in message
+    h, status, message = _polyhedron_lp(h0, null_basis, w_i, empty, nonneg=False)
+    assert h is None and status == "infeasible", message
     # the latent layer of a net with too few active units, where the least-norm h0
     # violates an inactive unit: the LP's deep point leaves no constraint tight, so
     # the certificate's second preimage comes along null(W_A) without another LP

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preimage.measurements import (
+from preimage.model.operators import (
     GaussianMatrix,
     Mask,
     MatrixMeasurement,

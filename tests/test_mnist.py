@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from preimage.mnist import (
+from preimage.apps.train_mnist import save_vae, train_vae
+from preimage.model.mnist import (
     DECODER_LAYERS,
     DECODER_WIDTHS,
     ENCODER_WIDTH,
@@ -23,8 +24,6 @@ from preimage.mnist import (
     load_vae,
     load_vae_metadata,
     load_vae_state,
-    save_vae,
-    train_vae,
 )
 
 KINDS = ["relu", "leaky_relu"]

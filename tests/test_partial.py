@@ -7,9 +7,9 @@ import pytest
 
 import preimage
 from preimage import random_network
-from preimage.baselines import paper_layerwise_lp
-from preimage.measurements import GaussianMatrix, Mask
-from preimage.partial import observed_values, restrict_output
+from preimage.methods.paper_lp import paper_layerwise_lp
+from preimage.methods.partial import observed_values, restrict_output
+from preimage.model.operators import GaussianMatrix, Mask
 from tests.conftest import authors_state_dict
 
 

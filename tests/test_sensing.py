@@ -7,8 +7,9 @@ import pytest
 
 import preimage
 from preimage import random_network
-from preimage.measurements import GaussianMatrix
-from preimage.sensing import csgm_invert, pgd_invert
+from preimage.methods.gradient import gradient_invert
+from preimage.methods.sensing import pgd_invert
+from preimage.model.operators import GaussianMatrix
 
 
 def rel_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -51,7 +52,7 @@ def test_pgd_result_fields_and_noise(rng: np.random.Generator) -> None:
     assert res.status == "feasible" and res.misfit <= 3e-3
     assert rel_rows(res.z, z) < 0.01
     assert res.steps >= 1
-    base = csgm_invert(net, y, A, steps=30, restarts=2)
+    base = gradient_invert(net, y, A=A, steps=30, restarts=2)
     assert base.method == "adam" and base.z.shape == (10,)
 
 

@@ -4,16 +4,30 @@
 >>> net = preimage.random_network([20, 100, 500], seed=0)
 >>> x = net.forward(z)
 >>> result = preimage.invert(net, x)
+
+Layers, each importing only from those below it (an import-linter contract in
+``pyproject.toml``): ``model`` (network, activations, operators, loading) ->
+``results`` (statuses, result types) -> ``solvers`` (one layer or one cell) ->
+``methods`` (drivers over a network) -> ``api`` (`invert`) -> ``apps`` (CLI,
+demo, experiments).
 """
 
-from preimage.certificate import Certificate, certify_unique
-from preimage.global_search import GlobalSettings
-from preimage.invert import METHODS, InversionResult, LayerReport, invert
-from preimage.layer_inversion import STATUSES, LayerResult, invert_layer
-from preimage.measurements import GaussianMatrix, Mask, MatrixMeasurement
-from preimage.network import Activation, Layer, Network, random_network
-from preimage.noisy import invert_layer_noisy
-from preimage.operators import DenseOperator, LinearOperator
+from preimage.api import METHODS, invert
+from preimage.methods.search import GlobalSettings
+from preimage.model.activations import Activation
+from preimage.model.layer import Layer
+from preimage.model.network import Network, random_network
+from preimage.model.operators import (
+    DenseOperator,
+    GaussianMatrix,
+    LinearOperator,
+    Mask,
+    MatrixMeasurement,
+)
+from preimage.results import STATUSES, InversionResult, LayerReport, LayerResult
+from preimage.solvers.certificate import Certificate, certify_unique
+from preimage.solvers.layer import invert_layer
+from preimage.solvers.noisy_layer import invert_layer_noisy
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,245 @@
+"""`preimage.invert`: one entry point, its validation and one routing table.
+
+`invert` validates the network, the method name and the shared arguments,
+picks the route of `ROUTES` that fits (method, noise, observe, A) and calls its
+function. Every shared argument a route does not use, when passed, raises a
+TypeError naming the argument and the method (as unknown ``options`` do):
+nothing is silently ignored.
+
+| route | when | runs |
+| --- | --- | --- |
+| exact | method "exact", x fully observed, no noise, no A | `methods.layerwise.invert_exact` |
+| noisy | method "exact" with ``noise`` | `methods.noisy.invert_noisy` |
+| partial | method "exact", ``observe``, no noise | `methods.partial.invert_observed` |
+| pgd | method "exact" with ``A`` | `methods.sensing.pgd_invert` |
+| gradient | "adam", "clipping", "negation" | `methods.gradient.gradient_invert` |
+| hybrid | "hybrid" | `methods.hybrid.hybrid_invert` |
+
+With ``observe`` and any other method (or a noise model), the route is taken
+on the network restricted to the observed rows (`partial.restrict_output`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from preimage.methods.gradient import VARIANTS, gradient_invert
+from preimage.methods.hybrid import hybrid_invert
+from preimage.methods.layerwise import invert_exact
+from preimage.methods.noisy import invert_noisy
+from preimage.methods.partial import invert_observed, observed_values, restrict_output
+from preimage.methods.search import GlobalSettings
+from preimage.methods.sensing import pgd_invert
+from preimage.model.network import Network
+from preimage.model.operators import Mask, as_mask, as_measurement
+from preimage.model.validation import check_observation, check_positive, input_precision
+from preimage.results import DEFAULT_RTOL, InversionResult, ProgressCallback, check_noise
+
+#: The methods `invert` accepts.
+METHODS: tuple[str, ...] = ("exact", *VARIANTS, "hybrid")
+
+#: The arguments of `invert` that some routes take and others do not.
+SHARED: tuple[str, ...] = ("rtol", "fallback", "batched", "batch_size", "device", "n_jobs")
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one kind of call runs: its function and the shared arguments it takes."""
+
+    function: Callable[..., InversionResult]
+    takes: frozenset[str]
+
+
+ROUTES: dict[str, Route] = {
+    "exact": Route(invert_exact, frozenset(SHARED)),
+    "noisy": Route(invert_noisy, frozenset({"rtol"})),
+    "partial": Route(invert_observed, frozenset(SHARED)),
+    "pgd": Route(pgd_invert, frozenset({"rtol"})),
+    "gradient": Route(gradient_invert, frozenset({"device"})),
+    "hybrid": Route(hybrid_invert, frozenset({"rtol", "fallback", "device"})),
+}
+
+
+def _route(method: str, noise: str | None, observe: Any, A: Any) -> str:
+    if method in VARIANTS:
+        return "gradient"
+    if method == "hybrid":
+        return "hybrid"
+    if A is not None:
+        return "pgd"
+    if noise is not None:
+        return "noisy"
+    return "partial" if observe is not None else "exact"
+
+
+def _call(route: str, label: str, shared: dict[str, Any], options: Mapping[str, Any],
+          *args: Any, **kwargs: Any) -> InversionResult:
+    """The route's function on args, with the shared arguments it takes and ``options``.
+
+    A shared argument the route does not take, or an option the function does
+    not have, raises a TypeError naming it.
+    """
+    spec = ROUTES[route]
+    fn = spec.function
+    unused = sorted(name for name, value in shared.items() if value is not None
+                    and name not in spec.takes)
+    if unused:
+        raise TypeError(
+            f"{', '.join(f'`{u}`' for u in unused)} "
+            f"{'is' if len(unused) == 1 else 'are'} not used by method {label!r} here "
+            f"({fn.__module__}.{fn.__name__}); it takes {sorted(spec.takes) or 'none of'} "
+            f"of {list(SHARED)}."
+        )
+    params = inspect.signature(fn).parameters
+    accepted = {
+        name for name, p in params.items()
+        if p.kind is p.KEYWORD_ONLY and name not in (*SHARED, *kwargs)
+    }
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(options) - accepted) if not open_ended else [
+        name for name in options if name in kwargs or name in SHARED
+    ]
+    if unknown:
+        takes = f"it takes {sorted(accepted)}" if accepted else "it takes no options"
+        raise TypeError(
+            f"`options` {unknown} are not settings of method {label!r} "
+            f"({fn.__module__}.{fn.__name__}); {takes}."
+        )
+    given = {name: value for name, value in shared.items() if value is not None}
+    return fn(*args, **kwargs, **given, **options)
+
+
+def invert(
+    net: Network,
+    x: Any,
+    *,
+    method: str = "exact",
+    rtol: float | None = None,
+    fallback: GlobalSettings | None = None,
+    progress: ProgressCallback | None = None,
+    batched: bool | None = None,
+    batch_size: int | None = None,
+    device: Any = None,
+    n_jobs: int | None = None,
+    noise: str | None = None,
+    noise_level: float | None = None,
+    observe: Any = None,
+    A: Any = None,
+    options: dict[str, Any] | None = None,
+) -> InversionResult:
+    """Find z with G(z) = x, layer by layer, and say whether it is unique.
+
+    Parameters
+    ----------
+    net : Network
+        The generator G.
+    x : array-like of shape (n,) or (B, n)
+        Observations (NumPy array or torch tensor; never modified). With
+        ``observe``: the full output (unobserved entries ignored, may be NaN)
+        or the observed entries only; with ``A``: the m measurements.
+    method : "exact", "adam", "clipping", "negation" or "hybrid"
+        "exact": the layer-wise LP method of Lei et al. (2019) (with ``noise``:
+        the error-bounded noisy LPs, `preimage.methods.noisy`; with ``A``:
+        projected gradient descent with the LP inversion as projection,
+        `preimage.methods.sensing`). The others are the gradient baselines of
+        `preimage.methods.gradient` and the hybrid of `preimage.methods.hybrid`.
+    rtol : float, optional
+        Relative tolerance for the activation threshold and the checks (see
+        `preimage.solvers.layer`). Default 1e-9 for float64 x, 1e-5 for float32
+        (or half precision) x. A float64 x that was computed in float32 needs
+        ``rtol=1e-5``: otherwise its rounding errors make it "infeasible".
+        Exact, noisy, partial, PGD and hybrid routes.
+    fallback : GlobalSettings, optional
+        The search below the first non-unique layer for samples the layer-wise
+        method leaves "failed" (`preimage.methods.search`): the cell search by
+        default, the MILP too with ``GlobalSettings(milp=True)``, nothing with
+        ``GlobalSettings(enabled=False)``. Exact, partial and hybrid routes.
+    progress : callable(done, total), optional
+        Called as samples finish (after each chunk when batched, after each
+        sample otherwise; the gradient methods report the batch's share of
+        their steps, in samples).
+    batched : bool, default True
+        Solve the samples together (`preimage.methods.batched`): the samples
+        whose active rows have full column rank are solved and checked in
+        batch, with PyTorch, and only the others go through `invert_layer` (the
+        LP), in parallel. The verdicts are the same as with ``batched=False``,
+        which inverts one sample at a time through `invert_layer` (the
+        reference). Where the batched path solved a layer,
+        ``layers[i].sigma_min`` is NaN. Exact and partial routes, as are
+        ``batch_size`` (samples per chunk; default: a 128 MiB working-memory
+        budget), ``device`` (torch device; default CUDA when available; also
+        the gradient and hybrid routes) and ``n_jobs`` (threads for the LPs and
+        CPU solves; default the CPUs this process may use).
+    noise : "linf", "l1" or "l2", optional
+        x = G(z) + e: fit in this norm instead of solving G(z) = x exactly.
+        Noisy results are estimates: "feasible" or "failed", never "unique".
+    noise_level : float >= 0, optional
+        A known bound ||e||_noise <= noise_level: the result then carries proved
+        error bounds (``z_error_bound``, ``layers[i].error_bound``) and is
+        "feasible" only when its misfit is consistent with the level.
+    observe : bool array of shape (n,) or `Mask`, optional
+        Only these output coordinates are seen (inpainting).
+    A : array of shape (m, n) or a measurement, optional
+        x = A G(z) + e (compressed sensing), e.g. `GaussianMatrix(m, n)`.
+    options : dict, optional
+        Settings of the method, passed as keyword arguments to the function
+        that runs it (module docstring), e.g. ``{"steps": 300, "restarts": 5}``
+        for "adam". Unknown names raise a TypeError listing the valid ones.
+
+    Returns
+    -------
+    InversionResult
+        Per-sample fields are arrays over the batch for x of shape (B, n),
+        scalars for x of shape (n,). ``method`` names the method that ran.
+    """
+    if not isinstance(net, Network):
+        raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+    level = check_noise(noise, noise_level)
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"`options` must be a dict of method settings; got {type(options).__name__}."
+        )
+    if rtol is not None:
+        rtol = check_positive(rtol, "rtol")
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+    if n_jobs is not None and (int(n_jobs) != n_jobs or n_jobs < 1):
+        raise ValueError(f"`n_jobs` must be an integer >= 1; got {n_jobs!r}.")
+    if fallback is not None and not isinstance(fallback, GlobalSettings):
+        raise TypeError(f"`fallback` must be a GlobalSettings; got {type(fallback).__name__}.")
+    if observe is not None and A is not None:
+        raise ValueError("Pass either `observe` (a mask) or `A` (a measurement matrix), not both.")
+    if isinstance(A, Mask):
+        observe, A = A, None
+    shared = {"rtol": rtol, "fallback": fallback, "batched": batched, "batch_size": batch_size,
+              "device": device, "n_jobs": n_jobs}
+    route = _route(method, noise, observe, A)
+    if observe is not None:
+        mask = as_mask(observe, net.output_dim)
+        if route == "partial":
+            return _call(route, method, shared, options, net, x, mask, progress=progress)
+        yb, single = observed_values(x, mask)
+        net, x = restrict_output(net, mask), yb[0] if single else yb
+    if route == "exact":
+        xb, single = check_observation(x, net.output_dim)
+        shared["rtol"] = rtol if rtol is not None else DEFAULT_RTOL[input_precision(x)]
+        return _call(route, method, shared, options, net, xb, single=single, progress=progress)
+    if route == "noisy":
+        return _call(route, method, shared, options, net, x, norm=noise, noise_level=level,
+                     progress=progress)
+    if route == "pgd":
+        meas = as_measurement(A, net.output_dim)
+        return _call(route, method, shared, options, net, x, meas, noise=noise,
+                     noise_level=level, progress=progress)
+    extra = {"method": method} if route == "gradient" else {}
+    if A is not None:
+        extra["A"] = as_measurement(A, net.output_dim)
+    return _call(route, method, shared, options, net, x, noise=noise, noise_level=level,
+                 progress=progress, **extra)

@@ -1,0 +1,401 @@
+"""The `preimage` command. All printing lives here; the library prints nothing.
+
+    preimage invert MODEL [X.npy] [--codes N]       invert observations (or random codes)
+    preimage demo [--out DIR]                       the MNIST decoder, exact LP vs Adam
+    preimage experiment NAME --runs N --out DIR     a CSV of every run and a PNG figure
+    preimage train-mnist --out DIR                  retrain the two shipped VAEs
+
+Imported as `preimage.apps.cli`; the console script ``preimage`` calls `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from preimage.api import METHODS, invert
+from preimage.apps import experiments as ex
+from preimage.apps.demo import RECOVERY_RTOL, run_demo
+from preimage.apps.train_mnist import train_and_save
+from preimage.model.activations import ACTIVATIONS
+from preimage.model.mnist import DEFAULT_EPOCHS, N_PIXELS, WEIGHT_FILES, shipped_decoder
+from preimage.model.network import Network
+from preimage.results import NORMS, STATUS_MEANING
+
+
+def _bar(desc: str, total: int | None = None, unit: str = "it") -> tuple[tqdm, Callable]:
+    """A tqdm bar on stderr and a ``progress(done, total)`` callback that moves it."""
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, of: int) -> None:
+        if bar.total != of:
+            bar.total = of
+            bar.refresh()
+        bar.update(done - bar.n)  # redraws at most every `mininterval` seconds
+
+    return bar, update
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Limit torch and the BLAS libraries to `n` threads for the command.
+
+    On a shared, loaded machine spin-waiting BLAS threads make the small
+    matrix products of the LPs many times slower; one thread is the default.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, n))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        yield
+        return
+    with threadpool_limits(limits=max(1, n)):
+        yield
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+# ----------------------------------------------------------------------------- invert
+
+#: Names of the shipped decoders accepted as MODEL.
+SHIPPED = {"mnist-relu": "relu", "mnist-leaky": "leaky_relu"}
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    if args.model in SHIPPED:
+        return shipped_decoder(SHIPPED[args.model])
+    layers = args.layers.split(",") if args.layers else None
+    return Network.from_file(
+        args.model, layers, activation=args.activation, negative_slope=args.negative_slope
+    )
+
+
+def _load_array(path: str, what: str) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {what} from {path}: {exc}") from exc
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    try:
+        net = _load_model(args)
+        z_true = None
+        if (args.x is None) == (args.codes is None):
+            raise ValueError("give either an observation file X.npy or --codes N")
+        if args.codes is not None:
+            if args.codes < 1:
+                raise ValueError(f"--codes must be >= 1; got {args.codes}")
+            z_true = np.random.default_rng(args.seed).standard_normal(
+                (args.codes, net.latent_dim)
+            )
+            x = net.forward(z_true)
+        else:
+            x = _load_array(args.x, "the observations")
+            if x.ndim == 1:  # one sample: a batch of one, so every result field is an array
+                x = x[None]
+        kwargs: dict[str, Any] = {"method": args.method, "rtol": args.rtol}
+        if args.noise is not None:
+            kwargs.update(noise=args.noise, noise_level=args.noise_level)
+        elif args.noise_level is not None:
+            raise ValueError("--noise-level needs --noise (linf, l1 or l2)")
+        if args.mask is not None:
+            kwargs["observe"] = _load_array(args.mask, "the mask")
+        bar, update = _bar("inverting", unit="sample")
+        try:
+            with _threads(args.threads):
+                result = invert(net, x, progress=update, **kwargs)
+        finally:
+            bar.close()
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"preimage invert: {message}", file=sys.stderr)
+        return 2
+
+    status, success, residual, z = result.status, result.success, result.residual, result.z
+    print(f"G: {net}")
+    if z_true is not None:
+        source = f"{args.codes} codes z ~ N(0, I) (seed {args.seed}), x = G(z)"
+    else:
+        source = str(args.x)
+    print(f"x: {source}; {status.size} sample(s); method {result.method!r}"
+          + (f", noise {result.noise} <= {args.noise_level}" if result.noise else ""))
+    print()
+    rows = [[s, int(np.sum(status == s)), STATUS_MEANING.get(s, "")]
+            for s in dict.fromkeys(status.tolist())]
+    print_table(["status", "samples", "meaning"], rows)
+    print()
+    print(f"answers (z with its checks passed): {int(success.sum())}/{status.size}")
+    if success.any():
+        print(f"relative misfit |G(z) - x|_inf / |x|_inf of the answers: median "
+              f"{np.median(residual[success]):.2e}, max {np.max(residual[success]):.2e}")
+    if z_true is not None:
+        err = np.linalg.norm(z - z_true, axis=1) / np.linalg.norm(z_true, axis=1)
+        err = np.where(np.isfinite(err), err, np.inf)
+        print(f"recovered the true code (relative error < 1e-6): "
+              f"{int(np.sum(err < 1e-6))}/{status.size}")
+    print(f"time: {result.time:.2f} s ({result.time / status.size * 1e3:.1f} ms per sample)")
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, Any] = {
+            "z": z, "status": status.astype(str), "success": success, "residual": residual,
+            "witness": result.witness,
+        }
+        if args.noise_level is not None:
+            arrays["z_error_bound"] = result.z_error_bound
+        if z_true is not None:
+            arrays["z_true"] = z_true
+        np.savez(out, **arrays)
+        print(f"saved: {out.resolve()} ({', '.join(arrays)})")
+    return 0
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    bars: list[tqdm] = []
+
+    def progress(stage: str) -> Callable[[int, int], None]:
+        for b in bars:
+            b.close()
+        bar, update = _bar(stage)
+        bars.append(bar)
+        return update
+
+    with _threads(args.threads):
+        report = run_demo(
+            args.out, codes=args.samples, digits=args.digits, adam_steps=args.adam_steps,
+            restarts=args.restarts, seed=args.seed, progress=progress,
+        )
+    for b in bars:
+        b.close()
+    print(f"Decoder: the shipped MNIST VAE's, {report.network}")
+    print(f"(a) {args.samples} codes z ~ N(0, I), x = G(z);  "
+          f"(b) {args.digits} held-out MNIST digits (not in the range)")
+    print(f"Adam: lr 0.01, {args.adam_steps} steps x {args.restarts} restarts, best restart kept")
+    print()
+    print_table(
+        ["part", "method", "recovered z", "median rel. error of z", "G(z_hat) = x",
+         "median misfit", "time/sample"],
+        [
+            [r.part, r.method, _pct(r.recovered), _sci(r.median_error), _pct(r.in_range),
+             _sci(r.median_misfit), f"{r.time * 1e3:.1f} ms"]
+            for r in report.rows
+        ],
+    )
+    print()
+    print(f"exact method verdicts on the codes: {report.verdicts}")
+    print(f"recovered: relative error of z below {RECOVERY_RTOL:g};  "
+          "misfit: ||G(z_hat) - x|| / ||x||")
+    print(f"figure: {report.figure}")
+    print(f"total time: {report.seconds:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------------- experiment
+
+
+def _order(value: Any) -> tuple[int, float, str]:
+    """Sort numbers by value (10 before 100), then names alphabetically."""
+    if isinstance(value, (int, float)):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    experiment = ex.EXPERIMENTS[args.name]
+    runs = args.runs if args.runs is not None else experiment.default_runs
+    adam = ex.AdamSettings(steps=args.adam_steps, restarts=args.adam_restarts)
+    config = ex.Config(runs=runs, seed=args.seed, quick=args.quick, model=args.model, adam=adam)
+    out = Path(args.out)
+    csv_path = out / f"{args.name}.csv"
+    png_path = out / f"{args.name}.png"
+    try:
+        done = ex.done_keys(csv_path, args.name)
+    except ValueError as exc:
+        print(f"preimage experiment: {exc}", file=sys.stderr)
+        return 2
+    if done:
+        print(f"{csv_path}: {len(done)} rows already there; computing the missing runs only")
+    bar, update = _bar(args.name, unit="run")
+    written = 0
+    with _threads(args.threads):
+        for rows in ex.run_experiment(args.name, config, done=done, progress=update):
+            ex.append_rows(csv_path, args.name, rows)
+            written += len(rows)
+    bar.close()
+    rows = [r for r in ex.read_rows(csv_path) if r["run"] < runs and r["seed"] == args.seed]
+    ex.figure(args.name, rows, png_path)
+    print(f"{args.name}: {experiment.summary}")
+    print(f"{written} new rows, {len(rows)} in the figure ({runs} runs per setting, "
+          f"seed {args.seed})")
+    print()
+    by = ["method", *experiment.params] if args.detail else ["method"]
+    stats = sorted(ex.summarize(rows, by), key=lambda s: tuple(_order(s[b]) for b in by))
+    print_table(
+        [*by, "runs", f"error < {ex.SUCCESS_RTOL:g}", "G(z_hat) = x", "median error",
+         "median misfit", "time/run"],
+        [
+            [*(s[b] for b in by), s["runs"], _pct(s["success"]), _pct(s["in_range"]),
+             _sci(s["median_error"]), _sci(s["median_misfit"]), f"{s['time'] * 1e3:.1f} ms"]
+            for s in stats
+        ],
+    )
+    print()
+    print(f"csv:    {csv_path.resolve()}")
+    print(f"figure: {png_path.resolve()}")
+    return 0
+
+
+# ------------------------------------------------------------------------ train-mnist
+
+
+def cmd_train_mnist(args: argparse.Namespace) -> int:
+    epochs = dict(DEFAULT_EPOCHS)
+    if args.epochs is not None:
+        epochs = {kind: args.epochs for kind in epochs}
+    bar, _ = _bar("training", total=sum(epochs.values()), unit="epoch")
+    done = [0]
+
+    def progress(epoch: int, n_epochs: int, loss: float) -> None:
+        done[0] += 1
+        bar.set_postfix(loss=f"{loss:.1f}")
+        bar.update(1)
+
+    with _threads(args.threads):
+        metrics = train_and_save(args.out, seed=args.seed, epochs=epochs, progress=progress)
+    bar.close()
+    for kind, m in metrics.items():
+        print(
+            f"{kind}: {m['epochs']} epochs in {m['train_seconds']:.1f} s, held-out MSE "
+            f"{m['test_mse']:.4f} vs constant image {m['constant_mse']:.4f} "
+            f"(ratio {m['test_mse'] / m['constant_mse']:.3f}), active pixels "
+            f"{m['active_pixels']}/{N_PIXELS} -> {Path(args.out) / WEIGHT_FILES[kind]}"
+        )
+    print("To ship them, copy the files into src/preimage/models/.")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="preimage", description="Invert deep generative models one layer at a time."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def threads(p: argparse.ArgumentParser, default: int) -> None:
+        p.add_argument("--threads", type=int, default=default,
+                       help=f"torch and BLAS threads (default {default})")
+
+    inv = sub.add_parser(
+        "invert", help="invert observations through a generator (or test it on random codes)",
+        description="Find z with G(z) = x for every row of X.npy (or for G(z) of random codes) "
+        "and say whether it is unique.",
+    )
+    inv.add_argument("model", help="mnist-relu, mnist-leaky (shipped decoders), or a "
+                     ".safetensors / .pt / .pth state dict")
+    inv.add_argument("x", nargs="?", default=None,
+                     help="observations, .npy of shape (n,) or (B, n)")
+    inv.add_argument("--codes", type=int, default=None,
+                     help="instead of X.npy: invert G(z) of N codes z ~ N(0, I)")
+    inv.add_argument("--seed", type=int, default=0, help="seed of --codes (default 0)")
+    inv.add_argument("--layers", default=None,
+                     help="comma-separated linear layers of G in a state dict, e.g. fc3,fc4")
+    inv.add_argument("--activation", default="relu",
+                     choices=ACTIVATIONS,
+                     help="activation after every layer of a state dict (default relu)")
+    inv.add_argument("--negative-slope", type=float, default=0.1, help="for leaky_relu")
+    inv.add_argument("--method", default="exact", choices=METHODS)
+    inv.add_argument("--noise", default=None, choices=NORMS,
+                     help="x = G(z) + e: fit each layer in this norm")
+    inv.add_argument("--noise-level", type=float, default=None,
+                     help="a bound on ||e|| in that norm (enables error bounds)")
+    inv.add_argument("--mask", default=None,
+                     help=".npy of booleans, shape (n,): which entries of x are observed")
+    inv.add_argument("--rtol", type=float, default=None, help="relative tolerance")
+    inv.add_argument("--out", default=None, help="save z, status, witness, ... to this .npz")
+    threads(inv, 2)
+    inv.set_defaults(func=cmd_invert)
+
+    demo = sub.add_parser(
+        "demo", help="invert codes and held-out digits through the shipped MNIST ReLU decoder"
+    )
+    demo.add_argument("--out", default=".", help="folder for the PNG (default: here)")
+    demo.add_argument("--samples", type=int, default=50, help="codes z ~ N(0, I) (default 50)")
+    demo.add_argument("--digits", type=int, default=16, help="held-out digits (default 16)")
+    demo.add_argument("--adam-steps", type=int, default=1000)
+    demo.add_argument("--restarts", type=int, default=3, help="Adam restarts (default 3)")
+    demo.add_argument("--seed", type=int, default=0)
+    threads(demo, 1)
+    demo.set_defaults(func=cmd_demo)
+
+    exp = sub.add_parser(
+        "experiment",
+        help="run one of the paper's experiments: a CSV of every run and a PNG figure",
+        description="Experiments: " + "; ".join(
+            f"{name}: {e.summary} (default {e.default_runs} runs)"
+            for name, e in ex.EXPERIMENTS.items()
+        ) + ". Resumable: runs already in DIR/NAME.csv are skipped.",
+    )
+    exp.add_argument("name", choices=sorted(ex.EXPERIMENTS))
+    exp.add_argument("--runs", type=int, default=None, help="runs per setting")
+    exp.add_argument("--out", default="out", help="folder for NAME.csv and NAME.png")
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--model", type=Path, default=None,
+                     help="the paper authors' decoders (folder), for mnist-decoder")
+    exp.add_argument("--quick", action="store_true",
+                     help="a small grid and 50 Adam steps from one start (smoke tests)")
+    exp.add_argument("--adam-steps", type=int, default=1000)
+    exp.add_argument("--adam-restarts", type=int, default=3)
+    exp.add_argument("--detail", action="store_true", help="print one line per setting")
+    threads(exp, 1)
+    exp.set_defaults(func=cmd_experiment)
+
+    train = sub.add_parser("train-mnist", help="train the two MNIST VAEs (seeded, a few minutes)")
+    train.add_argument("--out", type=Path, required=True, help="folder for the safetensors files")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=None,
+                       help="epochs for both models (default: those of the shipped weights)")
+    threads(train, 2)
+    train.set_defaults(func=cmd_train_mnist)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,365 @@
+"""The layer-wise driver: invert a deep network from the output down.
+
+x_d = x is the observation; for i = d, ..., 1 the preimage of x_i under
+layer i (an LP, `invert_layer`) becomes the observation of layer i - 1, and
+x_0 = z. The per-layer verdicts compose into one verdict per sample:
+
+- every layer "unique"                     -> "unique" (the chain is forced);
+- the output layer (or a layer below only
+  unique ones) has no preimage             -> "infeasible": x is not in the
+                                              range of G, proved;
+- a layer has no preimage after a layer
+  above picked one point of many           -> "failed": the pick may have
+                                              been poor, x may be in range;
+- a layer has several preimages and the
+  witness maps back to a second z          -> "non_unique" (with that z);
+- otherwise                                -> "feasible" (a checked preimage,
+                                              uniqueness unsettled).
+
+By default a batch is inverted together (`preimage.methods.batched`): the samples
+whose layers have full-column-rank active rows are solved in batch and only
+the others go through `invert_layer`; `_compose` gives every sample its
+verdict from its per-layer results on both paths.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from preimage.methods.batched import context as batched_context
+from preimage.methods.batched.descend import LayerArrays, descend_batch
+from preimage.methods.search import GlobalSettings, invert_below
+from preimage.model.network import Network
+from preimage.model.torch_io import default_device
+from preimage.results import (
+    InversionResult,
+    LayerReport,
+    LayerResult,
+    PoolMap,
+    ProgressCallback,
+    build_result,
+)
+from preimage.solvers.layer import invert_layer
+
+
+@dataclass
+class _SampleOutcome:
+    z: np.ndarray
+    status: str
+    message: str
+    witness: np.ndarray
+    layers: list[LayerResult | None]
+
+
+def _descend(
+    net: Network, y: np.ndarray, top: int, rtol: float
+) -> tuple[np.ndarray | None, list[LayerResult | None]]:
+    """Invert layers top, top-1, ..., 0 starting from observation y of layer `top`."""
+    results: list[LayerResult | None] = [None] * len(net.layers)
+    h = y
+    for i in range(top, -1, -1):
+        res = invert_layer(net.layers[i], h, nonneg=net.input_nonnegative(i), rtol=rtol)
+        results[i] = res
+        if res.status in ("infeasible", "failed"):
+            return None, results
+        h = res.h
+    return h, results
+
+
+def _invert_one(net: Network, x: np.ndarray, rtol: float) -> _SampleOutcome:
+    """The reference path: one sample, layer by layer through `invert_layer`."""
+    z, results = _descend(net, x, len(net.layers) - 1, rtol)
+    return _compose(net, z, results, rtol)
+
+
+def _compose(
+    net: Network, z: np.ndarray | None, results: Sequence[LayerResult | None], rtol: float
+) -> _SampleOutcome:
+    """One sample's verdict from its per-layer results (see the module docstring).
+
+    Shared by the per-sample and the batched paths. `z` is None when a layer
+    had no preimage; `results[i]` is None for layers not reached.
+    """
+    k = net.latent_dim
+    nan = np.full(k, np.nan)
+    top = len(net.layers) - 1
+    results = list(results)
+    reached = [r for r in results if r is not None]
+    if z is None:
+        bad = min(i for i, r in enumerate(results) if r is not None)
+        last = results[bad]
+        assert last is not None
+        above = [results[i] for i in range(bad + 1, top + 1)]
+        forced = all(r is not None and r.status == "unique" for r in above)
+        if last.status == "infeasible" and forced:
+            where = "the output layer" if bad == top else f"layer {bad} (all layers above unique)"
+            return _SampleOutcome(
+                nan, "infeasible", f"x is not in the range of G: {where}: {last.message}",
+                nan, results,
+            )
+        return _SampleOutcome(
+            nan,
+            "failed",
+            f"layer {bad}: {last.message}"
+            + ("" if forced else " (after a layer above chose one of several preimages)"),
+            nan,
+            results,
+        )
+    if all(r.status == "unique" for r in reached):
+        return _SampleOutcome(z, "unique", "every layer's preimage is unique", nan, results)
+    # Look for a second z: a layer's witness, carried down the layers below it
+    # (the lowest such layer first: fewest layers for the witness to survive).
+    for i in range(len(results)):
+        r = results[i]
+        if r is None or r.status != "non_unique" or r.witness is None:
+            continue
+        if i == 0:
+            return _SampleOutcome(
+                z, "non_unique", f"layer 0: {r.message}", r.witness.copy(), results
+            )
+        z2, _ = _descend(net, r.witness, i - 1, rtol)
+        if z2 is not None:
+            return _SampleOutcome(
+                z,
+                "non_unique",
+                f"layer {i} has a second preimage that maps back to a second z",
+                z2,
+                results,
+            )
+    unsettled = [i for i, r in enumerate(results) if r is not None and r.status != "unique"]
+    several = [i for i in unsettled if results[i].status == "non_unique"]  # type: ignore[union-attr]
+    detail = (
+        f"; layer(s) {several} have other preimages, but their witnesses are not in the "
+        "range of the layers below (z may still be unique)" if several else ""
+    )
+    return _SampleOutcome(
+        z,
+        "feasible",
+        f"a preimage of x; uniqueness unsettled at layer(s) {unsettled}{detail}",
+        nan,
+        results,
+    )
+
+
+def _settle_globally(
+    net: Network, x: np.ndarray, outcome: _SampleOutcome, rtol: float, settings: GlobalSettings
+) -> _SampleOutcome:
+    """Retry a "failed" or "feasible" sample below its first non-unique layer.
+
+    The layers above that layer were unique, so its observation is forced and
+    what the search finds holds for the whole network.
+    """
+    top = len(net.layers) - 1
+    j, y = top, x
+    while j >= 0 and outcome.layers[j] is not None and outcome.layers[j].status == "unique":
+        layer_result = outcome.layers[j]
+        assert layer_result is not None
+        y, j = layer_result.h, j - 1
+    if j < 1 or outcome.layers[j] is None:
+        return outcome
+    if outcome.status == "feasible" and not settings.milp:
+        return outcome  # only the MILP can add a verdict to a checked preimage
+    found = invert_below(net, j, y, rtol=rtol, settings=settings, start=outcome.z)
+    nan = np.full(net.latent_dim, np.nan)
+    if found.z is None:
+        note = f"; global search below layer {j}: {found.message}"
+        return _SampleOutcome(
+            outcome.z, outcome.status, outcome.message + note, outcome.witness, outcome.layers
+        )
+    if found.verdict == "non_unique" and found.witness is not None:
+        return _SampleOutcome(found.z, "non_unique", found.message, found.witness, outcome.layers)
+    if found.verdict == "unique":
+        return _SampleOutcome(found.z, "unique", found.message, nan, outcome.layers)
+    return _SampleOutcome(found.z, "feasible", found.message, nan, outcome.layers)
+
+
+def invert_exact(
+    net: Network,
+    xb: np.ndarray,
+    *,
+    single: bool,
+    rtol: float,
+    fallback: GlobalSettings | None = None,
+    progress: ProgressCallback | None = None,
+    batched: bool = True,
+    batch_size: int | None = None,
+    device: Any = None,
+    n_jobs: int | None = None,
+) -> InversionResult:
+    """The layer-wise method on validated observations xb (B, n); see `preimage.invert`.
+
+    Samples the layer-wise method leaves "failed" (and, with ``fallback.milp``,
+    "feasible") go to the search below their first non-unique layer
+    (`preimage.methods.search.invert_below`).
+    """
+    start = time.perf_counter()
+    settings = fallback if fallback is not None else GlobalSettings()
+    if batched:
+        return _invert_batched(
+            net, xb, single, rtol, start, settings,
+            progress=progress, batch_size=batch_size, device=device, n_jobs=n_jobs,
+        )
+    outcomes = []
+    for b in range(xb.shape[0]):
+        outcome = _invert_one(net, xb[b], rtol)
+        if _searched(outcome.status, settings):
+            outcome = _settle_globally(net, xb[b], outcome, rtol, settings)
+        outcomes.append(outcome)
+        if progress is not None:
+            progress(b + 1, xb.shape[0])
+    return _collect(net, xb, outcomes, single, rtol, time.perf_counter() - start)
+
+
+def _searched(status: str, settings: GlobalSettings) -> bool:
+    """Whether the search below a non-unique layer runs for a sample of this status."""
+    return settings.enabled and (status == "failed" or (status == "feasible" and settings.milp))
+
+
+def _invert_batched(
+    net: Network,
+    xb: np.ndarray,
+    single: bool,
+    rtol: float,
+    start: float,
+    settings: GlobalSettings,
+    *,
+    progress: ProgressCallback | None,
+    batch_size: int | None,
+    device: Any,
+    n_jobs: int | None,
+) -> InversionResult:
+    """The batched path: `descend_batch`, then `_compose` per sample."""
+    ctx = batched_context.Context(
+        default_device() if device is None else device,
+        batched_context.default_jobs() if n_jobs is None else n_jobs,
+    )
+    # NumPy/SciPy's OpenBLAS gets one thread for the whole call: torch does the
+    # large products with its own threads, and OpenBLAS threads spinning after
+    # each call were measured to slow everything else by up to 1.5x on 2 cores.
+    with ctx.one_blas_thread():
+        try:
+            z, reached, arrays = descend_batch(
+                net, xb, rtol, ctx, batch_size=batch_size, progress=progress
+            )
+            return _verdicts(
+                net, xb, z, reached, arrays, single, rtol, start, settings, ctx.map
+            )
+        finally:
+            ctx.close()
+
+
+def _verdicts(
+    net: Network,
+    xb: np.ndarray,
+    z: np.ndarray,
+    reached: np.ndarray,
+    arrays: list[LayerArrays],
+    single: bool,
+    rtol: float,
+    start: float,
+    settings: GlobalSettings,
+    pool_map: PoolMap,
+) -> InversionResult:
+    """Each sample's verdict from the batched descent (`_compose`), searches where asked.
+
+    pool_map runs the final residuals' pieces (`_assemble`) over the batch's threads.
+    """
+    batch = xb.shape[0]
+    status = np.empty(batch, dtype=object)
+    witness = np.full_like(z, np.nan)
+    messages: list[str] = [""] * batch
+    # Samples solved in batch at every layer all get the same verdict: compose it once.
+    in_batch = reached.copy()
+    for arr in arrays:
+        in_batch[list(arr.results)] = False
+    if in_batch.any():
+        template = _compose(net, z[in_batch][0], [_BATCH_SOLVED] * len(arrays), rtol)
+        status[in_batch] = template.status
+        for b in np.flatnonzero(in_batch):
+            messages[b] = template.message
+    for b in np.flatnonzero(~in_batch):
+        results: list[LayerResult | None] = []
+        for arr in arrays:
+            if b in arr.results:
+                results.append(arr.results[b])
+            elif arr.report.status[b] == "not_reached":
+                results.append(None)
+            else:
+                results.append(_BATCH_SOLVED)
+        outcome = _compose(net, z[b] if reached[b] else None, results, rtol)
+        if _searched(outcome.status, settings):
+            # The search needs every layer's point, which the batch did not keep:
+            # redo this sample through the reference path first (only where the
+            # search will run: a "feasible" sample is searched by the MILP alone).
+            outcome = _settle_globally(
+                net, xb[b], _invert_one(net, xb[b], rtol), rtol, settings
+            )
+        z[b] = outcome.z
+        status[b] = outcome.status
+        witness[b] = outcome.witness
+        messages[b] = outcome.message
+    reports = tuple(arr.report for arr in arrays)
+    return _assemble(
+        net, xb, z, status, witness, messages, reports, single, rtol,
+        time.perf_counter() - start, pool_map=pool_map,
+    )
+
+
+#: Stands for a layer that the batched path solved ("unique", full column rank)
+#: in `_compose`, which reads only status, message and witness.
+_BATCH_SOLVED = LayerResult(
+    h=np.empty(0),
+    status="unique",
+    message="solved the active equalities (full column rank); the active rows have full "
+    "column rank",
+    n_active=-1,
+    rank=-1,
+    sigma_min=np.nan,
+    residual=np.nan,
+)
+
+
+def _collect(
+    net: Network,
+    xb: np.ndarray,
+    outcomes: list[_SampleOutcome],
+    single: bool,
+    rtol: float,
+    elapsed: float,
+) -> InversionResult:
+    z = np.stack([o.z for o in outcomes])
+    witness = np.stack([o.witness for o in outcomes])
+    reports = tuple(
+        LayerReport.from_results(i, [o.layers[i] for o in outcomes])
+        for i in range(len(net.layers))
+    )
+    return _assemble(
+        net, xb, z, [o.status for o in outcomes], witness, [o.message for o in outcomes],
+        reports, single, rtol, elapsed,
+    )
+
+
+def _assemble(
+    net: Network,
+    xb: np.ndarray,
+    z: np.ndarray,
+    status: Sequence[str] | np.ndarray,
+    witness: np.ndarray,
+    messages: list[str],
+    reports: tuple[LayerReport, ...],
+    single: bool,
+    rtol: float,
+    elapsed: float,
+    pool_map: PoolMap | None = None,
+) -> InversionResult:
+    """The exact method's InversionResult (``steps``: the LPs its layers solved)."""
+    lps = np.sum([report.used_lp for report in reports], axis=0) if reports else None
+    return build_result(
+        net, xb, z, status, messages, method="exact", rtol=rtol, elapsed=elapsed, single=single,
+        layers=reports, witness=witness, steps=lps, pool_map=pool_map,
+    )

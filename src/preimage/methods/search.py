@@ -1,0 +1,309 @@
+"""Searching over activation cells: the one search the exact, partial, hybrid and sensing
+paths share, and the search below a non-unique layer.
+
+When layer j's preimage P_j(y_j) is not a point, the layer-wise method passes
+one point of it down and may then fail although another point would have
+worked (the true hidden vector is often not a vertex of P_j, so no choice of
+vertex helps). Below layer j the question is global: is there a z whose
+hidden activations land in P_j(y_j)?
+
+Local search from a start z, in two stages, each one never raising the misfit
+(`preimage.solvers.cell` gives the LPs):
+
+1. `slp_descent` (optional): sequential linear programming with a trust region
+   on the misfit f(z) = max(max_A |pre_i(z) - y_i|, max_I (pre_i(z) - y_i)_+) of
+   layer j. f is piecewise linear in z (h(z) is affine on each cell), so each
+   step is the cell LP of z's cell with its walls dropped and |d|_inf <= radius:
+   it moves across many cells at once.
+2. `cell_walk`: the best fit inside the current cell, then across the cell's
+   tight walls to a neighbouring cell while that lowers the misfit (those with
+   the largest LP multipliers first), until a target misfit, a cell no single
+   flip improves, or an LP budget. Inside a cell G is affine, so a misfit of 0
+   is an exact preimage.
+
+`cell_search` runs both from several starts within a time budget and returns
+the first z that a forward pass confirms; it finds preimages and never proves
+their absence. `invert_below` adds the MILP (`preimage.solvers.milp`, complete
+within a latent box) when `GlobalSettings.milp` asks for it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from preimage.model.network import Network
+from preimage.results import SearchOutcome
+from preimage.solvers.cell import CellFit, activation_pattern, cell_lp
+from preimage.solvers.layer import active_set
+from preimage.solvers.milp import milp_search, reproduces
+
+
+@dataclass(frozen=True)
+class GlobalSettings:
+    """The search below a non-unique layer, for samples the layer-wise method leaves open.
+
+    Attributes
+    ----------
+    enabled : run it on "failed" samples (and on "feasible" ones with `milp`)
+    starts : random starts z ~ N(0, I) of the cell search (after the layer-wise
+        estimate, when there is one)
+    iterations : SLP iterations per start
+    walk_lps : LP budget of the cell walk after the SLP, per start
+    seconds : time budget of the cell search per sample
+    milp : also run the MILP (slow: seconds to minutes per sample) to settle
+        uniqueness or search exhaustively
+    latent_bound : R; the MILP covers |z|_inf <= R (its verdicts hold within it)
+    time_limit : seconds per MILP solve
+    max_binaries : skip the MILP when the layers below have more ReLU units
+    seed : seed of the random starts
+    """
+
+    enabled: bool = True
+    starts: int = 6
+    iterations: int = 40
+    walk_lps: int = 10
+    seconds: float = 2.0
+    milp: bool = False
+    latent_bound: float = 10.0
+    time_limit: float = 20.0
+    max_binaries: int = 400
+    seed: int = 0
+
+
+def cell_walk(
+    net: Network,
+    y: np.ndarray,
+    z0: np.ndarray,
+    *,
+    A: np.ndarray | None = None,
+    norm: str = "linf",
+    tau: float = 0.0,
+    target: float = 0.0,
+    max_lps: int = 100,
+    deadline: float = np.inf,
+) -> CellFit:
+    """Local search over activation cells from z0 (the "reverse polish", walked on).
+
+    The best fit inside z0's cell (`cell_lp`) usually sits on the cell's walls.
+    Flip one unit whose wall is tight there (those with the largest LP
+    multipliers first), re-solve in the neighbouring cell, and move when the
+    misfit drops; stop at `target`, at a cell no single flip improves, after
+    `max_lps` LPs or at `deadline` (a `time.perf_counter()` value).
+
+    Parameters
+    ----------
+    net, y, A, norm, tau : as in `preimage.solvers.cell.cell_lp`.
+    z0 : ndarray of shape (k,)
+        The start (a gradient-descent result, an LP estimate).
+    target : float
+        Stop once the misfit is at most this (absolute).
+
+    Returns
+    -------
+    CellFit of the best cell found (``steps``: cells moved to).
+    """
+    patterns = activation_pattern(net, z0)
+    best = cell_lp(net, y, patterns, A=A, norm=norm, tau=tau, z_ref=z0)
+    n_lps, steps = best.n_lps, 0
+    flippable = len(net.layers) if A is not None else len(net.layers) - 1
+    while (
+        n_lps < max_lps and np.isfinite(best.misfit) and best.misfit > target
+        and time.perf_counter() < deadline
+    ):
+        h = np.asarray(best.z)[None]
+        moves = []
+        for i in range(flippable):
+            pre = net.layers[i].preactivation(h)[0]
+            h = net.layers[i].activation(pre)
+            tight = np.flatnonzero(np.abs(pre) <= 1e-7 * max(float(np.max(np.abs(pre))), 1e-300))
+            assert best.wall_duals is not None
+            moves += [(float(best.wall_duals[i][j]), i, int(j)) for j in tight]
+        moves.sort(key=lambda m: -m[0])
+        moved = False
+        for _, i, j in moves:
+            if n_lps >= max_lps or time.perf_counter() >= deadline:
+                break
+            trial = [p.copy() for p in patterns]
+            trial[i][j] = ~trial[i][j]
+            fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z)
+            n_lps += fit.n_lps
+            if fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit:
+                best, patterns, moved = fit, trial, True
+                steps += 1
+                break
+        if not moved:
+            break
+    best.n_lps, best.steps = n_lps, steps
+    best.message = f"cell walk: {steps} moves, {n_lps} LPs, misfit {best.misfit:.3g}"
+    return best
+
+
+def _misfit(net: Network, y: np.ndarray, z: np.ndarray, tau: float) -> float:
+    """max(max_A |pre_i(z) - y_i|, max_I (pre_i(z) - y_i)_+) of the last layer of net
+    (bijective outputs: against act^-1(y), every unit in A)."""
+    h = z[None]
+    for layer in net.layers[:-1]:
+        h = layer.forward(h)
+    last = net.layers[-1]
+    pre = last.preactivation(h)[0]
+    if last.activation.is_bijective:
+        return float(np.max(np.abs(pre - last.activation.clipped_inverse(y))))
+    on = y > tau
+    return float(
+        max(np.max(np.abs(pre[on] - y[on]), initial=0.0),
+            np.max(pre[~on] - y[~on], initial=0.0))
+    )
+
+
+def slp_descent(
+    net: Network,
+    y: np.ndarray,
+    z: np.ndarray,
+    *,
+    tau: float,
+    target: float,
+    iterations: int,
+    deadline: float = np.inf,
+) -> tuple[np.ndarray, int]:
+    """Trust-region SLP on the misfit of net's last layer to y (module docstring); (z, LPs)."""
+    f, radius = _misfit(net, y, z, tau), max(1.0, float(np.max(np.abs(z))))
+    lps = 0
+    depth = len(net.layers) - 1
+    for _ in range(iterations):
+        if f <= target or radius < 1e-9 or time.perf_counter() > deadline:
+            break
+        step = cell_lp(
+            net, y, activation_pattern(net, z, depth), tau=tau, z_ref=z, walls=False,
+            trust=(z, radius),
+        )
+        lps += step.n_lps
+        if not np.all(np.isfinite(step.z)):
+            break
+        f_new = _misfit(net, y, step.z, tau)
+        if f_new < f:
+            z, f, radius = step.z, f_new, 2 * radius
+        else:
+            radius /= 4
+    return z, lps
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """z: the first confirmed preimage or None; how many starts were tried, LPs, why."""
+
+    z: np.ndarray | None
+    tried: int
+    n_lps: int
+    message: str
+
+
+def cell_search(
+    net: Network,
+    y: np.ndarray,
+    starts: list[np.ndarray],
+    *,
+    tau: float,
+    tolerance: float,
+    target: float,
+    slp_iterations: int = 0,
+    walk_lps: int = 100,
+    seconds: float = np.inf,
+) -> SearchResult:
+    """The first z with |G(z) - y|_inf <= tolerance found from `starts`, in order.
+
+    From each start: `slp_descent` (``slp_iterations`` steps, 0 for none), then
+    `cell_walk` (at most ``walk_lps`` LPs) aiming at misfit `target`; the answer
+    is confirmed by a forward pass. Stops after `seconds` (checked between LPs):
+    the message then says how many starts were tried.
+    """
+    deadline = time.perf_counter() + seconds
+    lps = 0
+    for i, z0 in enumerate(starts):
+        if time.perf_counter() >= deadline:
+            return SearchResult(None, i, lps, (
+                f"the cell search ran out of its {seconds:g} s after {i} of {len(starts)} starts "
+                f"({lps} LPs)"
+            ))
+        z = np.asarray(z0, dtype=np.float64)
+        if slp_iterations > 0:
+            z, used = slp_descent(
+                net, y, z, tau=tau, target=target, iterations=slp_iterations, deadline=deadline
+            )
+            lps += used
+        fit = cell_walk(net, y, z, tau=tau, target=target, max_lps=walk_lps, deadline=deadline)
+        lps += fit.n_lps
+        if not np.all(np.isfinite(fit.z)):
+            continue
+        if float(np.max(np.abs(net.forward(fit.z[None])[0] - y))) <= tolerance:
+            return SearchResult(fit.z, i + 1, lps, (
+                f"found by the cell search from start {i + 1} of {len(starts)} ({lps} LPs)"
+            ))
+    return SearchResult(None, len(starts), lps, (
+        f"the cell search found no preimage ({len(starts)} starts, {lps} LPs)"
+    ))
+
+
+def invert_below(
+    net: Network,
+    top: int,
+    y: np.ndarray,
+    *,
+    rtol: float,
+    settings: GlobalSettings,
+    start: np.ndarray | None = None,
+) -> SearchOutcome:
+    """A z with layers 0..top of `net` mapping it to y, searched beyond one point per layer.
+
+    Parameters
+    ----------
+    net : Network (layers 0..top-1 must be ReLU)
+    top : index of the layer whose observation y is known exactly
+    y : ndarray of shape (n_top,)
+    rtol : the inversion's relative tolerance
+    settings : GlobalSettings
+    start : an estimate of z to start the cell search from
+
+    The cell search (`cell_search`, within ``settings.seconds``) runs first;
+    with ``settings.milp`` the MILP then tries to settle the sample, and where
+    it finds nothing (or runs out of time) the cell search's preimage is kept.
+    """
+    if top < 1 or not all(layer.activation.kind == "relu" for layer in net.layers[:top]):
+        return SearchOutcome(None, "none", None, "the search needs ReLU layers below")
+    cons = active_set(net.layers[top], y, rtol)
+    if isinstance(cons, str):
+        return SearchOutcome(None, "none", None, cons)
+    rng = np.random.default_rng(settings.seed)
+    starts = [rng.standard_normal(net.latent_dim) for _ in range(settings.starts)]
+    if start is not None and np.all(np.isfinite(start)):
+        starts.insert(0, np.asarray(start, dtype=float))
+    upper = net.below(top + 1)
+    found = cell_search(
+        upper, y, starts, tau=cons.tau, tolerance=100 * rtol * cons.scale,
+        target=rtol * cons.scale, slp_iterations=settings.iterations,
+        walk_lps=settings.walk_lps, seconds=settings.seconds,
+    )
+    z = found.z
+    if z is not None and not reproduces(net, top, y, z, rtol):
+        z = None
+    n_units = sum(layer.out_width for layer in net.layers[:top])
+    if settings.milp and n_units <= settings.max_binaries:
+        exhaustive = milp_search(
+            net, top, y, rtol=rtol, latent_bound=settings.latent_bound,
+            time_limit=settings.time_limit,
+        )
+        if exhaustive.z is not None or z is None:
+            return exhaustive
+        return SearchOutcome(
+            z, "feasible", None,
+            f"{found.message}; uniqueness unsettled ({exhaustive.message})",
+        )
+    if z is None:
+        return SearchOutcome(None, "none", None, found.message)
+    return SearchOutcome(
+        z, "feasible", None,
+        f"{found.message}, below the first non-unique layer; uniqueness unsettled"
+        + ("" if settings.milp else " (GlobalSettings(milp=True) may settle it)"),
+    )

@@ -1,0 +1,188 @@
+"""Compressed sensing with a generative prior: y = A G(z) + e, A of shape (m, n).
+
+`pgd_invert`: projected gradient descent with the layer-wise inversion as the
+projection onto the range of G (../NOTES-math.md section 7; Shah and Hegde
+2018),
+
+    v_t     = x_t + eta A^T (y - A x_t)          (a gradient step on ||y - A x||^2 / 2)
+    z_{t+1} = invert_noisy(v_t),  x_{t+1} = G(z_{t+1})   (x_{t+1} = P_G(v_t))
+
+with eta about 1 when A has N(0, 1/m) entries. The projection is the noisy
+layer-wise inversion of `preimage.methods.noisy` (v_t is never exactly in the range);
+it need only be approximate. The iterate with the smallest measurement misfit
+is kept, and PGD stops when the misfit stops decreasing. Then the reverse
+polish: the activation pattern of G(z) fixes a linear program in z with the
+measurement rows (`preimage.methods.search.cell_walk`), which recovers z exactly
+(noise-free) once the pattern is right.
+
+The baseline of Bora et al. (2017), Adam on ||A G(z) - y||^2 over z with
+random restarts, is `preimage.methods.gradient.gradient_invert` with ``A``.
+
+Statuses as for the other estimating methods: "feasible" when the relative
+measurement misfit |A G(z) - y|_inf / |y|_inf is at most ``success_rtol``
+(noise-free) or the misfit is consistent with ``noise_level``; else "failed".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from preimage.methods.noisy import invert_noisy_one
+from preimage.methods.search import cell_walk
+from preimage.model.network import Network
+from preimage.model.operators import Measurement, as_measurement
+from preimage.model.validation import check_observation, check_positive
+from preimage.results import (
+    NORMS,
+    InversionResult,
+    ProgressCallback,
+    build_result,
+    estimate_rule,
+)
+from preimage.solvers.cell import activation_pattern, cell_lp, piecewise_linear
+
+
+def pgd_invert(
+    net: Network,
+    y: Any,
+    A: Any,
+    *,
+    noise: str | None = None,
+    noise_level: float | None = None,
+    projection: str = "l2",
+    step: float = 0.5,
+    iterations: int = 60,
+    max_lps: int = 100,
+    success_rtol: float = 1e-6,
+    rtol: float = 1e-9,
+    progress: ProgressCallback | None = None,
+) -> InversionResult:
+    """Projected gradient descent with the layer-wise inversion as projection.
+
+    Parameters
+    ----------
+    net : Network
+    y : array-like of shape (m,) or (B, m)
+        Measurements y = A G(z) + e.
+    A : array of shape (m, n) or a measurement (`preimage.measurements`)
+    noise, noise_level : the noise model (status and the polish's norm).
+    projection : "linf", "l1" or "l2"
+        The norm of the noisy layer fits in the projection. "l2" (the QP,
+        solved by active-set least squares) is the fastest; the LPs are the
+        paper's.
+    step : float
+        eta, the gradient step. 0.5: on a random 20-100-500 net with m = 100
+        Gaussian measurements it recovered 8 of 10 codes against 5 of 10 with
+        eta = 1 (m = 200: all with both).
+    iterations : int
+        Most PGD iterations.
+    max_lps : int
+        Budget of the final pattern walk (0: no polish).
+    success_rtol : relative misfit under which a noise-free answer counts.
+    rtol : float
+        Relative floor of the projections' tau ladder.
+    progress : callable(done, total), optional
+        Called after each sample.
+
+    Returns
+    -------
+    InversionResult with method "pgd", ``steps`` = PGD
+    iterations + polish LPs, ``misfit`` = ||A G(z) - y|| in the noise norm.
+    """
+    if not isinstance(net, Network):
+        raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
+    meas = as_measurement(A, net.output_dim)
+    if projection not in NORMS:
+        raise ValueError(f"`projection` must be one of {NORMS}; got {projection!r}.")
+    step = check_positive(step, "step")
+    if int(iterations) < 1 or int(max_lps) < 0:
+        raise ValueError(
+            f"`iterations` must be >= 1 and `max_lps` >= 0; got {iterations} and {max_lps}."
+        )
+    yb, single = check_observation(y, meas.shape[0], name="y")
+    start = time.perf_counter()
+    outs = []
+    for b in range(yb.shape[0]):
+        outs.append(
+            _pgd_one(
+                net, yb[b], meas, noise=noise, projection=projection, step=step,
+                iterations=int(iterations), max_lps=int(max_lps), rtol=rtol,
+            )
+        )
+        if progress is not None:
+            progress(b + 1, yb.shape[0])
+    z = np.stack([o[0] for o in outs])
+    return build_result(
+        net, yb, z, estimate_rule(yb, noise, noise_level, success_rtol), [o[2] for o in outs],
+        method="pgd", rtol=success_rtol, elapsed=time.perf_counter() - start, single=single,
+        measure=meas.apply, noise=noise, steps=np.array([o[1] for o in outs]),
+    )
+
+
+def _pgd_one(
+    net: Network,
+    y: np.ndarray,
+    meas: Measurement,
+    *,
+    noise: str | None,
+    projection: str,
+    step: float,
+    iterations: int,
+    max_lps: int,
+    rtol: float,
+) -> tuple[np.ndarray, int, str]:
+    """PGD for one sample: (z, iterations + LPs, message)."""
+    k = net.latent_dim
+    scale = max(float(np.max(np.abs(y))), 1e-300)
+    x = np.zeros(meas.shape[1])
+    best_z, best = np.full(k, np.nan), np.inf
+    stall = 0
+    t = 0
+    lps = 0
+    exact = False
+    last_try = np.inf
+    walkable = max_lps > 0 and piecewise_linear(net, output=True)
+    for t in range(1, iterations + 1):  # noqa: B007
+        v = x + step * meas.adjoint(y - meas.apply(x))
+        z = invert_noisy_one(net, v, norm=projection, rtol=rtol, keep_rank=True).z
+        if not np.all(np.isfinite(z)):
+            break
+        x = net.forward(z[None])[0]
+        r = float(np.max(np.abs(meas.apply(x) - y)))
+        if r < best * (1 - 1e-3):
+            best_z, best, stall = z, r, 0
+        else:
+            stall += 1
+        if r <= 1e-12 * scale or stall >= 5:
+            break
+        if walkable and noise is None and r <= 0.1 * last_try and r <= 1e-2 * scale:
+            # Close enough that the activation pattern may be right: one cell LP.
+            last_try = r
+            fit = cell_lp(net, y, activation_pattern(net, z), A=meas.matrix(), z_ref=z)
+            lps += fit.n_lps
+            if fit.misfit <= 1e-12 * scale:
+                best_z, best, exact = fit.z, fit.misfit, True
+                break
+    message = f"PGD: {t} iterations, relative misfit {best / scale:.3g}"
+    if exact:
+        message += " (made exact by the LP of its activation cell)"
+    if (
+        walkable
+        and not exact
+        and np.all(np.isfinite(best_z))
+        and best > 1e-12 * scale
+    ):
+        fit = cell_walk(
+            net, y, best_z, A=meas.matrix(), norm="l1" if noise == "l1" else "linf",
+            target=1e-12 * scale if noise is None else 0.0, max_lps=max_lps,
+        )
+        lps += fit.n_lps
+        if np.all(np.isfinite(fit.z)):
+            r = float(np.max(np.abs(meas.apply(net.forward(fit.z[None])[0]) - y)))
+            if r < best:
+                best_z, best = fit.z, r
+                message += f"; cell walk ({fit.steps} moves, {lps} LPs) to {r / scale:.3g}"
+    return best_z, t + lps, message

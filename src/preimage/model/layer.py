@@ -1,0 +1,64 @@
+"""One layer y = act(W h + b) of a generator.
+
+One layer object is the single source of truth for both the forward pass and
+the solvers (the slope of a LeakyReLU, the bias), so they can never drift
+apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from preimage.model.activations import Activation
+from preimage.model.operators import LinearOperator
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer y = act(W h + b).
+
+    Attributes
+    ----------
+    weight : LinearOperator of shape (m, n)
+    bias : ndarray of shape (m,) or None
+    activation : Activation
+    """
+
+    weight: LinearOperator
+    bias: np.ndarray | None
+    activation: Activation
+
+    def __post_init__(self) -> None:
+        if self.bias is not None:
+            b = np.array(self.bias, dtype=np.float64, copy=True)
+            if b.shape != (self.out_width,):
+                raise ValueError(
+                    f"A bias must have shape ({self.out_width},) to match a weight of shape "
+                    f"{self.weight.shape}; got {b.shape}."
+                )
+            if not np.all(np.isfinite(b)):
+                raise ValueError("A bias contains NaN or inf.")
+            b.setflags(write=False)
+            object.__setattr__(self, "bias", b)
+
+    @property
+    def in_width(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_width(self) -> int:
+        return self.weight.shape[0]
+
+    def bias_or_zero(self) -> np.ndarray:
+        return self.bias if self.bias is not None else np.zeros(self.out_width)
+
+    def preactivation(self, h: np.ndarray) -> np.ndarray:
+        """W h + b for a batch h of shape (B, n) -> (B, m)."""
+        pre = self.weight.apply(h)
+        return pre + self.bias if self.bias is not None else pre
+
+    def forward(self, h: np.ndarray) -> np.ndarray:
+        """act(W h + b) for a batch h of shape (B, n) -> (B, m)."""
+        return self.activation(self.preactivation(h))

@@ -1,0 +1,241 @@
+"""The network model: a generator G(z) as an ordered list of layers.
+
+Each layer is an affine map followed by an elementwise activation
+(`preimage.model.layer.Layer`),
+
+    x_{i} = act_i(W_i x_{i-1} + b_i),      x_0 = z,   G(z) = x_d.
+
+Built from weight matrices, a PyTorch module (`preimage.model.torch_io`), a
+state dict or a model file (`preimage.model.files`), or at random.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preimage.model import files, torch_io
+from preimage.model.activations import Activation, ActivationKind
+from preimage.model.layer import Layer
+from preimage.model.operators import DenseOperator
+from preimage.model.validation import check_latent
+
+
+@dataclass(frozen=True)
+class Network:
+    """A generator G: an ordered tuple of layers, latent first.
+
+    Build one with `random_network`, `Network.from_torch`,
+    `Network.from_state_dict` or `Network.from_weights`.
+    """
+
+    layers: tuple[Layer, ...]
+    source_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)
+        if not layers:
+            raise ValueError("A network needs at least one layer.")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Layer {i} is a {type(layer).__name__}, not a preimage.Layer.")
+        for i in range(1, len(layers)):
+            if layers[i].in_width != layers[i - 1].out_width:
+                raise ValueError(
+                    f"Layer {i} takes inputs of width {layers[i].in_width} but layer {i - 1} "
+                    f"outputs width {layers[i - 1].out_width}."
+                )
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def widths(self) -> list[int]:
+        """[k, n_1, ..., n_d]: latent width, then each layer's output width."""
+        return [self.layers[0].in_width] + [layer.out_width for layer in self.layers]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.layers[0].in_width
+
+    @property
+    def output_dim(self) -> int:
+        return self.layers[-1].out_width
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        acts = ", ".join(str(layer.activation) for layer in self.layers)
+        widths = "-".join(str(w) for w in self.widths)
+        bias = any(layer.bias is not None for layer in self.layers)
+        return f"Network({widths}, activations=[{acts}], bias={bias})"
+
+    def forward(self, z: np.ndarray) -> np.ndarray:
+        """G(z) in float64.
+
+        Parameters
+        ----------
+        z : array-like of shape (k,) or (B, k)
+
+        Returns
+        -------
+        ndarray of shape (n,) or (B, n)
+        """
+        zb, single = check_latent(z, self.latent_dim)
+        h = zb
+        for layer in self.layers:
+            h = layer.forward(h)
+        return h[0] if single else h
+
+    def forward_all(self, z: np.ndarray) -> list[np.ndarray]:
+        """Every layer's output for a batch z of shape (B, k): [z, x_1, ..., x_d]."""
+        zb, _ = check_latent(z, self.latent_dim)
+        outs = [zb]
+        for layer in self.layers:
+            outs.append(layer.forward(outs[-1]))
+        return outs
+
+    # --- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: Sequence[np.ndarray],
+        biases: Sequence[np.ndarray | None] | None = None,
+        *,
+        activation: ActivationKind | Sequence[ActivationKind] = "relu",
+        negative_slope: float = 0.1,
+    ) -> Network:
+        """A network from weight matrices W_1 (n_1, k), ..., W_d (n_d, n_{d-1}).
+
+        ``activation`` is one kind for every layer or one per layer.
+        """
+        weights = list(weights)
+        if not weights:
+            raise ValueError("`weights` must hold at least one matrix.")
+        if biases is None:
+            biases = [None] * len(weights)
+        if len(biases) != len(weights):
+            raise ValueError(
+                f"`biases` has {len(biases)} entries but `weights` has {len(weights)}."
+            )
+        kinds = [activation] * len(weights) if isinstance(activation, str) else list(activation)
+        if len(kinds) != len(weights):
+            raise ValueError(
+                f"`activation` lists {len(kinds)} kinds but there are {len(weights)} layers."
+            )
+        layers = []
+        for w, b, kind in zip(weights, biases, kinds, strict=True):
+            slope = negative_slope if kind == "leaky_relu" else 0.0
+            layers.append(Layer(DenseOperator(np.asarray(w)), b, Activation(kind, slope)))
+        return cls(tuple(layers))
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, Any],
+        layers: Sequence[str],
+        *,
+        activation: ActivationKind = "relu",
+        negative_slope: float = 0.1,
+    ) -> Network:
+        """A network from named linear layers of a PyTorch state dict.
+
+        For example the decoder of the paper authors' VAE:
+        ``Network.from_state_dict(sd, ["fc3", "fc4"], activation="relu")``
+        reads ``fc3.weight``, ``fc4.weight`` (and ``.bias`` where present) and
+        puts ``activation`` after every layer, the output layer too.
+        """
+        found, dtype = files.layers_from_state_dict(
+            state_dict, layers, activation=Activation(
+                activation, negative_slope if activation == "leaky_relu" else 0.0
+            )
+        )
+        return cls(tuple(found), source_dtype=dtype)
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        layers: Sequence[str] | None = None,
+        *,
+        activation: ActivationKind = "relu",
+        negative_slope: float = 0.1,
+    ) -> Network:
+        """A network from a saved state dict: ``.safetensors``, or ``.pt`` / ``.pth``.
+
+        ``.pt`` files are read with ``torch.load(weights_only=True)`` (no code
+        runs); a checkpoint dict holding its weights under ``"state_dict"`` is
+        unwrapped. ``layers`` names the linear layers of G in order (e.g.
+        ``["fc3", "fc4"]``: the decoder of a VAE); without it every 2-D
+        ``*.weight`` of the file is taken, in file order, and they must chain
+        (each layer's input width the previous one's output width). Then as
+        `from_state_dict`.
+        """
+        state, names = files.read_state_dict(path, layers)
+        return cls.from_state_dict(
+            state, names, activation=activation, negative_slope=negative_slope
+        )
+
+    @classmethod
+    def from_torch(cls, module: Any, *, entry: str = "forward") -> Network:
+        """A network from a PyTorch module.
+
+        Accepts an ``nn.Sequential`` or any module whose ``entry`` method (default
+        ``forward``; ``entry="decode"`` takes the decoder of a VAE) is a chain of
+        ``nn.Linear`` layers and activations (ReLU, LeakyReLU, Tanh, Sigmoid,
+        Identity, Flatten of a flat input, as modules or as ``torch``/``F``
+        functions). Anything else raises a TypeError naming the operation.
+        """
+        layers, dtype = torch_io.layers_from_module(module, entry=entry)
+        return cls(tuple(layers), source_dtype=dtype)
+
+    def to_torch(self, dtype: Any = None) -> Any:
+        """An ``nn.Sequential`` computing the same G (float64 unless ``dtype``)."""
+        return torch_io.module_from_layers(self.layers, dtype=dtype)
+
+    def input_nonnegative(self, i: int) -> bool:
+        """Whether layer i's input is known to be >= 0 (the output of a ReLU or sigmoid)."""
+        return i > 0 and self.layers[i - 1].activation.output_nonnegative
+
+    def below(self, top: int) -> Network:
+        """The network of layers 0..top-1 (the generator of layer `top`'s input)."""
+        return Network(self.layers[:top], source_dtype=self.source_dtype)
+
+
+def random_network(
+    widths: Sequence[int],
+    *,
+    activation: ActivationKind = "relu",
+    negative_slope: float = 0.1,
+    bias: bool = False,
+    bias_scale: float = 1.0,
+    seed: int | np.random.Generator | None = 0,
+) -> Network:
+    """The paper's random generator: W_i with i.i.d. N(0, 1/n_i) entries.
+
+    Parameters
+    ----------
+    widths : [k, n_1, ..., n_d]
+        Latent width followed by each layer's output width.
+    activation : the activation after every layer, the output layer too.
+    bias : add a Gaussian bias b_i ~ N(0, bias_scale^2 / n_i).
+    seed : an int or a numpy Generator; the same seed gives the same network.
+    """
+    widths = [int(w) for w in widths]
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(
+            f"`widths` must list at least two positive widths [k, n_1, ...]; got {widths}."
+        )
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    weights, biases = [], []
+    for n_in, n_out in itertools.pairwise(widths):
+        weights.append(rng.standard_normal((n_out, n_in)) / np.sqrt(n_out))
+        biases.append(rng.standard_normal(n_out) * bias_scale / np.sqrt(n_out) if bias else None)
+    return Network.from_weights(
+        weights, biases, activation=activation, negative_slope=negative_slope
+    )

@@ -1,0 +1,376 @@
+"""The vocabulary every layer of the package shares: statuses, tolerances, result types.
+
+- `STATUSES` and what each means (the README's table);
+- the default tolerances (`DEFAULT_RTOL` by precision, `TIGHT_RTOL`, `LP_TOL`);
+- `LayerResult` (one layer, one sample), `LayerReport` (one layer, a batch) and
+  `InversionResult` (what `preimage.invert` returns);
+- the noise norms and the consistency rule of a noisy estimate;
+- the one residual (`relative_residual`) and the one result builder
+  (`build_result`), used by every method, so every result reports the same
+  fields with the same types: arrays of shape (B,) (or (B, k)) when the caller
+  passed a batch, scalars (or (k,)) when one sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from preimage.model.network import Network
+from preimage.model.validation import check_positive
+
+#: The statuses a layer (and a whole inversion) can end with.
+STATUSES: tuple[str, ...] = ("unique", "non_unique", "feasible", "infeasible", "failed")
+
+#: Statuses that mean "z is an answer" (a preimage, or an estimate consistent with the noise).
+SUCCESS: tuple[str, ...] = ("unique", "non_unique", "feasible")
+
+#: What each status means (the CLI prints these).
+STATUS_MEANING: dict[str, str] = {
+    "unique": "z is the only preimage (certified)",
+    "non_unique": "z is a preimage; another one is in `witness`",
+    "feasible": "z is a preimage (or, with noise, fits within it); uniqueness not settled",
+    "infeasible": "proved: x is not in the range of G",
+    "failed": "no z found, nothing proved",
+}
+
+#: Default relative tolerance by the precision of the observation.
+DEFAULT_RTOL: dict[str, float] = {"float64": 1e-9, "float32": 1e-5}
+
+#: Relative tolerance for "this constraint is tight at h" (float64 solve accuracy).
+TIGHT_RTOL = 1e-8
+
+#: HiGHS primal and dual feasibility tolerance, on data scaled to max |y| = 1.
+LP_TOL = 1e-9
+
+#: The misfit norms of the noisy fits.
+NORMS: tuple[str, ...] = ("linf", "l1", "l2")
+
+#: A noisy estimate is consistent when ||G(z_hat) - x|| <= CONSISTENCY * noise_level.
+CONSISTENCY = 3.0
+
+#: Samples per piece of the forward pass that measures the residuals.
+RESIDUAL_ROWS = 1024
+
+#: fn over items, possibly in threads (`preimage.methods.batched.context.Context.map`).
+PoolMap = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+#: ``progress(done, total)``: samples finished so far.
+ProgressCallback = Callable[[int, int], None]
+
+
+def check_noise(noise: Any, noise_level: Any) -> float | None:
+    """Validate a noise model; returns the level as a float (or None)."""
+    if noise is not None and noise not in NORMS:
+        raise ValueError(f"`noise` must be one of {NORMS} or None; got {noise!r}.")
+    if noise_level is None:
+        return None
+    if noise is None:
+        raise ValueError(
+            "`noise_level` needs a noise model: pass noise='linf', 'l1' or 'l2' (the norm the "
+            "level is measured in)."
+        )
+    return check_positive(noise_level, "noise_level", allow_zero=True)
+
+
+def vector_norm(v: np.ndarray, norm: str | None) -> np.ndarray:
+    """Norm of each row of v (B, n): "linf", "l1", or "l2" (also for None)."""
+    if norm == "linf":
+        return np.max(np.abs(v), axis=-1, initial=0.0)
+    if norm == "l1":
+        return np.sum(np.abs(v), axis=-1)
+    return np.linalg.norm(v, axis=-1)
+
+
+def relative_residual(fx: np.ndarray, xb: np.ndarray) -> np.ndarray:
+    """|G(z) - x|_inf / max(|x|_inf, tiny), row by row (NaN rows stay NaN)."""
+    scale = np.maximum(np.max(np.abs(xb), axis=-1), 1e-300)
+    return np.max(np.abs(fx - xb), axis=-1) / scale
+
+
+def consistent_misfit(noise_level: float, x: np.ndarray, norm: str | None) -> float:
+    """The largest misfit consistent with the noise level: CONSISTENCY times it, plus
+    the LPs' rounding (LP_TOL relative to ||x||), so that noise_level = 0 works."""
+    return CONSISTENCY * noise_level + LP_TOL * float(vector_norm(np.asarray(x), norm))
+
+
+def estimate_status(
+    residual: np.ndarray,
+    misfit: np.ndarray,
+    yb: np.ndarray,
+    *,
+    noise: str | None,
+    noise_level: float | None,
+    success_rtol: float,
+) -> np.ndarray:
+    """"feasible" / "failed" for an estimate, by the rule of the noise model.
+
+    No noise model: feasible when the relative residual is at most `success_rtol`
+    (z is a preimage up to rounding). A noise model without a level: feasible
+    wherever z is finite. With a level: feasible when the misfit is consistent
+    with it (`consistent_misfit`, per row of the observations yb).
+    """
+    finite = np.isfinite(misfit)
+    if noise is None:
+        ok = finite & (residual <= success_rtol)
+    elif noise_level is None:
+        ok = finite
+    else:
+        limit = np.array([consistent_misfit(noise_level, y, noise) for y in yb])
+        ok = finite & (misfit <= limit)
+    return np.where(ok, "feasible", "failed").astype(object)
+
+
+def estimate_rule(
+    yb: np.ndarray, noise: str | None, noise_level: float | None, success_rtol: float
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`estimate_status` as the status rule of `build_result` for the observations yb."""
+
+    def rule(residual: np.ndarray, misfit: np.ndarray) -> np.ndarray:
+        return estimate_status(
+            residual, misfit, yb, noise=noise, noise_level=noise_level, success_rtol=success_rtol
+        )
+
+    return rule
+
+
+@dataclass
+class LayerResult:
+    """The outcome of inverting one layer for one sample.
+
+    Attributes
+    ----------
+    h : ndarray of shape (n,)
+        The chosen preimage (NaN when infeasible or failed).
+    status : one of STATUSES
+        "unique": h is proved to be the only preimage; "non_unique": `witness`
+        is a second one; "feasible": h is a preimage, uniqueness unsettled;
+        "infeasible": y has no preimage under this layer; "failed": the
+        solver gave no usable answer (see `message`).
+    message : str
+    n_active : number of units taken as equalities
+    rank : rank of W_A
+    sigma_min : smallest nonzero singular value of W_A (for error bounds)
+    residual : |act(W h + b) - y|_inf (NaN when there is no h)
+    used_lp : whether an LP was solved (the rank-deficient case)
+    witness : ndarray of shape (n,) or None
+    time : seconds spent
+    """
+
+    h: np.ndarray
+    status: str
+    message: str
+    n_active: int
+    rank: int
+    sigma_min: float
+    residual: float
+    used_lp: bool = False
+    witness: np.ndarray | None = None
+    time: float = 0.0
+    tol: float = field(default=0.0, repr=False)
+
+
+#: The per-sample fields a LayerReport shares with `LayerResult`: (value where a
+#: sample did not reach the layer, dtype).
+REPORT_FIELDS: dict[str, tuple[Any, type]] = {
+    "status": ("not_reached", object),
+    "n_active": (-1, int),
+    "rank": (-1, int),
+    "sigma_min": (np.nan, float),
+    "residual": (np.nan, float),
+    "used_lp": (False, bool),
+    "time": (0.0, float),
+}
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What a search below a non-unique layer found for one sample.
+
+    z: a checked preimage or None; verdict: "unique" / "non_unique" / "feasible"
+    (with z) or "none"; witness: a second preimage where non_unique.
+    """
+
+    z: np.ndarray | None
+    verdict: str
+    witness: np.ndarray | None
+    message: str
+
+
+@dataclass
+class LayerReport:
+    """Per-layer diagnostics over the batch (arrays of shape (B,)).
+
+    A sample whose inversion stopped at a layer above has status "not_reached".
+    """
+
+    index: int
+    status: np.ndarray
+    n_active: np.ndarray
+    rank: np.ndarray
+    sigma_min: np.ndarray
+    residual: np.ndarray
+    used_lp: np.ndarray
+    time: np.ndarray
+    # Noisy inversion only (None otherwise), arrays of shape (B,):
+    #: the on/off threshold used,
+    tau: np.ndarray | None = None
+    #: the layer LP's optimal misfit,
+    misfit: np.ndarray | None = None
+    #: bound on ||input_hat - input||_2 of this layer (layer 0: on ||z_hat - z||_2).
+    error_bound: np.ndarray | None = None
+
+    @classmethod
+    def from_results(cls, index: int, results: Sequence[Any], **columns: np.ndarray) -> LayerReport:
+        """The report of layer `index` from one per-layer result per sample.
+
+        `results[b]` is anything with the attributes of `LayerResult` (None where
+        sample b did not reach the layer); `columns` replace or add fields.
+        """
+        fields = dict(columns)
+        reached = [b for b, r in enumerate(results) if r is not None]
+        for name, (missing, dtype) in REPORT_FIELDS.items():
+            if name not in fields:
+                column = np.full(len(results), missing, dtype=dtype)
+                for b in reached:
+                    column[b] = getattr(results[b], name)
+                fields[name] = column
+        return cls(index=index, **fields)
+
+
+@dataclass
+class InversionResult:
+    """What `invert` found.
+
+    Every per-sample field is an array over the batch when the caller passed a
+    batch x of shape (B, n), and a scalar (or a (k,) vector) when one sample x
+    of shape (n,).
+
+    Attributes
+    ----------
+    z : ndarray of shape (B, k) or (k,)
+        The recovered codes (NaN rows where no preimage was found).
+    status : ndarray of str of shape (B,), or str
+        One of "unique", "non_unique", "feasible", "infeasible", "failed".
+    success : ndarray of bool (B,), or bool
+        True where z is an answer (unique, non_unique or feasible).
+    residual : ndarray (B,), or float
+        |G(z) - x|_inf / max(|x|_inf, tiny): relative misfit of the answer (NaN without z).
+    witness : ndarray like z
+        A second preimage z' != z where status is "non_unique", else NaN.
+    message : ndarray of str of shape (B,), or str
+        Why each sample ended as it did.
+    layers : tuple of LayerReport
+        Per-layer diagnostics, `layers[i]` for network layer i (0 = latent side).
+    method : str
+        The method that ran: "exact", "noisy", "pgd", "adam", "clipping",
+        "negation" or "hybrid".
+    rtol : float
+    time : float
+        Wall-clock seconds for the whole call.
+    misfit : ndarray (B,), or float
+        ||G(z) - x|| in the noise norm (l_2 when there is none), on the observed
+        coordinates or the measurements (inf without z).
+    z_error_bound : ndarray (B,), or float
+        A proved bound on ||z - z_true||_2 (inf where none was computed: it needs
+        a noise level, see `preimage.methods.noisy`).
+    steps : ndarray of int (B,), or int
+        Iterations taken (LP solves, gradient steps, PGD iterations).
+    noise : str or None
+        The noise model ("linf", "l1", "l2") the result was computed under.
+    """
+
+    z: np.ndarray
+    status: Any
+    success: Any
+    residual: Any
+    witness: np.ndarray
+    message: Any
+    layers: tuple[LayerReport, ...]
+    method: str
+    rtol: float
+    time: float
+    misfit: Any = None
+    z_error_bound: Any = None
+    steps: Any = None
+    noise: str | None = None
+
+    def counts(self) -> dict[str, int]:
+        """How many samples ended in each status."""
+        status = np.atleast_1d(np.asarray(self.status))
+        return {s: int(np.sum(status == s)) for s in STATUSES if np.any(status == s)}
+
+    def __repr__(self) -> str:
+        n = int(np.atleast_1d(np.asarray(self.status)).size)
+        return (
+            f"InversionResult(method={self.method!r}, samples={n}, counts={self.counts()}, "
+            f"time={self.time:.3g}s)"
+        )
+
+
+def build_result(
+    net: Network,
+    observed: np.ndarray,
+    z: np.ndarray,
+    status: Any,
+    messages: Sequence[str],
+    *,
+    method: str,
+    rtol: float,
+    elapsed: float,
+    single: bool,
+    measure: Callable[[np.ndarray], np.ndarray] | None = None,
+    noise: str | None = None,
+    layers: tuple[LayerReport, ...] = (),
+    witness: np.ndarray | None = None,
+    z_error_bound: np.ndarray | None = None,
+    steps: np.ndarray | None = None,
+    pool_map: PoolMap | None = None,
+) -> InversionResult:
+    """The `InversionResult` of every method, from per-sample arrays of length B.
+
+    Measures each answer: residual and misfit of measure(G(z)) against the
+    observations `observed` (B, m) (`measure`: the measurement applied to G(z),
+    identity by default), in pieces of RESIDUAL_ROWS samples (arrays of a few
+    MB reuse freed memory, where one (B, m) array at a time touches new pages:
+    measured 5x slower), over `pool_map` when given (the batched path's
+    threads, one BLAS thread each), in turn otherwise. `status` is an array of
+    statuses, or a rule ``status(residual, misfit) -> statuses`` applied to the
+    measured answers (the estimating methods).
+    """
+    batch = z.shape[0]
+    residual = np.full(batch, np.nan)
+    misfit = np.full(batch, np.inf)
+    done = np.flatnonzero(np.all(np.isfinite(z), axis=1))
+
+    def measure_part(part: np.ndarray) -> None:
+        pred = net.forward(z[part])
+        if measure is not None:
+            pred = measure(pred)
+        residual[part] = relative_residual(pred, observed[part])
+        misfit[part] = vector_norm(pred - observed[part], noise)
+
+    parts = [done[lo : lo + RESIDUAL_ROWS] for lo in range(0, done.size, RESIDUAL_ROWS)]
+    if pool_map is None:
+        for part in parts:
+            measure_part(part)
+    else:
+        pool_map(measure_part, parts)
+    status = np.asarray(status(residual, misfit) if callable(status) else status, dtype=object)
+    success = np.isin(status, SUCCESS)
+    witness = np.full_like(z, np.nan) if witness is None else np.asarray(witness)
+    bound = np.full(batch, np.inf) if z_error_bound is None else np.asarray(z_error_bound, float)
+    steps = np.zeros(batch, dtype=int) if steps is None else np.asarray(steps, dtype=int)
+    message = np.array(list(messages), dtype=object)
+    if single:
+        return InversionResult(
+            z[0], str(status[0]), bool(success[0]), float(residual[0]), witness[0],
+            str(message[0]), layers, method, rtol, elapsed, misfit=float(misfit[0]),
+            z_error_bound=float(bound[0]), steps=int(steps[0]), noise=noise,
+        )
+    return InversionResult(
+        z, status, success, residual, witness, message, layers, method, rtol, elapsed,
+        misfit=misfit, z_error_bound=bound, steps=steps, noise=noise,
+    )

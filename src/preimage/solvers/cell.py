@@ -1,0 +1,310 @@
+"""The LP of one activation cell: with every unit's on/off state fixed, G is affine in z.
+
+Fix the on/off pattern of every piecewise-linear unit (on: pre > 0, the one
+convention of the package; `activation_pattern`). With D_i = diag(1 on,
+a off) (a = 0 for ReLU, the slope for LeakyReLU, 1 for identity),
+
+    pre_0 = W_0 z + b_0,   pre_{i+1} = W_{i+1} D_i pre_i + b_{i+1},
+
+so pre_i = P_i z + q_i (`affine_chain`). The cell of the pattern is the
+polyhedron {z : pre_i >= 0 on, <= 0 off} and inside it G(z) is exactly affine
+(../NOTES-math.md section 8). `cell_lp` minimises the misfit to an
+observation y over the cell:
+
+    minimise    ||r||  (l_inf: t;  l_1: sum of slacks)
+    subject to  walls: P_i[on] z + q_i[on] >= 0,  P_i[off] z + q_i[off] <= 0  (hidden layers)
+                fit rows, without a measurement (output pattern free):
+                  y_j > tau:  |pre_j - y_j| <= t    (bijective outputs: act^-1(y), every row)
+                  y_j <= tau:  pre_j - y_j <= t     (a ReLU unit seen off)
+                or with a measurement A (the output's pattern fixed too):
+                  |A_j G(z) - y_j| <= t.
+
+Variables u = (z, t) (l_inf) or (z, s) (l_1), z scaled by max |y| so that
+HiGHS's absolute tolerances are relative ones. A misfit of 0 is an exact
+preimage. With ``walls=False`` and a trust region |z - center|_inf <= radius
+the same LP is one step of sequential linear programming on the linearised
+misfit (`preimage.methods.search`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import sparse
+
+from preimage.model.network import Network
+from preimage.results import LP_TOL
+from preimage.solvers.highs import solve_lp
+
+
+@dataclass
+class CellFit:
+    """The best z inside one activation cell.
+
+    Attributes
+    ----------
+    z : ndarray of shape (k,), NaN when the cell LP failed or is empty
+    misfit : float
+        The LP's optimal value (absolute, in the units of y); inf when it failed.
+    message : str
+    wall_duals : list of ndarray, optional
+        Per constrained layer, the multipliers (>= 0) of its walls: large where
+        the cell's wall blocks a better fit.
+    n_lps : int
+        LPs solved (row generation and walk steps included).
+    steps : int
+        Cells moved to (`preimage.methods.search.cell_walk`).
+    """
+
+    z: np.ndarray
+    misfit: float
+    message: str
+    wall_duals: list[np.ndarray] | None = None
+    n_lps: int = 1
+    steps: int = 0
+    status: str = field(default="optimal")
+
+
+def activation_pattern(net: Network, z: np.ndarray, depth: int | None = None) -> list[np.ndarray]:
+    """The on/off pattern (pre-activation > 0) of layers 0..depth-1 at z of shape (k,)."""
+    h = np.asarray(z, dtype=np.float64)[None]
+    out = []
+    for layer in net.layers[: len(net.layers) if depth is None else depth]:
+        pre = layer.preactivation(h)
+        out.append(pre[0] > 0)
+        h = layer.activation(pre)
+    return out
+
+
+def piecewise_linear(net: Network, *, output: bool) -> bool:
+    """Whether every hidden layer (and the output layer when `output`) is piecewise linear."""
+    layers = net.layers if output else net.layers[:-1]
+    return all(layer.activation.is_piecewise_linear for layer in layers)
+
+
+def affine_chain(
+    net: Network, patterns: list[np.ndarray], depth: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(P_i, q_i) for i < depth: pre_i = P_i z + q_i under the patterns of layers < depth - 1."""
+    k = net.latent_dim
+    p, q = np.eye(k), np.zeros(k)
+    chain = []
+    for i in range(depth):
+        layer = net.layers[i]
+        p, q = layer.weight.apply(p.T).T, layer.preactivation(q[None])[0]
+        chain.append((p, q))
+        if i + 1 < depth:
+            gain = layer.activation.gain(patterns[i])
+            p, q = gain[:, None] * p, gain * q
+    return chain
+
+
+@dataclass
+class _CellSystem:
+    """The cell LP's data, scaled by `scale` (z' = z / scale).
+
+    walls z' <= wall_rhs;  fit rows: f_j(z') = fit[j] z' - r[j], two-sided where
+    `two`, one-sided (f_j <= slack) elsewhere.
+    """
+
+    walls: np.ndarray
+    wall_rhs: np.ndarray
+    wall_sizes: list[int]
+    fit: np.ndarray
+    r: np.ndarray
+    two: np.ndarray
+    scale: float
+
+
+def _cell_system(
+    net: Network, y: np.ndarray, patterns: list[np.ndarray], A: np.ndarray | None, tau: float
+) -> _CellSystem:
+    d = len(net.layers)
+    k = net.latent_dim
+    chain = affine_chain(net, patterns, d)
+    scale = max(float(np.max(np.abs(y))), 1e-300)
+    # Walls:  -P_on z <= q_on,  P_off z <= -q_off.
+    rows, rhs = [], []
+    for i in range(d - 1 if A is None else d):
+        p, q = chain[i]
+        sign = np.where(patterns[i], -1.0, 1.0)
+        rows.append(sign[:, None] * p)
+        rhs.append(-sign * q)
+    p_out, q_out = chain[-1]
+    last = net.layers[-1].activation
+    if A is None:
+        if last.is_bijective:
+            two = np.ones(len(y), dtype=bool)
+            target = last.clipped_inverse(y)
+        else:
+            two = y > tau
+            target = y
+        fit, fit_q = p_out, q_out
+    else:
+        gain = last.gain(patterns[-1])
+        fit, fit_q, target = A @ (gain[:, None] * p_out), A @ (gain * q_out), y
+        two = np.ones(len(y), dtype=bool)
+    return _CellSystem(
+        np.vstack(rows) if rows else np.zeros((0, k)),
+        np.concatenate(rhs) / scale if rhs else np.zeros(0),
+        [len(r) for r in rhs],
+        fit,
+        (target - fit_q) / scale,
+        two,
+        scale,
+    )
+
+
+def _solve_cell(
+    sys: _CellSystem,
+    rows: np.ndarray,
+    norm: str,
+    walls: bool,
+    box: tuple[np.ndarray, float] | None,
+) -> tuple[np.ndarray | None, float, np.ndarray | None, str]:
+    """The cell LP over the fit rows `rows` (indices); (z', value, wall duals, status).
+
+    Variables u = (z', t) for l_inf, (z', s) for l_1 (one slack per fit row).
+    """
+    k = sys.walls.shape[1]
+    c = sys.walls.shape[0] if walls else 0
+    two = rows[sys.two[rows]]
+    one = rows[~sys.two[rows]]
+    f2, f1 = sys.fit[two], sys.fit[one]
+    m2, m1 = len(two), len(one)
+    wall_rows = sys.walls[:c]
+    if norm == "linf":
+        a_ub: np.ndarray | sparse.csr_matrix = np.vstack(
+            [
+                np.hstack([f2, -np.ones((m2, 1))]),
+                np.hstack([-f2, -np.ones((m2, 1))]),
+                np.hstack([f1, -np.ones((m1, 1))]),
+                np.hstack([wall_rows, np.zeros((c, 1))]),
+            ]
+        )
+        cost = np.r_[np.zeros(k), 1.0]
+        n_slack = 1
+    else:
+        n_slack = m2 + m1
+        s_two = sparse.hstack([sparse.eye(m2), sparse.csr_matrix((m2, m1))])
+        s_one = sparse.hstack([sparse.csr_matrix((m1, m2)), sparse.eye(m1)])
+        a_ub = sparse.vstack(
+            [
+                sparse.hstack([sparse.csr_matrix(f2), -s_two]),
+                sparse.hstack([sparse.csr_matrix(-f2), -s_two]),
+                sparse.hstack([sparse.csr_matrix(f1), -s_one]),
+                sparse.hstack([sparse.csr_matrix(wall_rows), sparse.csr_matrix((c, n_slack))]),
+            ],
+            format="csr",
+        )
+        cost = np.r_[np.zeros(k), np.ones(n_slack)]
+    if box is None:
+        z_bounds = [(None, None)] * k
+    else:
+        center, radius = box
+        z_bounds = [(float(lo), float(hi)) for lo, hi in zip(center - radius, center + radius,
+                                                              strict=True)]
+    bounds = z_bounds + [(0.0, None)] * n_slack
+    b_ub = np.concatenate([sys.r[two], -sys.r[two], sys.r[one], sys.wall_rhs[:c]])
+    solution = solve_lp(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, tolerance=LP_TOL)
+    if solution.x is None:
+        return None, np.inf, None, solution.status
+    duals = None
+    if solution.ineq_duals is not None:
+        duals = solution.ineq_duals[len(b_ub) - c :]
+    return solution.x[:k], solution.value, duals, solution.status
+
+
+def _row_misfit(sys: _CellSystem, z: np.ndarray) -> np.ndarray:
+    """Per fit row: |f_j| (two-sided) or max(f_j, 0) (one-sided), at z' (scaled)."""
+    f = sys.fit @ z - sys.r
+    return np.where(sys.two, np.abs(f), np.maximum(f, 0.0))
+
+
+def cell_lp(
+    net: Network,
+    y: np.ndarray,
+    patterns: list[np.ndarray],
+    *,
+    A: np.ndarray | None = None,
+    norm: str = "linf",
+    tau: float = 0.0,
+    z_ref: np.ndarray | None = None,
+    walls: bool = True,
+    trust: tuple[np.ndarray, float] | None = None,
+) -> CellFit:
+    """The best fit to y inside the activation cell given by `patterns`.
+
+    Parameters
+    ----------
+    net : Network
+        Hidden activations must be ReLU, LeakyReLU or identity.
+    y : ndarray of shape (n,) (or (m,) with A)
+        The observation.
+    patterns : list of bool ndarray
+        ``patterns[i]`` of shape (n_i,): the on units of layer i, for the hidden
+        layers (and for the output layer too when A is given).
+    A : ndarray of shape (m, n), optional
+        A linear measurement of the output: y ~ A G(z).
+    norm : "linf" or "l1"
+    tau : float
+        Without A: output units with y_j > tau are fitted two-sidedly, the rest
+        one-sidedly (pre_j <= y_j + slack).
+    z_ref : ndarray of shape (k,), optional
+        A point near the answer. The one-sided rows far from binding there are
+        left out of the first LP and added back only if the answer violates them
+        (row generation: the same optimum, a smaller LP).
+    walls : bool
+        Keep z inside the cell (False: the linearisation of the misfit at this
+        cell, over all of z; with `trust`, one SLP step).
+    trust : (center (k,), radius), optional
+        Also keep |z - center|_inf <= radius.
+
+    Returns
+    -------
+    CellFit
+    """
+    if norm not in ("linf", "l1"):
+        raise ValueError(f"`norm` must be 'linf' or 'l1' for the cell LP; got {norm!r}.")
+    y = np.asarray(y, dtype=np.float64)
+    sys = _cell_system(net, y, patterns, A, tau)
+    k = net.latent_dim
+    nan = np.full(k, np.nan)
+    n_fit = len(sys.r)
+    box = None if trust is None else (trust[0] / sys.scale, trust[1] / sys.scale)
+    if z_ref is None or np.all(sys.two):
+        rows = np.arange(n_fit)
+    else:
+        f = sys.fit @ (np.asarray(z_ref, dtype=np.float64) / sys.scale) - sys.r
+        rows = np.flatnonzero(sys.two | (f > -0.1))
+    n_lps = 0
+    while True:
+        z, value, duals, status = _solve_cell(sys, rows, norm, walls, box)
+        n_lps += 1
+        if z is None:
+            message = (
+                "the activation cell is empty" if status == "infeasible"
+                else f"HiGHS did not solve the cell LP ({status})"
+            )
+            return CellFit(nan, np.inf, message, n_lps=n_lps, status=status)
+        per_row = _row_misfit(sys, z)
+        level = value if norm == "linf" else 0.0
+        left_out = np.setdiff1d(np.arange(n_fit), rows)
+        violated = left_out[per_row[left_out] > level + 10 * LP_TOL]
+        if violated.size == 0:
+            break
+        rows = np.union1d(rows, violated)
+    total = float(np.max(per_row, initial=0.0) if norm == "linf" else np.sum(per_row))
+    split = np.cumsum(sys.wall_sizes)[:-1]
+    wall_duals = np.split(duals, split) if walls and duals is not None else None
+    return CellFit(z * sys.scale, total * sys.scale, "cell LP solved", wall_duals, n_lps=n_lps)
+
+
+def equality_rank(
+    net: Network, y: np.ndarray, patterns: list[np.ndarray], tau: float
+) -> int:
+    """Rank of the two-sided fit rows of the cell: k means they fix z (one point per cell)."""
+    sys = _cell_system(net, np.asarray(y, dtype=np.float64), patterns, None, tau)
+    fit = sys.fit[sys.two]
+    return int(np.linalg.matrix_rank(fit)) if fit.size else 0

@@ -1,0 +1,354 @@
+"""Exact inversion of one layer y = act(W h + b).
+
+ReLU (the paper's Theorem: one layer is inverted exactly in polynomial time).
+With A = {i : y_i > tau} the active units and I the rest, the preimage is
+the polyhedron (../NOTES-math.md section 1)
+
+    P(y) = { h in D :  W_A h + b_A = y_A,     (active: equalities)
+                       W_I h + b_I <= 0 }     (inactive: inequalities)
+
+with D = R^n_+ when h is itself a ReLU output, else R^n. Bijective
+activations (LeakyReLU, identity, tanh, sigmoid) are undone elementwise and
+leave only equalities: the same polyhedron with A = all units.
+
+The equalities are solved first through an SVD of W_A (a QR factorisation
+when W_A is wide with full row rank, `_active_equalities`): when W_A has full
+column rank they fix h (unique; the inequalities are then only checked).
+Otherwise h = h0 + N u with N a basis of null(W_A), and the LP runs over the
+k = n - rank(W_A) coordinates u only (`_polyhedron_lp`).
+
+Tolerances: every threshold is ``rtol`` times the scale of the data,
+``scale = max(|y|_inf, |b|_inf)``: units with y_i <= rtol * scale count as
+inactive, and inactive rows may reach rtol * scale (the observation cannot
+tell a pre-activation of 1e-12 from 0). Equalities hold within
+``rtol * size``, the size of the rounding
+error of w_i h + b_i, size = scale + max_i sum_j |w_ij h_j|. The answer is
+accepted only after a forward pass: |act(W h + b) - y|_inf <= 10 rtol size.
+Tightness (for the uniqueness certificate) uses TIGHT_RTOL * size instead:
+it reflects the accuracy of the float64 solve, not of the data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.linalg import solve_triangular, svdvals
+from scipy.linalg.lapack import dgeqrf, dormqr
+
+from preimage.model.layer import Layer
+from preimage.results import TIGHT_RTOL, LayerResult
+from preimage.solvers.certificate import certify_unique
+from preimage.solvers.highs import RowLP
+
+#: `_polyhedron_lp` starts with the h >= 0 rows of the 2k + NONNEG_MARGIN smallest h0_j.
+NONNEG_MARGIN = 40
+#: ... and adds the rows its answer violates by more than this (relative to the rows' bounds).
+VIOLATION_RTOL = 1e-12
+#: `_inner_point_lp` keeps this times max(|h0|, 1) from every inactive unit's boundary:
+#: far above the tolerances that call a constraint tight, so that none is.
+DEPTH_RTOL = 1e-3
+
+
+def _polyhedron_lp(
+    h0: np.ndarray,
+    null_basis: np.ndarray,
+    w_ineq: np.ndarray,
+    rhs_ineq: np.ndarray,
+    *,
+    nonneg: bool,
+) -> tuple[np.ndarray | None, str, str]:
+    """A point of P in null-space coordinates: h = h0 + N u.
+
+        minimise    1^T (h0 + N u)          (only when D = R^n_+: the sparsest
+                                              point, NOTES-math section 3)
+        subject to  W_I N u <= rhs - W_I h0  (inactive rows)
+                    -N u    <= h0            (h >= 0, when D = R^n_+)
+                    u free, k variables
+
+    When D = R^n, a point strictly inside the inactive half-spaces first
+    (`_inner_point_lp`); this feasibility LP only where P has no such point.
+
+    Solved by row generation on one HiGHS instance (`preimage._highs.RowLP`:
+    each round restarts the dual simplex from the last basis). The first
+    relaxation holds the inactive rows that h0 violates and, when D = R^n_+,
+    the h >= 0 rows of the 2k + NONNEG_MARGIN smallest coordinates of h0 (the
+    sparsest point is 0 where h0 is small; at a realizable layer the inactive
+    rows rarely bind). Each round adds the rows the answer violates; an
+    unbounded relaxation gets every row. A relaxation that is infeasible
+    proves the full LP infeasible; its optimum, once feasible for every row,
+    is an optimum of the full LP.
+
+    Returns (h, status, message): status "optimal" (h a point of P),
+    "infeasible" (P is proved empty) or "failed" (HiGHS gave no answer; h None).
+    """
+    k = null_basis.shape[1]
+    if not nonneg:
+        h = _inner_point_lp(h0, null_basis, w_ineq, rhs_ineq)
+        if h is not None:
+            return h, "optimal", (
+                "LP solved (HiGHS: optimal; a point inside every inactive unit's half-space)"
+            )
+    # The pool of rows  a u <= b : the inactive units, then (D = R^n_+) h >= 0.
+    a_rows, b_rows = [w_ineq @ null_basis], [rhs_ineq - w_ineq @ h0]
+    if nonneg:
+        a_rows.append(-null_basis)
+        b_rows.append(h0)
+    a_pool, b_pool = np.vstack(a_rows), np.concatenate(b_rows)
+    keep = b_pool < 0  # rows violated at u = 0
+    if nonneg:
+        smallest = np.argsort(h0)[: min(h0.size, 2 * k + NONNEG_MARGIN)]
+        keep[w_ineq.shape[0] + smallest] = True
+    slack_tol = VIOLATION_RTOL * max(float(np.max(np.abs(b_pool), initial=0.0)), 1e-300)
+    lp = RowLP(null_basis.sum(axis=0) if nonneg else np.zeros(k))
+    lp.add(a_pool[keep], b_pool[keep])
+    for _ in range(a_pool.shape[0] + 1):  # every round but the last adds a row
+        solution = lp.solve()
+        status, u = solution.status, solution.x
+        if status in ("unbounded", "infeasible_or_unbounded") and not keep.all():
+            lp.add(a_pool[~keep], b_pool[~keep])  # every row: the LP is bounded below
+            keep[:] = True
+            continue
+        if status == "infeasible" or (status == "infeasible_or_unbounded" and keep.all()):
+            # (with every row the objective is bounded: 1^T h >= 0, or the cost is 0)
+            return None, "infeasible", (
+                "the active equalities and inactive inequalities have no common point"
+            )
+        if u is None:
+            return None, "failed", f"HiGHS did not solve the layer LP ({solution.message})"
+        # Rows violated by rounding only (the sparsest point is a degenerate
+        # vertex: many zero coordinates come out at -1e-14) would cost a round each.
+        violated = (a_pool @ u > b_pool + slack_tol) & ~keep
+        if not violated.any():
+            return h0 + null_basis @ u, "optimal", "LP solved (HiGHS: optimal)"
+        lp.add(a_pool[violated], b_pool[violated])
+        keep |= violated
+    return None, "failed", "row generation did not settle"  # not reached: the pool is finite
+
+
+def _inner_point_lp(
+    h0: np.ndarray, null_basis: np.ndarray, w_ineq: np.ndarray, rhs_ineq: np.ndarray
+) -> np.ndarray | None:
+    """The point of P (D = R^n) nearest h0 at depth d inside every inactive half-space.
+
+        minimise    s                                   (= |u|_inf: h - h0 = N u)
+        subject to  a_r u <= b_r - |a_r| d               (a = W_I N, b = rhs - W_I h0)
+                    -s <= u_j <= s,   u free,  d = DEPTH_RTOL max(|h0|, 1)
+
+    With no h >= 0 rows every point of P is as good an answer as any other;
+    this one lies at distance d within null(W_A) from every inactive unit's
+    boundary, so no constraint is tight there and every null direction is a
+    second preimage: `certificate.certify_unique` finds one without its
+    Stiemke or witness LP. Nearest to h0, the least-norm solution of the
+    equalities, so that the answer stays near it (the deepest point of an
+    unbounded P lies arbitrarily far out). None when no point of P is that
+    deep (P a single point, a flat face, or empty): the feasibility LP then
+    decides. One LP with every row (k + 1 variables, m - |A| + 2k rows): a
+    free layer is the latent one, whose rows are few.
+    """
+    k = null_basis.shape[1]
+    a = w_ineq @ null_basis
+    depth = DEPTH_RTOL * max(float(np.linalg.norm(h0)), 1.0)
+    b = rhs_ineq - w_ineq @ h0 - np.linalg.norm(a, axis=1) * depth
+    lp = RowLP(np.eye(1, k + 1, k)[0])  # variables (u, s)
+    lp.add(np.column_stack([a, np.zeros(a.shape[0])]), b)
+    box = np.hstack([np.vstack([np.eye(k), -np.eye(k)]), -np.ones((2 * k, 1))])
+    lp.add(box, np.zeros(2 * k))  # u_j - s <= 0 and -u_j - s <= 0
+    us = lp.solve().x
+    return None if us is None else h0 + null_basis @ us[:k]
+
+
+def _active_equalities(
+    w_a: np.ndarray, r_a: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """The active equalities W_A h = r_A: (h0, N, rank, sigma_min).
+
+    h0 (n,) is the least-norm (least-squares) solution, N (n, n - rank) an
+    orthonormal basis of null(W_A), rank counts the singular values above
+    sigma_max max(W_A.shape) eps, and sigma_min is the smallest of those.
+
+    A wide W_A (|A| < n, the rank-deficient case the LP follows) with full
+    row rank goes through the QR factorisation W_A^T = Q R: its singular
+    values are R's, h0 = Q_1 R^-T r_A and N = Q_2, the last n - |A| columns of
+    Q. That costs half the SVD with the full n x n V (16 vs 35 ms for a
+    369 x 500 W_A on one core). Otherwise, the SVD of W_A.
+    """
+    a, n = w_a.shape
+    eps = float(np.finfo(float).eps)
+    if a == 0:
+        return np.zeros(n), np.eye(n), 0, np.nan
+    if a < n:
+        qr, tau, _, info = dgeqrf(np.asfortranarray(w_a.T))
+        s = svdvals(np.triu(qr[:a]), check_finite=False) if info == 0 else np.zeros(1)
+        if np.all(np.isfinite(s)) and s[-1] > s[0] * n * eps:  # full row rank
+            lwork = 64 * n
+            y = np.zeros((n, 1), order="F")
+            y[:a, 0] = solve_triangular(qr[:a], r_a, trans="T", check_finite=False)
+            h0 = dormqr("L", "N", qr, tau, y, lwork=lwork)[0][:, 0]  # Q [y; 0]
+            tail = np.zeros((n, n - a), order="F")
+            tail[a:] = np.eye(n - a)
+            null_basis = dormqr("L", "N", qr, tau, tail, lwork=lwork)[0]  # Q [0; I]
+            return h0, null_basis, a, float(s[-1])
+    u_, s, vt = np.linalg.svd(w_a, full_matrices=a < n)
+    rank = int(np.sum(s > s[0] * max(a, n) * eps))
+    h0 = vt[:rank].T @ ((u_[:, :rank].T @ r_a) / s[:rank])
+    return h0, vt[rank:].T, rank, float(s[rank - 1]) if rank else np.nan
+
+
+def invert_layer(
+    layer: Layer, y: np.ndarray, *, nonneg: bool = False, rtol: float = 1e-9
+) -> LayerResult:
+    """All of P(y) for one layer, summarised by one point and a verdict.
+
+    Parameters
+    ----------
+    layer : Layer
+        y = act(W h + b), W of shape (m, n).
+    y : ndarray of shape (m,)
+        The observed output of the layer.
+    nonneg : bool
+        Whether h is known to be >= 0 (it is the output of a ReLU).
+    rtol : float
+        Relative tolerance, see the module docstring.
+
+    Returns
+    -------
+    LayerResult
+    """
+    start = time.perf_counter()
+    m, n = layer.weight.shape
+    b = layer.bias_or_zero()
+    active = np.ones(m, dtype=bool)
+
+    def done(h: np.ndarray | None, status: str, message: str, **kw: object) -> LayerResult:
+        if h is None:
+            h, residual = np.full(n, np.nan), np.nan
+        else:
+            residual = float(np.max(np.abs(layer.forward(h[None])[0] - y)))
+        kw.setdefault("n_active", int(active.sum()))
+        kw.setdefault("rank", 0)
+        kw.setdefault("sigma_min", np.nan)
+        return LayerResult(
+            h, status, message, residual=residual, time=time.perf_counter() - start, **kw
+        )  # type: ignore[arg-type]
+
+    cons = active_set(layer, y, rtol)
+    if isinstance(cons, str):
+        return done(None, "infeasible", cons, n_active=0)
+    active, target, tau, scale = cons.active, cons.target, cons.tau, cons.scale
+    inactive = ~active
+
+    # Equalities W_A h = y_A - b_A: least-norm solution, rank, null space.
+    w_a = layer.weight.rows(np.flatnonzero(active))
+    r_a = target[active] - b[active]
+    h0, null_basis, rank, sigma_min = _active_equalities(w_a, r_a)
+    info = {"rank": rank, "sigma_min": sigma_min}
+
+    tol = rtol * (scale + float(np.max(abs_product(layer, h0))))
+    if w_a.shape[0] and np.max(np.abs(w_a @ h0 - r_a)) > 10 * tol:
+        return done(
+            None,
+            "infeasible",
+            "the active units' equations W_A h + b_A = y_A have no common solution "
+            f"(least-squares residual {np.max(np.abs(w_a @ h0 - r_a)):.3g})",
+            **info,
+        )
+
+    w_i = layer.weight.rows(np.flatnonzero(inactive))
+    rhs_i = tau - b[inactive]  # w_i h + b_i <= tau
+    used_lp = False
+    feasible_h0 = bool(np.all(w_i @ h0 <= rhs_i + tol)) and (not nonneg or h0.min() >= -tol)
+    if rank == n or (feasible_h0 and not nonneg):
+        # Full column rank: the equalities fix h. Otherwise h0 (the least-norm
+        # solution) is as good a pick as any on an unconstrained domain.
+        if not feasible_h0:
+            return done(
+                None,
+                "infeasible",
+                "the unique solution of the active equalities violates an inactive unit "
+                "or h >= 0",
+                **info,
+            )
+        h = np.maximum(h0, 0.0) if nonneg else h0
+        message = "solved the active equalities (full column rank)" if rank == n else (
+            "least-norm solution of the active equalities"
+        )
+    else:
+        used_lp = True
+        h_lp, status, message = _polyhedron_lp(h0, null_basis, w_i, rhs_i, nonneg=nonneg)
+        if h_lp is None:
+            return done(None, status, message, used_lp=True, **info)
+        h = np.maximum(h_lp, 0.0) if nonneg else h_lp
+
+    # Rounding in w_i h + b_i is about eps * sum_j |w_ij h_j|: the checks scale with it.
+    size = scale + float(np.max(abs_product(layer, h)))
+    check_tol = 10 * rtol * size
+    residual = float(np.max(np.abs(layer.forward(h[None])[0] - y)))
+    if residual > check_tol:
+        return done(
+            None,
+            "failed",
+            f"the computed point does not reproduce y (|act(Wh+b) - y|_inf = {residual:.3g} > "
+            f"{check_tol:.3g})",
+            used_lp=used_lp,
+            **info,
+        )
+    # "Tight" reflects the float64 solve, not the data's precision: a constraint
+    # wrongly called tight could only make the certificate claim "unique" falsely.
+    cert = certify_unique(
+        layer, y, h, active, null_basis, nonneg=nonneg, tol=TIGHT_RTOL * size,
+        check_tol=check_tol,
+    )
+    return done(
+        h,
+        cert.verdict,
+        f"{message}; {cert.message}",
+        used_lp=used_lp,
+        witness=cert.witness,
+        tol=check_tol,
+        **info,
+    )
+
+
+@dataclass(frozen=True)
+class ActiveSet:
+    """The linear constraints one observation y puts on a layer's input h.
+
+    Rows in `active` are equalities w_i h + b_i = target_i; the others are
+    inequalities w_i h + b_i <= tau (ReLU units observed at 0). For bijective
+    activations every row is active and target = act^{-1}(y).
+    """
+
+    active: np.ndarray
+    target: np.ndarray
+    tau: float
+    scale: float
+
+
+def active_set(layer: Layer, y: np.ndarray, rtol: float) -> ActiveSet | str:
+    """The constraints of P(y), or a message saying why y is out of range.
+
+    Bijective activations are undone elementwise (every unit active); a ReLU's
+    output is its own target, its units active where y > tau = rtol scale,
+    scale = max(|target|_inf, |b|_inf).
+    """
+    b = layer.bias_or_zero()
+    target = layer.activation.inverse(y) if layer.activation.is_bijective else y
+    if not np.all(np.isfinite(target)):
+        bad = int(np.sum(~np.isfinite(target)))
+        return f"{bad} output(s) lie outside the range of {layer.activation}"
+    scale = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)), 1e-300)
+    tau = rtol * scale
+    if layer.activation.is_bijective:
+        return ActiveSet(np.ones(layer.out_width, dtype=bool), target, tau, scale)
+    if np.any(y < -tau):
+        return "a ReLU output is negative"
+    return ActiveSet(y > tau, target, tau, scale)
+
+
+def abs_product(layer: Layer, h: np.ndarray) -> np.ndarray:
+    """|W| |h| (m,): the size of the terms of w_i h, which bounds the rounding of w_i h + b_i."""
+    matrix: Any = layer.weight.matrix()
+    return abs(matrix) @ np.abs(h)
