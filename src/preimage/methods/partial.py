@@ -13,9 +13,9 @@ down and fails when that one is not in the range of the layers below. Then
 `search_preimage` tries more candidates before giving up:
 
 1. start points: the sparsest and the witness point of the top layer's
-   polyhedron, each fitted down the layers below (`preimage.noisy`), and the
+   polyhedron, each fitted down the layers below (`preimage.methods.noisy`), and the
    restarts of gradient descent on the observed pixels;
-2. from each, `preimage.patterns.pattern_walk`: the LP of the start's
+2. from each, `preimage.methods.search.cell_walk`: the LP of the start's
    activation cell, then neighbouring cells, until the observed misfit is 0
    (an exact preimage, checked by a forward pass) or the LP budget is spent.
 

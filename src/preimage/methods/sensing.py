@@ -67,7 +67,7 @@ def pgd_invert(
     net : Network
     y : array-like of shape (m,) or (B, m)
         Measurements y = A G(z) + e.
-    A : array of shape (m, n) or a measurement (`preimage.measurements`)
+    A : array of shape (m, n) or a measurement (`preimage.model.operators`)
     noise, noise_level : the noise model (status and the polish's norm).
     projection : "linf", "l1" or "l2"
         The norm of the noisy layer fits in the projection. "l2" (the QP,

@@ -71,7 +71,7 @@ def _polyhedron_lp(
     When D = R^n, a point strictly inside the inactive half-spaces first
     (`_inner_point_lp`); this feasibility LP only where P has no such point.
 
-    Solved by row generation on one HiGHS instance (`preimage._highs.RowLP`:
+    Solved by row generation on one HiGHS instance (`preimage.solvers.highs.RowLP`:
     each round restarts the dual simplex from the last basis). The first
     relaxation holds the inactive rows that h0 violates and, when D = R^n_+,
     the h >= 0 rows of the 2k + NONNEG_MARGIN smallest coordinates of h0 (the

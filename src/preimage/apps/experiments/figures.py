@@ -23,6 +23,11 @@ _LABELS = {
 }
 
 
+def _runs(rows: Sequence[Mapping[str, Any]]) -> int:
+    """Runs per point: one more than the largest run index."""
+    return max((int(r["run"]) for r in rows), default=-1) + 1
+
+
 def _methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     seen: list[str] = []
     for r in rows:
@@ -67,7 +72,7 @@ def figure_noise(rows: list[dict[str, Any]], path: Path) -> None:
             ax.set_ylabel("relative error ||z_hat - z|| / ||z||")
             ax.grid(alpha=0.3, which="major")
             ax.legend(fontsize=7, loc="upper left")
-    runs = max((r["run"] for r in rows), default=-1) + 1
+    runs = _runs(rows)
     fig.suptitle(f"Recovery from noisy observations ({runs} runs per point; dots: runs, "
                  "lines: medians)")
     save_figure(fig, path)
@@ -105,7 +110,7 @@ def figure_latent_dim(rows: list[dict[str, Any]], path: Path) -> None:
         ax_t.set_ylabel("seconds per run")
         ax_t.grid(alpha=0.3, which="both")
         ax_t.legend(fontsize=7)
-    runs = max((r["run"] for r in rows), default=-1) + 1
+    runs = _runs(rows)
     fig.suptitle(f"Recovery vs latent dimension ({runs} runs per point)")
     save_figure(fig, path)
 
@@ -154,7 +159,7 @@ def figure_mnist_decoder(rows: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize=7, loc="best")
         ax.set_title("codes z ~ N(0, I): x = G(z)" if target == "code" else
                      "held-out digits (not in the range)", fontsize=10)
-    runs = max((r["run"] for r in rows), default=-1) + 1
+    runs = _runs(rows)
     fig.suptitle(f"MNIST decoders ({runs} runs each; dots: runs, bars: medians, "
                  "runs without a z at the top)")
     save_figure(fig, path)
@@ -186,6 +191,6 @@ def figure_partial(rows: list[dict[str, Any]], path: Path) -> None:
     ax_e.set_title("no point: most runs returned no z", fontsize=9)
     ax_e.set_yscale("log")
     ax_e.grid(alpha=0.3, which="both")
-    runs = max((r["run"] for r in rows), default=-1) + 1
+    runs = _runs(rows)
     fig.suptitle(f"Partial observation on the MNIST ReLU decoder 20-60-784 ({runs} runs per point)")
     save_figure(fig, path)

@@ -39,7 +39,7 @@ def _invert_solver(net: Network, **kwargs: Any) -> Solver:
 
 
 def _adam_solver(net: Network, config: Config, seed: int, *, noise: str | None = None) -> Solver:
-    """`preimage.baselines.gradient_invert` on the batch (one call: all runs together).
+    """`preimage.methods.gradient.gradient_invert` on the batch (one call: all runs together).
 
     With ``noise="l2"`` (noisy x) the status is "feasible" whatever the misfit:
     no noise level is given.
@@ -195,7 +195,7 @@ def _per_run_solver(net: Network, method: str, config: Config) -> Solver:
     observed rows (`partial.restrict_output`, no search: as in the paper);
     "lp+search": the tool's partial-observation path (`invert(net, x,
     observe=mask)`: the layer-wise method, then the searches of
-    `preimage.global_search` and `partial.search_preimage` where it fails);
+    `preimage.methods.search` where it fails);
     "adam": `invert(net, x, method="adam", observe=mask)`, the loss on the
     observed pixels only.
     """
