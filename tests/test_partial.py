@@ -73,7 +73,10 @@ def test_decoder_90_percent_observed_recovers_at_least_80_percent() -> None:
     assert exact.sum() >= 16
     ok = np.asarray(res.success)
     seen = net.forward(res.z[ok])[:, mask]
-    assert np.allclose(seen, x[ok][:, mask], atol=1e-8)  # every answer fits the observed pixels
+    # every answer fits the observed pixels, at the tolerance of the float32 decoder's precision
+    assert res.rtol == 1e-5
+    assert np.all(np.abs(seen - x[ok][:, mask]).max(axis=1)
+                  <= 10 * res.rtol * np.abs(x[ok][:, mask]).max(axis=1))
     assert np.all(exact[np.asarray(res.status) == "unique"])
 
 

@@ -28,15 +28,15 @@ from typing import Any
 
 from preimage.methods.gradient import VARIANTS, gradient_invert
 from preimage.methods.hybrid import hybrid_invert
-from preimage.methods.layerwise import invert_exact
+from preimage.methods.layerwise import invert_exact, layerwise_obstacle
 from preimage.methods.noisy import invert_noisy
 from preimage.methods.partial import invert_observed, observed_values, restrict_output
 from preimage.methods.search import GlobalSettings
 from preimage.methods.sensing import pgd_invert
-from preimage.model.network import Network
+from preimage.model.network import Network, flatten_samples
 from preimage.model.operators import Mask, as_mask, as_measurement
-from preimage.model.validation import check_observation, check_positive, input_precision
-from preimage.results import DEFAULT_RTOL, InversionResult, ProgressCallback, check_noise
+from preimage.model.validation import check_observation, check_positive
+from preimage.results import InversionResult, ProgressCallback, check_noise, default_rtol
 
 #: The methods `invert` accepts.
 METHODS: tuple[str, ...] = ("exact", *VARIANTS, "hybrid")
@@ -220,16 +220,39 @@ def invert(
         observe, A = A, None
     shared = {"rtol": rtol, "fallback": fallback, "batched": batched, "batch_size": batch_size,
               "device": device, "n_jobs": n_jobs}
+    model = net
+    x = flatten_samples(x, net.output_shape, "x")
     route = _route(method, noise, observe, A)
     if observe is not None:
-        mask = as_mask(observe, net.output_dim)
-        if route == "partial":
-            return _call(route, method, shared, options, net, x, mask, progress=progress)
+        mask = as_mask(flatten_samples(observe, net.output_shape, "observe"), net.output_dim)
+        sub = restrict_output(net, mask)
+        if route == "partial" and layerwise_obstacle(sub) is None:
+            return _shaped(model, _call(route, method, shared, options, net, x, mask,
+                                        progress=progress))
         yb, single = observed_values(x, mask)
-        net, x = restrict_output(net, mask), yb[0] if single else yb
+        net, x = sub, yb[0] if single else yb
+        route = "exact" if route == "partial" else route
+    obstacle = layerwise_obstacle(net) if method == "exact" else None
+    if obstacle is not None:
+        # The layer-wise method cannot run here (a contracting image generator): the
+        # hybrid searches instead, and its messages say why.
+        shared = {name: value for name, value in shared.items()
+                  if name in ROUTES["hybrid"].takes}
+        extra = {"A": as_measurement(A, net.output_dim)} if A is not None else {}
+        return _shaped(model, _call("hybrid", method, shared, options, net, x, noise=noise,
+                                    noise_level=level, progress=progress, reason=obstacle,
+                                    **extra))
+    return _shaped(model, _run(route, method, shared, options, net, x, noise, level, A, progress))
+
+
+def _run(route: str, method: str, shared: dict[str, Any], options: Mapping[str, Any],
+         net: Network, x: Any, noise: str | None, level: float | None, A: Any,
+         progress: ProgressCallback | None) -> InversionResult:
+    """The route on observations of the (restricted) network's flat output."""
     if route == "exact":
         xb, single = check_observation(x, net.output_dim)
-        shared["rtol"] = rtol if rtol is not None else DEFAULT_RTOL[input_precision(x)]
+        if shared["rtol"] is None:
+            shared["rtol"] = default_rtol(net, x)
         return _call(route, method, shared, options, net, xb, single=single, progress=progress)
     if route == "noisy":
         return _call(route, method, shared, options, net, x, norm=noise, noise_level=level,
@@ -238,8 +261,16 @@ def invert(
         meas = as_measurement(A, net.output_dim)
         return _call(route, method, shared, options, net, x, meas, noise=noise,
                      noise_level=level, progress=progress)
-    extra = {"method": method} if route == "gradient" else {}
+    extra: dict[str, Any] = {"method": method} if route == "gradient" else {}
     if A is not None:
         extra["A"] = as_measurement(A, net.output_dim)
     return _call(route, method, shared, options, net, x, noise=noise, noise_level=level,
                  progress=progress, **extra)
+
+
+def _shaped(net: Network, result: InversionResult) -> InversionResult:
+    """The result's codes in the model's own input shape ((B, nz, 1, 1) for a DCGAN)."""
+    if len(net.input_shape) > 1:
+        result.z = net.shape_codes(result.z)
+        result.witness = net.shape_codes(result.witness)
+    return result

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from preimage.model.network import Network
-from preimage.model.validation import check_positive
+from preimage.model.validation import check_positive, input_precision
 
 #: The statuses a layer (and a whole inversion) can end with.
 STATUSES: tuple[str, ...] = ("unique", "non_unique", "feasible", "infeasible", "failed")
@@ -39,6 +39,16 @@ STATUS_MEANING: dict[str, str] = {
 
 #: Default relative tolerance by the precision of the observation.
 DEFAULT_RTOL: dict[str, float] = {"float64": 1e-9, "float32": 1e-5}
+
+def default_rtol(net: Network, x: Any) -> float:
+    """DEFAULT_RTOL of the less precise of the network's weights and the observation x.
+
+    A float32 model's outputs are only defined to float32 rounding, whatever
+    dtype they are handed over in (``module(z).double().numpy()``).
+    """
+    weights = "float32" if net.source_dtype in ("float32", "float16", "bfloat16") else "float64"
+    return DEFAULT_RTOL["float32" if "float32" in (weights, input_precision(x)) else "float64"]
+
 
 #: Relative tolerance for "this constraint is tight at h" (float64 solve accuracy).
 TIGHT_RTOL = 1e-8
@@ -157,6 +167,9 @@ class LayerResult:
     used_lp : whether an LP was solved (the rank-deficient case)
     witness : ndarray of shape (n,) or None
     time : seconds spent
+    misfit : where infeasible, the smallest |act(W h + b) - y|_inf over the layer's
+        input domain that an LP found (the distance of y from the layer's range,
+        absolute); NaN otherwise
     """
 
     h: np.ndarray
@@ -169,6 +182,7 @@ class LayerResult:
     used_lp: bool = False
     witness: np.ndarray | None = None
     time: float = 0.0
+    misfit: float = np.nan
     tol: float = field(default=0.0, repr=False)
 
 
@@ -182,6 +196,7 @@ REPORT_FIELDS: dict[str, tuple[Any, type]] = {
     "residual": (np.nan, float),
     "used_lp": (False, bool),
     "time": (0.0, float),
+    "misfit": (np.nan, float),
 }
 
 
@@ -214,11 +229,12 @@ class LayerReport:
     residual: np.ndarray
     used_lp: np.ndarray
     time: np.ndarray
+    #: the layer LP's optimal misfit (exact method: the distance from the range
+    #: where "infeasible", NaN elsewhere),
+    misfit: np.ndarray
     # Noisy inversion only (None otherwise), arrays of shape (B,):
     #: the on/off threshold used,
     tau: np.ndarray | None = None
-    #: the layer LP's optimal misfit,
-    misfit: np.ndarray | None = None
     #: bound on ||input_hat - input||_2 of this layer (layer 0: on ||z_hat - z||_2).
     error_bound: np.ndarray | None = None
 
@@ -272,7 +288,9 @@ class InversionResult:
         Wall-clock seconds for the whole call.
     misfit : ndarray (B,), or float
         ||G(z) - x|| in the noise norm (l_2 when there is none), on the observed
-        coordinates or the measurements (inf without z).
+        coordinates or the measurements. Without z: where "infeasible", the
+        distance that proved it (the smallest l_inf misfit an LP found at the
+        layer that has no preimage), else inf.
     z_error_bound : ndarray (B,), or float
         A proved bound on ||z - z_true||_2 (inf where none was computed: it needs
         a noise level, see `preimage.methods.noisy`).
@@ -327,6 +345,7 @@ def build_result(
     witness: np.ndarray | None = None,
     z_error_bound: np.ndarray | None = None,
     steps: np.ndarray | None = None,
+    distance: np.ndarray | None = None,
     pool_map: PoolMap | None = None,
 ) -> InversionResult:
     """The `InversionResult` of every method, from per-sample arrays of length B.
@@ -338,7 +357,8 @@ def build_result(
     measured 5x slower), over `pool_map` when given (the batched path's
     threads, one BLAS thread each), in turn otherwise. `status` is an array of
     statuses, or a rule ``status(residual, misfit) -> statuses`` applied to the
-    measured answers (the estimating methods).
+    measured answers (the estimating methods). `distance`: the misfit of the
+    samples without z (a proved distance from the range), inf by default.
     """
     batch = z.shape[0]
     residual = np.full(batch, np.nan)
@@ -358,6 +378,9 @@ def build_result(
             measure_part(part)
     else:
         pool_map(measure_part, parts)
+    if distance is not None:
+        missing = ~np.isin(np.arange(batch), done)
+        misfit[missing] = np.where(np.isnan(distance[missing]), np.inf, distance[missing])
     status = np.asarray(status(residual, misfit) if callable(status) else status, dtype=object)
     success = np.isin(status, SUCCESS)
     witness = np.full_like(z, np.nan) if witness is None else np.asarray(witness)

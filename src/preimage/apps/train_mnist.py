@@ -19,34 +19,18 @@ import torch.nn.functional as F
 from preimage.model.mnist import (
     DECODER_LAYERS,
     DEFAULT_EPOCHS,
-    LATENT_DIM,
     RECON_VARIANCE,
     WEIGHT_FILES,
     Kind,
+    MnistConvVAE,
     MnistVAE,
     Progress,
     check_kind,
     load_mnist_digits,
+    new_vae,
 )
 
 # ----------------------------------------------------------------------- training
-
-
-def _squared_error(pre: torch.Tensor, x: torch.Tensor, negative_slope: float) -> torch.Tensor:
-    """Per-image sum of squared errors of ``act(pre)`` against ``x`` (an upper bound for ReLU).
-
-    With a ReLU output, a pixel whose pre-activation is negative gets no gradient,
-    and pixels switched off early in training stay dead (with plain SSE, about 250
-    of the 663 pixels inked in some digit). Where the target is positive we
-    therefore use ``(pre - x)^2``, which equals ``(relu(pre) - x)^2`` when
-    ``pre >= 0`` and exceeds it otherwise: the loss is an upper bound of the SSE,
-    tight at a perfect fit, that revives those pixels.
-    """
-    if negative_slope == 0.0:
-        err = torch.where(x > 0, pre - x, F.relu(pre))
-    else:
-        err = F.leaky_relu(pre, negative_slope) - x
-    return err.pow(2).sum(dim=1)
 
 
 def _vae_loss(
@@ -54,17 +38,17 @@ def _vae_loss(
     x: torch.Tensor,
     mu: torch.Tensor,
     logvar: torch.Tensor,
-    negative_slope: float,
+    model: MnistVAE | MnistConvVAE,
     recon_variance: float,
 ) -> torch.Tensor:
     """Negative ELBO per image (up to a constant), averaged over the batch."""
-    rec = _squared_error(pre, x, negative_slope) / (2.0 * recon_variance)
+    rec = model.reconstruction_loss(pre, x, recon_variance)
     kl = -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
     return (rec + kl).mean()
 
 
 @torch.no_grad()
-def _active_pixels(model: MnistVAE, x: torch.Tensor) -> int:
+def _active_pixels(model: MnistVAE | MnistConvVAE, x: torch.Tensor) -> int:
     """Output pixels positive in the decoding of some encoder mean of ``x``."""
     return int((model.decode(model.encode(x)[0]) > 0).any(dim=0).sum())
 
@@ -79,7 +63,7 @@ def train_vae(
     recon_variance: float = RECON_VARIANCE,
     n_train: int | None = None,
     progress: Progress | None = None,
-) -> tuple[MnistVAE, dict[str, Any]]:
+) -> tuple[MnistVAE | MnistConvVAE, dict[str, Any]]:
     """Train a VAE on the training split of :func:`load_mnist_digits` (seed 0 split).
 
     Parameters
@@ -138,7 +122,7 @@ def train_vae(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MnistVAE(kind)
+        model = new_vae(kind)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
@@ -153,7 +137,7 @@ def train_vae(
             x = x_train[order[i : i + batch_size]]
             mu, logvar = model.encode(x)
             pre = model._output_preactivation(model.reparameterize(mu, logvar, generator))
-            loss = _vae_loss(pre, x, mu, logvar, model.negative_slope, recon_variance)
+            loss = _vae_loss(pre, x, mu, logvar, model, recon_variance)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -187,7 +171,7 @@ def train_vae(
 
 
 def save_vae(
-    model: MnistVAE, path: str | Path, *, metrics: Mapping[str, Any] | None = None
+    model: MnistVAE | MnistConvVAE, path: str | Path, *, metrics: Mapping[str, Any] | None = None
 ) -> None:
     """Write the state dict as float32 safetensors with the authors' key names.
 
@@ -214,7 +198,7 @@ def save_vae(
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     meta.update(
         kind=model.kind,
-        latent_dim=str(LATENT_DIM),
+        latent_dim=str(model.latent_dim),
         hidden_width=str(model.hidden_width),
         decoder_widths=json.dumps(list(model.decoder_widths)),
         decoder_layers=json.dumps(list(DECODER_LAYERS[model.kind])),

@@ -30,21 +30,18 @@ from preimage.methods.search import GlobalSettings, cell_walk
 from preimage.methods.sensing import pgd_invert
 from preimage.model.network import Network
 from preimage.model.operators import Measurement
-from preimage.model.validation import check_positive, input_precision
+from preimage.model.validation import check_positive
 from preimage.results import (
-    DEFAULT_RTOL,
     SUCCESS,
     InversionResult,
     ProgressCallback,
     build_result,
     check_noise,
+    default_rtol,
     estimate_status,
     vector_norm,
 )
 from preimage.solvers.cell import piecewise_linear
-
-#: The candidates of the hybrid, in the order they are scored.
-CANDIDATES = ("LP estimate", "gradient descent", "walk from the LP estimate", "walk from descent")
 
 
 def _lp_start(
@@ -82,14 +79,15 @@ def hybrid_invert(
     *,
     noise: str | None = None,
     noise_level: float | None = None,
-    lr: float = 1e-3,
-    steps: int = 300,
-    restarts: int = 1,
+    lr: float | None = None,
+    steps: int | None = None,
+    restarts: int | None = None,
     lam: float = 0.0,
     max_lps: int = 60,
     success_rtol: float = 1e-6,
     rtol: float | None = None,
     fallback: GlobalSettings | None = None,
+    reason: str | None = None,
     seed: int | None = 0,
     device: Any = None,
     dtype: Any = None,
@@ -100,71 +98,89 @@ def hybrid_invert(
 
     Parameters as in `preimage.methods.gradient.gradient_invert`, and
     ``max_lps`` (LP budget of each walk), ``rtol`` (of the exact inversion;
-    default by the precision of x) and ``fallback`` (its search settings).
+    default by the precision of x and of the network) and ``fallback`` (its
+    search settings). ``reason``: why the layer-wise method cannot run on this
+    network (`preimage.methods.layerwise.layerwise_obstacle`); the LP estimate
+    is then skipped and gradient descent searches from random starts (default
+    lr 0.01, 1000 steps, 3 restarts instead of 1e-3, 300, 1), each restart's
+    answer walked until one is exact.
 
     Returns
     -------
     InversionResult with method "hybrid"; ``steps`` counts gradient steps and LPs.
     """
+    searching = reason is not None
+    lr = (0.01 if searching else 1e-3) if lr is None else lr
+    steps = (1000 if searching else 300) if steps is None else int(steps)
+    restarts = (3 if searching else 1) if restarts is None else int(restarts)
     check_descent(net, lr, steps, restarts, lam)
     level = check_noise(noise, noise_level)
     check_positive(max_lps, "max_lps")
-    own_rtol = DEFAULT_RTOL[input_precision(x)] if rtol is None else check_positive(rtol, "rtol")
+    own_rtol = default_rtol(net, x) if rtol is None else check_positive(rtol, "rtol")
     yb, single, meas = observations(net, x, A)
     start = time.perf_counter()
     B, k = yb.shape[0], net.latent_dim
-    z_lp, exact, tau, lps = _lp_start(net, yb, meas, noise, own_rtol, fallback)
+    scale = np.maximum(np.max(np.abs(yb), axis=1), 1e-300)
+    if searching:
+        z_lp, exact, tau, lps = np.full((B, k), np.nan), None, own_rtol * scale, np.zeros(B, int)
+    else:
+        z_lp, exact, tau, lps = _lp_start(net, yb, meas, noise, own_rtol, fallback)
     exact_status = None if exact is None else exact.status
     settled = (
         np.isin(exact_status, SUCCESS) if exact_status is not None else np.zeros(B, dtype=bool)
     )
     rng = np.random.default_rng(seed)
-    starts = rng.standard_normal((int(restarts), B, k))
+    starts = rng.standard_normal((restarts, B, k))
     finite = np.all(np.isfinite(z_lp), axis=1)
     starts[0, finite] = z_lp[finite]
     run = latent_descent(
         net, yb, meas=meas, starts=starts, lr=lr, steps=steps, lam=lam, seed=seed,
         device=device, dtype=dtype, progress=progress,
     )
-    z_gd, _ = run.best()
 
-    def misfit_of(z: np.ndarray) -> np.ndarray:
-        fx = net.forward(z)
+    def misfit_of(z: np.ndarray, b: int) -> float:
+        if not np.all(np.isfinite(z)):
+            return np.inf
+        fx = net.forward(z[None])
         pred = fx if meas is None else meas.apply(fx)
-        return vector_norm(pred - yb, noise)
+        return float(vector_norm(pred - yb[b : b + 1], noise)[0])
 
-    candidates = [z_lp if finite.all() else np.where(finite[:, None], z_lp, z_gd), z_gd]
+    walkable = piecewise_linear(net, output=meas is not None)
     walk_norm = "l1" if noise == "l1" else "linf"
     a_mat = None if meas is None else meas.matrix()
+    z = np.array(z_lp, copy=True)
     walked_lps = np.zeros(B, dtype=int)
-    if piecewise_linear(net, output=meas is not None):
-        for source in list(candidates):
-            walked = np.array(source, copy=True)
-            for b in range(B):
-                if settled[b] or not np.all(np.isfinite(source[b])):
-                    continue
-                scale = float(np.max(np.abs(yb[b])))
-                fit = cell_walk(
-                    net, yb[b], source[b], A=a_mat, norm=walk_norm, tau=float(tau[b]),
-                    target=1e-12 * scale if noise is None else 0.0, max_lps=max_lps,
-                )
-                walked_lps[b] += fit.n_lps
-                if np.all(np.isfinite(fit.z)):
-                    walked[b] = fit.z
-            candidates.append(walked)
-    stack = np.stack(candidates)  # (C, B, k)
-    scores = np.stack([misfit_of(c) for c in candidates])
-    scores = np.where(np.isfinite(scores), scores, np.inf)
-    pick = np.argmin(scores, axis=0)
-    z = stack[pick, np.arange(B)]
-    z[settled] = z_lp[settled]
-    label = f"hybrid (LP estimate, Adam {steps} steps, cell walk)"
-    messages = [f"{label}, best: {CANDIDATES[p]}" for p in pick]
+    label = "hybrid (" + ("" if searching else "LP estimate, ") + f"Adam {steps} steps x " \
+        f"{restarts}, cell walk)"
+    messages = []
+    for b in range(B):
+        if settled[b]:
+            messages.append(f"settled by the exact layer-wise inversion: {exact.message[b]}")
+            continue
+        named = ([("the LP estimate", z_lp[b])] if finite[b] else []) + [
+            (f"Adam's restart {r + 1}", run.z[r, b]) for r in np.argsort(run.loss[:, b])
+        ]
+        best, best_misfit, best_name = named[0][1], misfit_of(named[0][1], b), named[0][0]
+        target = 1e-12 * scale[b] if noise is None else 0.0
+        for name, candidate in named:
+            misfit = misfit_of(candidate, b)
+            if misfit < best_misfit:
+                best, best_misfit, best_name = candidate, misfit, name
+            if not walkable or not np.all(np.isfinite(candidate)):
+                continue
+            fit = cell_walk(net, yb[b], candidate, A=a_mat, norm=walk_norm, tau=float(tau[b]),
+                            target=target, max_lps=max_lps)
+            walked_lps[b] += fit.n_lps
+            walked = misfit_of(fit.z, b)
+            if walked < best_misfit:
+                best, best_misfit, best_name = fit.z, walked, f"the walk from {name}"
+            if fit.misfit <= target:
+                break  # exact in its cell: no other start can do better
+        z[b] = best
+        messages.append(f"{label}, best: {best_name}" + (f"; {reason}" if searching else ""))
     witness = np.full_like(z, np.nan)
     if exact is not None:
         witness[settled] = exact.witness[settled]
-        for b in np.flatnonzero(settled):
-            messages[b] = f"settled by the exact layer-wise inversion: {exact.message[b]}"
 
     def rule(residual: np.ndarray, misfit: np.ndarray) -> np.ndarray:
         status = estimate_status(
@@ -178,5 +194,5 @@ def hybrid_invert(
         net, yb, z, rule, messages, method="hybrid", rtol=success_rtol,
         elapsed=time.perf_counter() - start, single=single,
         measure=None if meas is None else meas.apply, noise=noise, witness=witness,
-        steps=int(steps) * int(restarts) + lps + walked_lps,
+        steps=steps * restarts + lps + walked_lps,
     )

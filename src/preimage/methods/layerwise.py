@@ -55,6 +55,13 @@ class _SampleOutcome:
     witness: np.ndarray
     layers: list[LayerResult | None]
 
+    @property
+    def distance(self) -> float:
+        """Where "infeasible": the distance from the range that its layer measured."""
+        if self.status != "infeasible":
+            return np.nan
+        return next(r.misfit for r in self.layers if r is not None and r.status == "infeasible")
+
 
 def _descend(
     net: Network, y: np.ndarray, top: int, rtol: float
@@ -178,6 +185,31 @@ def _settle_globally(
     return _SampleOutcome(found.z, "feasible", found.message, nan, outcome.layers)
 
 
+#: The layer-wise method solves each layer with dense linear algebra on its weight:
+#: beyond this many entries (an image generator's convolutions) it does not run ...
+DENSE_MAX_ENTRIES = 2**24
+#: ... nor where a layer has this many more inputs than outputs: no layer-wise pick can
+#: be unique there, and its null-space LP grows with the difference.
+MAX_NULLITY = 256
+
+
+def layerwise_obstacle(net: Network) -> str | None:
+    """Why the layer-wise method cannot run on `net` (then `invert` runs the hybrid), or None."""
+    for i, layer in enumerate(net.layers):
+        m, n = layer.weight.shape
+        if n - m > MAX_NULLITY:
+            return (
+                f"the layer-wise method cannot settle layer {i}, which contracts ({n} inputs, "
+                f"{m} outputs): the hybrid ran instead"
+            )
+        if m * n > DENSE_MAX_ENTRIES:
+            return (
+                f"layer {i} has {m} x {n} weights, beyond the layer-wise method's dense solves "
+                f"({DENSE_MAX_ENTRIES} entries): the hybrid ran instead"
+            )
+    return None
+
+
 def invert_exact(
     net: Network,
     xb: np.ndarray,
@@ -272,6 +304,7 @@ def _verdicts(
     batch = xb.shape[0]
     status = np.empty(batch, dtype=object)
     witness = np.full_like(z, np.nan)
+    distance = np.full(batch, np.nan)
     messages: list[str] = [""] * batch
     # Samples solved in batch at every layer all get the same verdict: compose it once.
     in_batch = reached.copy()
@@ -303,10 +336,11 @@ def _verdicts(
         status[b] = outcome.status
         witness[b] = outcome.witness
         messages[b] = outcome.message
+        distance[b] = outcome.distance
     reports = tuple(arr.report for arr in arrays)
     return _assemble(
         net, xb, z, status, witness, messages, reports, single, rtol,
-        time.perf_counter() - start, pool_map=pool_map,
+        time.perf_counter() - start, distance, pool_map=pool_map,
     )
 
 
@@ -340,7 +374,7 @@ def _collect(
     )
     return _assemble(
         net, xb, z, [o.status for o in outcomes], witness, [o.message for o in outcomes],
-        reports, single, rtol, elapsed,
+        reports, single, rtol, elapsed, np.array([o.distance for o in outcomes]),
     )
 
 
@@ -355,11 +389,12 @@ def _assemble(
     single: bool,
     rtol: float,
     elapsed: float,
+    distance: np.ndarray,
     pool_map: PoolMap | None = None,
 ) -> InversionResult:
     """The exact method's InversionResult (``steps``: the LPs its layers solved)."""
     lps = np.sum([report.used_lp for report in reports], axis=0) if reports else None
     return build_result(
         net, xb, z, status, messages, method="exact", rtol=rtol, elapsed=elapsed, single=single,
-        layers=reports, witness=witness, steps=lps, pool_map=pool_map,
+        layers=reports, witness=witness, steps=lps, distance=distance, pool_map=pool_map,
     )

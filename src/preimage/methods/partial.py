@@ -39,8 +39,8 @@ from preimage.methods.search import GlobalSettings, cell_search
 from preimage.model.layer import Layer
 from preimage.model.network import Network
 from preimage.model.operators import DenseOperator, Mask
-from preimage.model.validation import check_observation, input_precision, to_float_array
-from preimage.results import DEFAULT_RTOL, InversionResult, ProgressCallback, build_result
+from preimage.model.validation import check_observation, to_float_array
+from preimage.results import InversionResult, ProgressCallback, build_result, default_rtol
 from preimage.solvers.cell import piecewise_linear
 from preimage.solvers.layer import invert_layer
 
@@ -175,7 +175,7 @@ def invert_observed(
     start = time.perf_counter()
     # The search's answers come from no layer-wise chain: accept them at the precision
     # of the observation itself (float64 data: 1e-9), not the model's.
-    own_rtol = rtol if rtol is not None else DEFAULT_RTOL[input_precision(y)]
+    own_rtol = rtol if rtol is not None else default_rtol(net, y)
     res = invert_exact(
         sub, yb, single=False, rtol=own_rtol, fallback=fallback, progress=progress,
         batched=batched, batch_size=batch_size, device=device, n_jobs=n_jobs,

@@ -143,14 +143,15 @@ def cell_walk(
 
 def _misfit(net: Network, y: np.ndarray, z: np.ndarray, tau: float) -> float:
     """max(max_A |pre_i(z) - y_i|, max_I (pre_i(z) - y_i)_+) of the last layer of net
-    (bijective outputs: against act^-1(y), every unit in A)."""
+    (bijective outputs: s_i |pre_i(z) - act^-1(y_i)| over every unit, as the cell LP)."""
     h = z[None]
     for layer in net.layers[:-1]:
         h = layer.forward(h)
     last = net.layers[-1]
     pre = last.preactivation(h)[0]
     if last.activation.is_bijective:
-        return float(np.max(np.abs(pre - last.activation.clipped_inverse(y))))
+        act = last.activation
+        return float(np.max(act.slope(y) * np.abs(pre - act.clipped_inverse(y))))
     on = y > tau
     return float(
         max(np.max(np.abs(pre[on] - y[on]), initial=0.0),
@@ -281,7 +282,7 @@ def invert_below(
         starts.insert(0, np.asarray(start, dtype=float))
     upper = net.below(top + 1)
     found = cell_search(
-        upper, y, starts, tau=cons.tau, tolerance=100 * rtol * cons.scale,
+        upper, y, starts, tau=cons.tau, tolerance=10 * rtol * cons.scale,
         target=rtol * cons.scale, slp_iterations=settings.iterations,
         walk_lps=settings.walk_lps, seconds=settings.seconds,
     )

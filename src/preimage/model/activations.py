@@ -13,9 +13,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-ActivationKind = Literal["relu", "leaky_relu", "identity", "tanh", "sigmoid"]
+ActivationKind = Literal["relu", "leaky_relu", "identity", "tanh", "sigmoid", "elu", "softplus"]
 #: Every activation kind, in the order the CLI lists them.
-ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "identity", "tanh", "sigmoid")
+ACTIVATIONS: tuple[str, ...] = (
+    "relu", "leaky_relu", "identity", "tanh", "sigmoid", "elu", "softplus",
+)
 #: Kinds that are linear on each side of 0 (an activation cell fixes them to one slope).
 PIECEWISE_LINEAR: tuple[str, ...] = ("relu", "leaky_relu", "identity")
 
@@ -25,12 +27,23 @@ class Activation:
     """An elementwise activation.
 
     ``relu`` loses information (all negatives map to 0) and is inverted by a
-    linear program; the others are bijections onto their range and are
-    inverted elementwise (``../NOTES-math.md`` section 5).
+    linear program; the others are strictly monotone bijections onto their
+    range (`range`) and are inverted elementwise (``../NOTES-math.md`` section 5).
+
+    Attributes
+    ----------
+    kind : one of `ACTIVATIONS`
+    negative_slope : the slope of ``leaky_relu`` for pre < 0
+    alpha : ``elu``: alpha (exp(pre) - 1) for pre <= 0
+    beta, threshold : ``softplus``: log(1 + exp(beta pre)) / beta, and pre itself
+        where beta pre > threshold (as ``torch.nn.Softplus``)
     """
 
     kind: ActivationKind
     negative_slope: float = 0.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    threshold: float = 20.0
 
     def __post_init__(self) -> None:
         if self.kind not in ACTIVATIONS:
@@ -41,9 +54,26 @@ class Activation:
             np.isfinite(self.negative_slope) and self.negative_slope > 0
         ):
             raise ValueError(
-                "The negative_slope of a LeakyReLU must be a finite number > 0; "
-                f"got {self.negative_slope!r}."
+                "The negative_slope of a LeakyReLU must be a finite number > 0 (a slope of 0 "
+                f"is a ReLU, a negative one is not monotone); got {self.negative_slope!r}."
             )
+        for name, value in (("alpha", self.alpha), ("beta", self.beta),
+                            ("threshold", self.threshold)):
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"The {name} of an activation must be a finite number > 0; got {value!r}."
+                )
+
+    @property
+    def range(self) -> tuple[float, float]:
+        """The open interval of the outputs of a bijective kind (ReLU: [0, inf))."""
+        return {
+            "relu": (0.0, np.inf),
+            "tanh": (-1.0, 1.0),
+            "sigmoid": (0.0, 1.0),
+            "elu": (-self.alpha, np.inf),
+            "softplus": (0.0, np.inf),
+        }.get(self.kind, (-np.inf, np.inf))
 
     @property
     def is_bijective(self) -> bool:
@@ -53,7 +83,7 @@ class Activation:
     @property
     def output_nonnegative(self) -> bool:
         """True when every output is >= 0, so the next layer's input is too."""
-        return self.kind in ("relu", "sigmoid")
+        return self.kind in ("relu", "sigmoid", "softplus")
 
     @property
     def is_piecewise_linear(self) -> bool:
@@ -81,6 +111,12 @@ class Activation:
         if self.kind == "sigmoid":
             with np.errstate(over="ignore"):
                 return 1.0 / (1.0 + np.exp(-pre))
+        if self.kind == "elu":
+            return np.where(pre > 0, pre, self.alpha * np.expm1(np.minimum(pre, 0.0)))
+        if self.kind == "softplus":
+            scaled = self.beta * pre
+            soft = np.logaddexp(0.0, np.minimum(scaled, self.threshold)) / self.beta
+            return np.where(scaled > self.threshold, pre, soft)
         return np.array(pre, copy=True)
 
     def torch(self, pre: Any) -> Any:
@@ -95,6 +131,10 @@ class Activation:
             return torch.tanh(pre)
         if self.kind == "sigmoid":
             return torch.sigmoid(pre)
+        if self.kind == "elu":
+            return torch.nn.functional.elu(pre, alpha=self.alpha)
+        if self.kind == "softplus":
+            return torch.nn.functional.softplus(pre, beta=self.beta, threshold=self.threshold)
         return pre
 
     def module(self) -> Any:
@@ -109,32 +149,48 @@ class Activation:
             return nn.Tanh()
         if self.kind == "sigmoid":
             return nn.Sigmoid()
+        if self.kind == "elu":
+            return nn.ELU(self.alpha)
+        if self.kind == "softplus":
+            return nn.Softplus(self.beta, self.threshold)
         return None
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
         """Pre-activation from output, for bijective activations.
 
-        Values outside the open range of tanh / sigmoid map to +-inf, which the
-        caller reports as "infeasible".
+        Values at or beyond the ends of the open `range` map to -inf (below)
+        and +inf (above): the pre-activation that would reach them is
+        unbounded, and the caller turns them into one-sided constraints or a
+        clear "outside the range" message, never a NaN.
         """
+        y = np.asarray(y, dtype=np.float64)
         if self.kind == "leaky_relu":
             return np.where(y >= 0, y, y / self.negative_slope)
         if self.kind == "identity":
             return np.array(y, copy=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        if self.kind == "relu":
+            raise ValueError("A ReLU is not invertible elementwise; use the layer LP.")
+        lo, hi = self.range
+        inside = (y > lo) & (y < hi)
+        c = np.where(inside, y, (max(lo, -1e300) + min(hi, 1e300)) / 2)  # any point inside
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if self.kind == "tanh":
-                return np.where(np.abs(y) < 1, np.arctanh(np.clip(y, -1, 1)), np.inf)
-            if self.kind == "sigmoid":
-                inside = (y > 0) & (y < 1)
-                return np.where(inside, np.log(y) - np.log1p(-y), np.inf)
-        raise ValueError("A ReLU is not invertible elementwise; use the layer LP.")
+                pre = np.arctanh(c)
+            elif self.kind == "sigmoid":
+                pre = np.log(c) - np.log1p(-c)
+            elif self.kind == "elu":
+                pre = np.where(c > 0, c, np.log1p(c / self.alpha))
+            else:  # softplus (and its linear part past the threshold)
+                scaled = self.beta * c
+                pre = np.where(scaled > self.threshold, c, np.log(np.expm1(scaled)) / self.beta)
+        return np.where(inside, pre, np.where(y <= lo, -np.inf, np.inf))
 
     def clipped_inverse(self, y: np.ndarray, margin: float = 1e-12) -> np.ndarray:
         """`inverse` of y clipped into the open range first (for noisy fits: always finite)."""
-        if self.kind == "tanh":
-            y = np.clip(y, -1 + margin, 1 - margin)
-        elif self.kind == "sigmoid":
-            y = np.clip(y, margin, 1 - margin)
+        lo, hi = self.range
+        width = min(hi - lo, 1.0) if np.isfinite(hi - lo) else 1.0
+        y = np.clip(y, lo + margin * width if np.isfinite(lo) else -np.inf,
+                    hi - margin * width if np.isfinite(hi) else np.inf)
         return self.inverse(y)
 
     def slope(self, y: np.ndarray) -> np.ndarray:
@@ -149,6 +205,10 @@ class Activation:
         if self.kind == "sigmoid":
             c = np.clip(y, 0, 1)
             return np.maximum(c * (1 - c), 1e-12)
+        if self.kind == "elu":
+            return np.where(y > 0, 1.0, np.maximum(y + self.alpha, 1e-12))
+        if self.kind == "softplus":  # sigmoid(beta pre) = 1 - exp(-beta y)
+            return np.maximum(-np.expm1(-self.beta * np.maximum(y, 0.0)), 1e-12)
         return np.ones_like(y)
 
     def gain(self, on: np.ndarray) -> np.ndarray:
@@ -158,4 +218,8 @@ class Activation:
     def __str__(self) -> str:
         if self.kind == "leaky_relu":
             return f"leaky_relu({self.negative_slope:g})"
+        if self.kind == "elu" and self.alpha != 1.0:
+            return f"elu({self.alpha:g})"
+        if self.kind == "softplus" and (self.beta, self.threshold) != (1.0, 20.0):
+            return f"softplus(beta={self.beta:g}, threshold={self.threshold:g})"
         return self.kind

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from preimage.model import files, torch_io
+from preimage.model import files, onnx_io, torch_io
 from preimage.model.activations import Activation, ActivationKind
 from preimage.model.layer import Layer
 from preimage.model.operators import DenseOperator
@@ -30,12 +30,23 @@ from preimage.model.validation import check_latent
 class Network:
     """A generator G: an ordered tuple of layers, latent first.
 
-    Build one with `random_network`, `Network.from_torch`,
-    `Network.from_state_dict` or `Network.from_weights`.
+    Build one with `random_network`, `Network.from_torch`, `Network.from_onnx`,
+    `Network.from_state_dict`, `Network.from_file` or `Network.from_weights`.
+
+    Attributes
+    ----------
+    layers : tuple of Layer
+    source_dtype : the dtype of the weights it came from ("float32" for a float32
+        module or file): the default tolerance of `preimage.invert` follows it
+    input_shape, output_shape : the shapes of one code and one output as the
+        model sees them (DCGAN: (nz, 1, 1) and (C, H, W)); the layers work on
+        their flattenings, of widths `latent_dim` and `output_dim`
     """
 
     layers: tuple[Layer, ...]
     source_dtype: str = "float64"
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)
@@ -51,6 +62,13 @@ class Network:
                     f"outputs width {layers[i - 1].out_width}."
                 )
         object.__setattr__(self, "layers", layers)
+        for name, width in (("input_shape", layers[0].in_width),
+                            ("output_shape", layers[-1].out_width)):
+            shape = getattr(self, name)
+            shape = (width,) if shape is None else tuple(int(v) for v in shape)
+            if int(np.prod(shape)) != width:
+                raise ValueError(f"`{name}` {shape} does not have {width} entries.")
+            object.__setattr__(self, name, shape)
 
     @property
     def widths(self) -> list[int]:
@@ -75,17 +93,17 @@ class Network:
         return f"Network({widths}, activations=[{acts}], bias={bias})"
 
     def forward(self, z: np.ndarray) -> np.ndarray:
-        """G(z) in float64.
+        """G(z) in float64, flattened.
 
         Parameters
         ----------
-        z : array-like of shape (k,) or (B, k)
+        z : array-like of shape (k,) or (B, k), or (*input_shape) or (B, *input_shape)
 
         Returns
         -------
-        ndarray of shape (n,) or (B, n)
+        ndarray of shape (n,) or (B, n) (reshape to `output_shape` for the model's view)
         """
-        zb, single = check_latent(z, self.latent_dim)
+        zb, single = check_latent(flatten_samples(z, self.input_shape, "z"), self.latent_dim)
         h = zb
         for layer in self.layers:
             h = layer.forward(h)
@@ -93,7 +111,7 @@ class Network:
 
     def forward_all(self, z: np.ndarray) -> list[np.ndarray]:
         """Every layer's output for a batch z of shape (B, k): [z, x_1, ..., x_d]."""
-        zb, _ = check_latent(z, self.latent_dim)
+        zb, _ = check_latent(flatten_samples(z, self.input_shape, "z"), self.latent_dim)
         outs = [zb]
         for layer in self.layers:
             outs.append(layer.forward(outs[-1]))
@@ -182,17 +200,31 @@ class Network:
         )
 
     @classmethod
-    def from_torch(cls, module: Any, *, entry: str = "forward") -> Network:
-        """A network from a PyTorch module.
+    def from_torch(
+        cls, module: Any, *, entry: str = "forward", input_shape: Sequence[int] | None = None
+    ) -> Network:
+        """A network from a PyTorch module (in eval mode).
 
-        Accepts an ``nn.Sequential`` or any module whose ``entry`` method (default
-        ``forward``; ``entry="decode"`` takes the decoder of a VAE) is a chain of
-        ``nn.Linear`` layers and activations (ReLU, LeakyReLU, Tanh, Sigmoid,
-        Identity, Flatten of a flat input, as modules or as ``torch``/``F``
-        functions). Anything else raises a TypeError naming the operation.
+        Accepts any module whose ``entry`` method (default ``forward``;
+        ``entry="decode"`` takes the decoder of a VAE) is a chain of linear
+        layers (Linear, Conv2d, ConvTranspose2d, Upsample), batch norms, reshapes
+        and monotone activations (`preimage.model.torch_io` lists them): a
+        DCGAN generator, a Conv2d + Upsample decoder, an MLP. ``input_shape``:
+        the shape of one code, read off the first layer when not given ((nz, 1, 1)
+        before a ConvTranspose2d). Anything else raises a TypeError naming the
+        operation and its module path; a batch norm in training mode a
+        ValueError asking for ``.eval()``.
         """
-        layers, dtype = torch_io.layers_from_module(module, entry=entry)
-        return cls(tuple(layers), source_dtype=dtype)
+        layers, dtype, shape_in, shape_out = torch_io.layers_from_module(
+            module, entry=entry, input_shape=input_shape
+        )
+        return cls(tuple(layers), source_dtype=dtype, input_shape=shape_in, output_shape=shape_out)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path) -> Network:
+        """A network from an ONNX file (`preimage.model.onnx_io`: the operators it reads)."""
+        layers, dtype, shape_in, shape_out = onnx_io.layers_from_onnx(path)
+        return cls(tuple(layers), source_dtype=dtype, input_shape=shape_in, output_shape=shape_out)
 
     def to_torch(self, dtype: Any = None) -> Any:
         """An ``nn.Sequential`` computing the same G (float64 unless ``dtype``)."""
@@ -204,7 +236,32 @@ class Network:
 
     def below(self, top: int) -> Network:
         """The network of layers 0..top-1 (the generator of layer `top`'s input)."""
-        return Network(self.layers[:top], source_dtype=self.source_dtype)
+        return Network(self.layers[:top], source_dtype=self.source_dtype,
+                       input_shape=self.input_shape)
+
+    def shape_codes(self, z: np.ndarray) -> np.ndarray:
+        """Flat codes (..., k) in the model's own `input_shape` (..., *input_shape)."""
+        return np.asarray(z).reshape(*np.shape(z)[:-1], *self.input_shape)
+
+
+def flatten_samples(value: object, shape: Sequence[int], name: str) -> object:
+    """An array of one sample (*shape) or a batch (B, *shape) flattened to (n,) or (B, n).
+
+    Anything else (already flat, or of the wrong shape: the validators report it)
+    is returned as it is.
+    """
+    shape = tuple(shape)
+    arr_shape = tuple(getattr(value, "shape", np.shape(value) if isinstance(value, list) else ()))
+    if len(shape) <= 1 or not arr_shape:
+        return value
+    n = int(np.prod(shape))
+    if arr_shape == shape:
+        return np.reshape(value, (n,)) if not hasattr(value, "detach") else value.reshape(n)
+    if len(arr_shape) == len(shape) + 1 and arr_shape[1:] == shape:
+        batch = arr_shape[0]
+        return (value.reshape(batch, n) if hasattr(value, "reshape")
+                else np.reshape(value, (batch, n)))
+    return value
 
 
 def random_network(

@@ -94,6 +94,25 @@ class DenseOperator:
     def matrix(self) -> np.ndarray:
         return self._w
 
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return (self.shape[1],)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (self.shape[0],)
+
+    def torch_module(self) -> Any:
+        """An ``nn.Linear`` without bias computing h -> W h (float64)."""
+        import torch
+        from torch import nn
+
+        m, n = self.shape
+        lin = nn.Linear(n, m, bias=False).to(torch.float64)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.array(self._w)))
+        return lin
+
     def __repr__(self) -> str:
         m, n = self.shape
         return f"{type(self).__name__}({m}x{n})"

@@ -1,4 +1,17 @@
-"""PyTorch interop: reading a generator's layers out of an nn.Module and back.
+"""PyTorch interop: a generator's layers read out of an ``nn.Module``, and back.
+
+`layers_from_module` follows the module's computation with ``torch.fx``
+(symbolic tracing, then shapes from one forward pass of an example code) or,
+where tracing meets Python control flow (the DCGAN generator of PyTorch's
+examples tests ``input.is_cuda``), by recording the leaf modules one forward
+pass calls, in order, checking that each takes exactly the output of the one
+before. Each operation becomes a step of `preimage.model.chain`, which folds
+them into layers. Supported: Linear, Conv2d and ConvTranspose2d (groups = 1,
+zero padding), BatchNorm1d/2d in eval mode, Upsample (nearest, bilinear),
+Flatten, Unflatten, view / reshape, Dropout and Identity in eval mode, and the
+activations ReLU, LeakyReLU, ELU, Softplus, Tanh, Sigmoid (as modules, as
+``torch`` / ``F`` functions or as tensor methods). Anything else raises a
+TypeError that names the operation and its module path.
 
 Kept apart so that the solvers themselves work on NumPy arrays only.
 """
@@ -11,9 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from preimage.model import chain
 from preimage.model.activations import Activation
 from preimage.model.layer import Layer
 from preimage.model.operators import DenseOperator
+from preimage.model.structured import Conv2dOperator, UpsampleOperator
+
+Shape = tuple[int, ...]
 
 
 def default_device() -> Any:
@@ -35,72 +52,210 @@ def tensor_dtype(t: Any) -> str:
     return str(getattr(t, "dtype", "float64")).replace("torch.", "")
 
 
-def _activation_of_module(mod: Any) -> tuple[str, float] | None:
+# --- activations ------------------------------------------------------------------
+
+
+def _activation_of_module(mod: Any) -> Activation | None:
     import torch.nn as nn
 
     if isinstance(mod, nn.ReLU):
-        return ("relu", 0.0)
+        return Activation("relu")
     if isinstance(mod, nn.LeakyReLU):
-        return ("leaky_relu", float(mod.negative_slope))
+        return Activation("leaky_relu", float(mod.negative_slope))
+    if isinstance(mod, nn.ELU):
+        return Activation("elu", alpha=float(mod.alpha))
+    if isinstance(mod, nn.Softplus):
+        return Activation("softplus", beta=float(mod.beta), threshold=float(mod.threshold))
     if isinstance(mod, nn.Tanh):
-        return ("tanh", 0.0)
+        return Activation("tanh")
     if isinstance(mod, nn.Sigmoid):
-        return ("sigmoid", 0.0)
+        return Activation("sigmoid")
     return None
 
 
-def _activation_of_function(target: Any, args: tuple, kwargs: dict) -> tuple[str, float] | None:
+def _activation_of_function(target: Any, args: tuple, kwargs: dict) -> Activation | None:
     import torch
     import torch.nn.functional as F
 
+    def arg(position: int, name: str, default: float) -> float:
+        return float(kwargs.get(name, args[position] if len(args) > position else default))
+
     if target in (F.relu, torch.relu, "relu", "relu_"):
-        return ("relu", 0.0)
+        return Activation("relu")
     if target in (F.leaky_relu, "leaky_relu"):
-        slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
-        return ("leaky_relu", float(slope))
+        return Activation("leaky_relu", arg(1, "negative_slope", 0.01))
+    if target in (F.elu, "elu"):
+        return Activation("elu", alpha=arg(1, "alpha", 1.0))
+    if target in (F.softplus, "softplus"):
+        return Activation("softplus", beta=arg(1, "beta", 1.0), threshold=arg(2, "threshold", 20.0))
     if target in (torch.tanh, F.tanh, "tanh"):
-        return ("tanh", 0.0)
+        return Activation("tanh")
     if target in (torch.sigmoid, F.sigmoid, "sigmoid"):
-        return ("sigmoid", 0.0)
+        return Activation("sigmoid")
     return None
 
 
-def _ops_of_child(name: str, child: Any) -> list[tuple[str, Any]]:
-    """One submodule as ops: a Linear, an activation, nothing (Identity, Flatten, Dropout)."""
+# --- one operation -> one step ------------------------------------------------------
+
+
+def _check_eval(mod: Any, where: str) -> None:
+    if mod.training:
+        raise ValueError(
+            f"{where} ({type(mod).__name__}) is in training mode, where its output depends on "
+            "the batch (or is random); call `.eval()` on the module first."
+        )
+
+
+def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) -> list[chain.Step]:
+    """The steps of one leaf module that maps inputs of in_shape to out_shape (no batch)."""
     import torch.nn as nn
 
-    if isinstance(child, nn.Linear):
-        return [("linear", child)]
-    if isinstance(child, (nn.Identity, nn.Flatten, nn.Dropout)):
+    if isinstance(mod, nn.Linear):
+        if len(in_shape) != 1:
+            raise TypeError(f"{where} (Linear) gets inputs of shape {in_shape}; preimage needs a "
+                            "Linear layer on flat vectors (add nn.Flatten before it).")
+        bias = None if mod.bias is None else tensor_to_numpy(mod.bias)
+        return [chain.Linear(DenseOperator(tensor_to_numpy(mod.weight), name=f"{where}.weight"),
+                             bias, where)]
+    if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+        transposed = isinstance(mod, nn.ConvTranspose2d)
+        kind = type(mod).__name__
+        if mod.groups != 1:
+            raise TypeError(f"{where} ({kind}) has groups={mod.groups}; preimage supports "
+                            "groups = 1 only.")
+        if getattr(mod, "padding_mode", "zeros") != "zeros" or isinstance(mod.padding, str):
+            raise TypeError(f"{where} ({kind}) pads with {mod.padding_mode!r} / "
+                            f"{mod.padding!r}; preimage supports zero padding given as numbers.")
+        if len(in_shape) != 3:
+            raise TypeError(f"{where} ({kind}) gets inputs of shape {in_shape}, not (C, H, W).")
+        extra = {"output_padding": mod.output_padding} if transposed else {}
+        op = Conv2dOperator(tensor_to_numpy(mod.weight), in_shape, stride=mod.stride,
+                            padding=mod.padding, dilation=mod.dilation, transposed=transposed,
+                            **extra)
+        if tuple(op.out_shape) != tuple(out_shape):
+            raise TypeError(f"{where} ({kind}): output shape {op.out_shape} differs from "
+                            f"torch's {out_shape}.")
+        bias = None
+        if mod.bias is not None:
+            bias = np.repeat(tensor_to_numpy(mod.bias), op.out_shape[1] * op.out_shape[2])
+        return [chain.Linear(op, bias, where)]
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        _check_eval(mod, where)
+        if mod.running_mean is None:
+            raise TypeError(f"{where} (BatchNorm) keeps no running statistics "
+                            "(track_running_stats=False): its output depends on the batch.")
+        weight = tensor_to_numpy(mod.weight) if mod.affine else None
+        bias = tensor_to_numpy(mod.bias) if mod.affine else None
+        return [chain.batch_norm_affine(tensor_to_numpy(mod.running_mean),
+                                        tensor_to_numpy(mod.running_var), mod.eps, weight, bias,
+                                        in_shape, where)]
+    if isinstance(mod, nn.Upsample):
+        if len(in_shape) != 3:
+            raise TypeError(f"{where} (Upsample) gets inputs of shape {in_shape}, not (C, H, W).")
+        op = UpsampleOperator(in_shape, size=mod.size, scale_factor=mod.scale_factor,
+                              mode=mod.mode, align_corners=mod.align_corners)
+        if tuple(op.out_shape) != tuple(out_shape):
+            raise TypeError(f"{where} (Upsample): output shape {op.out_shape} differs from "
+                            f"torch's {out_shape}.")
+        return [chain.Linear(op, None, where)]
+    if isinstance(mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)):
+        _check_eval(mod, where)
         return []
-    if (act := _activation_of_module(child)) is not None:
-        return [("act", act)]
+    if isinstance(mod, nn.Identity):
+        return []
+    if isinstance(mod, (nn.Flatten, nn.Unflatten)):
+        return [chain.Reshape(tuple(out_shape), where)]
+    act = _activation_of_module(mod)
+    if act is not None:
+        return [chain.Act(act, where)]
     raise TypeError(
-        f"Unsupported layer {name!r} ({type(child).__name__}): preimage handles Linear "
-        "layers followed by ReLU, LeakyReLU, Tanh, Sigmoid or nothing."
+        f"Unsupported layer {where!r} ({type(mod).__name__}): preimage handles Linear, Conv2d, "
+        "ConvTranspose2d, BatchNorm, Upsample, Flatten/Unflatten, Dropout, Identity and the "
+        "activations ReLU, LeakyReLU, ELU, Softplus, Tanh, Sigmoid."
     )
 
 
-def _ops_from_module(module: Any, entry: str) -> list[tuple[str, Any]]:
-    """The module's computation as a flat list of ("linear", nn.Linear) / ("act", (kind, slope))."""
-    import torch.fx as fx
+def _readable(mod: Any) -> bool:
+    """Whether `_steps_of_module` knows this kind of module."""
     import torch.nn as nn
 
-    if isinstance(module, nn.Sequential) and entry == "forward":
-        ops: list[tuple[str, Any]] = []
-        for name, child in module.named_children():
-            if isinstance(child, nn.Sequential):
-                ops.extend(_ops_from_module(child, "forward"))
-            else:
-                ops.extend(_ops_of_child(name, child))
-        return ops
+    kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d,
+             nn.Upsample, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+             nn.Flatten, nn.Unflatten)
+    return isinstance(mod, kinds) or _activation_of_module(mod) is not None
 
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"Expected a torch.nn.Module; got {type(module).__name__}.")
-    if not hasattr(module, entry):
-        raise TypeError(f"The module {type(module).__name__} has no method {entry!r}.")
 
-    class _Entry(nn.Module):
+_RESHAPES = ("view", "reshape", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze")
+
+
+def _steps_of_function(
+    node: Any, where: str, in_shape: Shape, out_shape: Shape
+) -> list[chain.Step]:
+    import torch
+    import torch.nn.functional as F
+
+    target = node.target
+    act = _activation_of_function(target, tuple(node.args), dict(node.kwargs))
+    if act is not None:
+        return [chain.Act(act, where)]
+    if target in (operator.pos,) or target in _RESHAPES or target in (
+        torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze
+    ):
+        return [chain.Reshape(tuple(out_shape), where)] if in_shape != out_shape else []
+    if target is F.interpolate:
+        kwargs = dict(node.kwargs)
+        op = UpsampleOperator(in_shape, size=kwargs.get("size"),
+                              scale_factor=kwargs.get("scale_factor"),
+                              mode=kwargs.get("mode", "nearest"),
+                              align_corners=kwargs.get("align_corners"))
+        return [chain.Linear(op, None, where)]
+    raise TypeError(
+        f"Unsupported operation {node.format_node()} ({where}): preimage handles linear "
+        "layers, batch norm, reshapes and elementwise monotone activations."
+    )
+
+
+# --- following the module ----------------------------------------------------------
+
+
+def _example_input(
+    module: Any, input_shape: Sequence[int] | None, first: Sequence[Any] = ()
+) -> tuple[Shape, Any]:
+    """The code shape (given, or read off the first layer) and the module's parameter dtype.
+
+    `first`: the modules in the order the computation uses them, where known
+    (else the module's own order).
+    """
+    import torch
+    import torch.nn as nn
+
+    params = list(module.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    if input_shape is not None:
+        return tuple(int(v) for v in input_shape), dtype
+    for mod in [*first, *module.modules()]:
+        if isinstance(mod, nn.Linear):
+            return (int(mod.in_features),), dtype
+        if isinstance(mod, nn.ConvTranspose2d):
+            return (int(mod.in_channels), 1, 1), dtype  # DCGAN codes: (nz, 1, 1)
+        if isinstance(mod, nn.Conv2d):
+            raise TypeError(
+                f"{type(module).__name__} starts with a Conv2d: pass the shape of its input, "
+                "`input_shape=(C, H, W)`."
+            )
+    raise TypeError(f"No linear layer found in {type(module).__name__}.")
+
+
+def _traced_steps(
+    module: Any, entry: str, input_shape: Sequence[int] | None
+) -> tuple[list[chain.Step], Shape]:
+    """Steps from torch.fx: symbolic tracing, shapes from one forward pass; and the code shape."""
+    import torch
+    import torch.fx as fx
+    import torch.nn as nn
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    class Entry(nn.Module):
         def __init__(self, root: nn.Module) -> None:
             super().__init__()
             self.root = root
@@ -108,95 +263,154 @@ def _ops_from_module(module: Any, entry: str) -> list[tuple[str, Any]]:
         def forward(self, x: Any) -> Any:
             return getattr(self.root, entry)(x)
 
-    wrapper = _Entry(module) if entry != "forward" else module
+    wrapper = Entry(module) if entry != "forward" else module
+    graph_module = fx.symbolic_trace(wrapper)
+    submodules = dict(graph_module.named_modules())
+    used = [submodules[n.target] for n in graph_module.graph.nodes if n.op == "call_module"]
+    prefix = "root." if entry != "forward" else ""
+    for node in graph_module.graph.nodes:  # name what cannot be read before running it
+        if node.op == "call_module" and not _readable(submodules[node.target]):
+            where = str(node.target)[len(prefix):] if str(node.target).startswith(prefix) else (
+                str(node.target))
+            _steps_of_module(submodules[node.target], where, (), ())  # raises, naming it
+    shape, dtype = _example_input(module, input_shape, used)
     try:
-        graph = fx.symbolic_trace(wrapper).graph
-    except Exception as exc:  # fx raises many kinds on data-dependent control flow
+        ShapeProp(graph_module).propagate(torch.zeros((2, *shape), dtype=dtype))
+    except Exception as exc:  # the module's own error on the example input
         raise TypeError(
-            f"Could not trace {type(module).__name__}.{entry} as a chain of layers "
-            f"({type(exc).__name__}: {exc}). Pass an nn.Sequential instead."
+            f"{type(module).__name__}.{entry} fails on codes of shape {shape} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass "
+            "the shape of one code as `input_shape`."
         ) from exc
-    submodules = dict(wrapper.named_modules())
-    ops = []
+    prefix = "root." if entry != "forward" else ""
+    steps: list[chain.Step] = []
     previous = None
-    for node in graph.nodes:
+    for node in graph_module.graph.nodes:
         if node.op == "placeholder":
             previous = node
             continue
         if node.op == "output":
+            if node.args[0] is not previous:
+                raise TypeError(f"{type(module).__name__}.{entry} does not return the result of "
+                                "its last operation.")
             break
-        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        if node.op == "get_attr":
+            raise TypeError(f"{type(module).__name__}.{entry} uses a tensor attribute "
+                            f"({node.target}) directly: not a chain of layers.")
+        inputs = [a for a in node.all_input_nodes]
         if len(inputs) != 1 or inputs[0] is not previous:
             raise TypeError(
                 f"{type(module).__name__}.{entry} is not a simple chain of layers: operation "
                 f"{node.format_node()} does not take exactly the previous result."
             )
+        in_shape = tuple(previous.meta["tensor_meta"].shape[1:])
+        out_shape = tuple(node.meta["tensor_meta"].shape[1:])
         previous = node
         if node.op == "call_module":
-            ops.extend(_ops_of_child(str(node.target), submodules[node.target]))
-        elif node.op in ("call_function", "call_method"):
-            act = _activation_of_function(node.target, tuple(node.args), dict(node.kwargs))
-            if act is not None:
-                ops.append(("act", act))
-            elif node.target in (operator.pos,) or node.target in ("contiguous", "flatten"):
-                continue
-            else:
-                raise TypeError(
-                    f"Unsupported operation {node.format_node()} in {type(module).__name__}."
-                    f"{entry}: preimage handles Linear layers and elementwise activations."
-                )
+            where = str(node.target)
+            where = where[len(prefix):] if where.startswith(prefix) else where
+            steps += _steps_of_module(submodules[node.target], where, in_shape, out_shape)
         else:
-            raise TypeError(f"Unsupported operation {node.format_node()}.")
-    return ops
+            steps += _steps_of_function(node, str(node.name), in_shape, out_shape)
+    return steps, shape
 
 
-def layers_from_module(module: Any, *, entry: str = "forward") -> tuple[list[Layer], str]:
-    """The layers of a chain of Linear layers and activations, and the weights' dtype."""
-    ops = _ops_from_module(module, entry)
-    layers: list[Layer] = []
-    i = 0
-    dtype = "float64"
-    while i < len(ops):
-        kind, obj = ops[i]
-        if kind != "linear":
+def _recorded_steps(module: Any, entry: str, shape: Shape) -> list[chain.Step]:
+    """Steps from the leaf modules one forward pass calls, checked to form a chain."""
+    import torch
+
+    calls: list[tuple[str, Any, Any, Any]] = []
+    handles = []
+    names = {mod: name for name, mod in module.named_modules()}
+    for mod in module.modules():
+        if not list(mod.children()):
+            handles.append(mod.register_forward_hook(
+                lambda m, args, out: calls.append((names[m], m, args[0] if args else None, out))
+            ))
+    x = torch.zeros((2, *shape), dtype=_example_input(module, shape)[1])
+    try:
+        with torch.no_grad():
+            out = getattr(module, entry)(x)
+    finally:
+        for h in handles:
+            h.remove()
+    steps: list[chain.Step] = []
+    previous = x
+    for where, mod, given, result in calls:
+        if given is not previous:
             raise TypeError(
-                f"Activation {obj[0]} at position {i} does not follow a Linear layer; preimage "
-                "needs the chain Linear, activation, Linear, activation, ..."
+                f"{type(module).__name__}.{entry} is not a chain of layers: {where} "
+                f"({type(mod).__name__}) does not take the output of the layer before it "
+                "(an operation between them that is not a module?). Pass an nn.Sequential."
             )
-        act = ("identity", 0.0)
-        if i + 1 < len(ops) and ops[i + 1][0] == "act":
-            act = ops[i + 1][1]
-            i += 1
-            if i + 1 < len(ops) and ops[i + 1][0] == "act":
-                raise TypeError(
-                    f"Two activations in a row after Linear layer {len(layers)}; not supported."
-                )
-        i += 1
-        dtype = tensor_dtype(obj.weight)
-        bias = None if obj.bias is None else tensor_to_numpy(obj.bias)
-        layers.append(
-            Layer(DenseOperator(tensor_to_numpy(obj.weight)), bias, Activation(act[0], act[1]))
-        )
-    if not layers:
-        raise TypeError(f"No Linear layer found in {type(module).__name__}.{entry}.")
-    return layers, dtype
+        steps += _steps_of_module(mod, where, tuple(given.shape[1:]), tuple(result.shape[1:]))
+        previous = result
+    if out is not previous:
+        raise TypeError(f"{type(module).__name__}.{entry} does not return the output of its last "
+                        "layer. Pass an nn.Sequential.")
+    return steps
+
+
+def layers_from_module(
+    module: Any, *, entry: str = "forward", input_shape: Sequence[int] | None = None
+) -> tuple[list[Layer], str, Shape, Shape]:
+    """The layers of a module's computation, its parameters' dtype and its input / output shapes."""
+    import torch.nn as nn
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Expected a torch.nn.Module; got {type(module).__name__}.")
+    if not hasattr(module, entry):
+        raise TypeError(f"The module {type(module).__name__} has no method {entry!r}.")
+    try:
+        steps, shape = _traced_steps(module, entry, input_shape)
+    except TypeError:
+        raise
+    except Exception as traced:  # fx raises many kinds on data-dependent control flow
+        shape, _ = _example_input(module, input_shape)
+        try:
+            steps = _recorded_steps(module, entry, shape)
+        except TypeError as exc:
+            raise TypeError(f"{exc} (symbolic tracing failed too: {type(traced).__name__}: "
+                            f"{str(traced).splitlines()[0] if str(traced) else ''})") from exc
+    layers, out_shape = chain.fold(steps, shape)
+    return layers, str(_example_input(module, shape)[1]).replace("torch.", ""), shape, out_shape
 
 
 def module_from_layers(layers: Sequence[Layer], dtype: Any = None) -> Any:
-    """An ``nn.Sequential`` of Linear layers and activation modules computing the layers."""
+    """An ``nn.Sequential`` computing the layers on flattened inputs (float64 by default)."""
     import torch
     import torch.nn as nn
 
     dtype = dtype or torch.float64
     mods: list[nn.Module] = []
     for layer in layers:
-        lin = nn.Linear(layer.in_width, layer.out_width, bias=layer.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(torch.tensor(np.asarray(layer.weight.matrix())))
+        if isinstance(layer.weight, DenseOperator):
+            lin = nn.Linear(layer.in_width, layer.out_width, bias=layer.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(torch.tensor(np.asarray(layer.weight.matrix())))
+                if layer.bias is not None:
+                    lin.bias.copy_(torch.tensor(layer.bias))
+            mods.append(lin)
+        else:
+            mods.append(layer.weight.torch_module())
             if layer.bias is not None:
-                lin.bias.copy_(torch.tensor(layer.bias))
-        mods.append(lin)
+                mods.append(_Bias(layer.bias))
         act = layer.activation.module()
         if act is not None:
             mods.append(act)
     return nn.Sequential(*mods).to(dtype)
+
+
+def _Bias(bias: np.ndarray) -> Any:
+    import torch
+    from torch import nn
+
+    class Bias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("bias", torch.tensor(np.array(bias), dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.bias
+
+    return Bias()

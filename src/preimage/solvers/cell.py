@@ -14,7 +14,9 @@ observation y over the cell:
     minimise    ||r||  (l_inf: t;  l_1: sum of slacks)
     subject to  walls: P_i[on] z + q_i[on] >= 0,  P_i[off] z + q_i[off] <= 0  (hidden layers)
                 fit rows, without a measurement (output pattern free):
-                  y_j > tau:  |pre_j - y_j| <= t    (bijective outputs: act^-1(y), every row)
+                  y_j > tau:  |pre_j - y_j| <= t    (bijective outputs, every row:
+                                                     s_j |pre_j - act^-1(y_j)| <= t, s_j the
+                                                     slope of act there)
                   y_j <= tau:  pre_j - y_j <= t     (a ReLU unit seen off)
                 or with a measurement A (the output's pattern fixed too):
                   |A_j G(z) - y_j| <= t.
@@ -134,13 +136,17 @@ def _cell_system(
     p_out, q_out = chain[-1]
     last = net.layers[-1].activation
     if A is None:
+        fit, fit_q = p_out, q_out
         if last.is_bijective:
+            # act^-1(y), each row weighted by the slope there: misfits in the units of y
+            # (a unit near saturation, whose pre-activation y hardly fixes, counts little).
             two = np.ones(len(y), dtype=bool)
             target = last.clipped_inverse(y)
+            slope = last.slope(y)
+            fit, fit_q, target = slope[:, None] * fit, slope * fit_q, slope * target
         else:
             two = y > tau
             target = y
-        fit, fit_q = p_out, q_out
     else:
         gain = last.gain(patterns[-1])
         fit, fit_q, target = A @ (gain[:, None] * p_out), A @ (gain * q_out), y

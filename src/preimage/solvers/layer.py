@@ -39,9 +39,9 @@ from scipy.linalg import solve_triangular, svdvals
 from scipy.linalg.lapack import dgeqrf, dormqr
 
 from preimage.model.layer import Layer
-from preimage.results import TIGHT_RTOL, LayerResult
+from preimage.results import LP_TOL, TIGHT_RTOL, LayerResult
 from preimage.solvers.certificate import certify_unique
-from preimage.solvers.highs import RowLP
+from preimage.solvers.highs import RowLP, solve_lp
 
 #: `_polyhedron_lp` starts with the h >= 0 rows of the 2k + NONNEG_MARGIN smallest h0_j.
 NONNEG_MARGIN = 40
@@ -236,9 +236,29 @@ def invert_layer(
 
     cons = active_set(layer, y, rtol)
     if isinstance(cons, str):
-        return done(None, "infeasible", cons, n_active=0)
+        distance = range_distance(layer, y)
+        return done(None, "infeasible", cons + _rounding_note(distance, rtol, y, b), n_active=0,
+                    misfit=distance)
     active, target, tau, scale = cons.active, cons.target, cons.tau, cons.scale
     inactive = ~active
+
+    def nearest(why: str, **kw: object) -> LayerResult | tuple[np.ndarray, str]:
+        """The exact structure found no point: the nearest one within the data's tolerance
+        (a preimage at this rtol), or a proof that there is none (with its distance)."""
+        h_near, distance, how = nearest_point(layer, y, cons, nonneg=nonneg)
+        if h_near is None:
+            return done(None, "failed", f"{why}; {how}", **kw)
+        size_near = scale + float(np.max(abs_product(layer, h_near)))
+        miss = float(np.max(np.abs(layer.forward(h_near[None])[0] - y)))
+        if miss <= 10 * rtol * size_near:
+            return h_near, (
+                f"{why}; the nearest point (an LP) reproduces y within the data's tolerance "
+                f"(rtol {rtol:g}: |act(Wh+b) - y|_inf = {miss:.3g})"
+            )
+        if distance <= 10 * tau:  # the LP's point is near, but not near enough: nothing proved
+            return done(None, "failed", f"{why}; {how}, and its point misses by {miss:.3g}", **kw)
+        return done(None, "infeasible", f"{why}; {how}" + _rounding_note(distance, rtol, y, b),
+                    misfit=distance, **kw)
 
     # Equalities W_A h = y_A - b_A: least-norm solution, rank, null space.
     w_a = layer.weight.rows(np.flatnonzero(active))
@@ -247,40 +267,44 @@ def invert_layer(
     info = {"rank": rank, "sigma_min": sigma_min}
 
     tol = rtol * (scale + float(np.max(abs_product(layer, h0))))
-    if w_a.shape[0] and np.max(np.abs(w_a @ h0 - r_a)) > 10 * tol:
-        return done(
-            None,
-            "infeasible",
-            "the active units' equations W_A h + b_A = y_A have no common solution "
-            f"(least-squares residual {np.max(np.abs(w_a @ h0 - r_a)):.3g})",
-            **info,
-        )
-
     w_i = layer.weight.rows(np.flatnonzero(inactive))
     rhs_i = tau - b[inactive]  # w_i h + b_i <= tau
     used_lp = False
     feasible_h0 = bool(np.all(w_i @ h0 <= rhs_i + tol)) and (not nonneg or h0.min() >= -tol)
-    if rank == n or (feasible_h0 and not nonneg):
+    found: LayerResult | tuple[np.ndarray, str] | None = None
+    if w_a.shape[0] and np.max(np.abs(w_a @ h0 - r_a)) > 10 * tol:
+        used_lp = True
+        found = nearest(
+            "the active units' equations W_A h + b_A = y_A have no common solution "
+            f"(least-squares residual {np.max(np.abs(w_a @ h0 - r_a)):.3g})", used_lp=True, **info
+        )
+    elif rank == n or (feasible_h0 and not nonneg):
         # Full column rank: the equalities fix h. Otherwise h0 (the least-norm
         # solution) is as good a pick as any on an unconstrained domain.
         if not feasible_h0:
-            return done(
-                None,
-                "infeasible",
+            used_lp = True
+            found = nearest(
                 "the unique solution of the active equalities violates an inactive unit "
-                "or h >= 0",
-                **info,
+                "or h >= 0", used_lp=True, **info,
             )
-        h = np.maximum(h0, 0.0) if nonneg else h0
-        message = "solved the active equalities (full column rank)" if rank == n else (
-            "least-norm solution of the active equalities"
-        )
+        else:
+            h = np.maximum(h0, 0.0) if nonneg else h0
+            message = "solved the active equalities (full column rank)" if rank == n else (
+                "least-norm solution of the active equalities"
+            )
     else:
         used_lp = True
         h_lp, status, message = _polyhedron_lp(h0, null_basis, w_i, rhs_i, nonneg=nonneg)
-        if h_lp is None:
+        if h_lp is None and status == "infeasible":
+            found = nearest(message, used_lp=True, **info)
+        elif h_lp is None:
             return done(None, status, message, used_lp=True, **info)
-        h = np.maximum(h_lp, 0.0) if nonneg else h_lp
+        else:
+            h = np.maximum(h_lp, 0.0) if nonneg else h_lp
+    if isinstance(found, LayerResult):
+        return found
+    if found is not None:
+        h, message = found
 
     # Rounding in w_i h + b_i is about eps * sum_j |w_ij h_j|: the checks scale with it.
     size = scale + float(np.max(abs_product(layer, h)))
@@ -352,3 +376,82 @@ def abs_product(layer: Layer, h: np.ndarray) -> np.ndarray:
     """|W| |h| (m,): the size of the terms of w_i h, which bounds the rounding of w_i h + b_i."""
     matrix: Any = layer.weight.matrix()
     return abs(matrix) @ np.abs(h)
+
+
+def range_distance(layer: Layer, y: np.ndarray) -> float:
+    """How far y lies outside the closed range of the layer's activation (l_inf)."""
+    lo, hi = layer.activation.range
+    if not layer.activation.is_bijective:
+        lo, hi = 0.0, np.inf
+    return float(np.max(np.maximum(lo - y, 0.0) + np.maximum(y - hi, 0.0), initial=0.0))
+
+
+def _rounding_note(distance: float, rtol: float, y: np.ndarray, b: np.ndarray) -> str:
+    """Where an "infeasible" distance is at rounding level: the rtol that would accept it."""
+    scale = max(float(np.max(np.abs(y), initial=0.0)), float(np.max(np.abs(b), initial=0.0)),
+                1e-300)
+    needed = distance / (5 * scale)
+    if not np.isfinite(needed) or needed <= rtol or needed > 1e-4:
+        return f" (distance {distance:.3g})"
+    suggest = 10.0 ** np.ceil(np.log10(needed))
+    return (
+        f" (distance {distance:.3g}, {needed:.2g} relative: at the rounding level of "
+        f"lower-precision data; rtol={suggest:g} would accept it)"
+    )
+
+
+def nearest_point(
+    layer: Layer, y: np.ndarray, cons: ActiveSet, *, nonneg: bool
+) -> tuple[np.ndarray | None, float, str]:
+    """The point h of the input domain nearest to being a preimage of y; (h, distance, how).
+
+        minimise    t
+        subject to  |s_i (w_i h + b_i - t_i)| <= t    (units clearly on, y_i > 10 tau:
+                                                       t_i = y_i; bijective: every
+                                                       unit, t_i = act^-1(y_i), s_i
+                                                       its slope there)
+                    w_i h + b_i - y_i <= t            (the other ReLU units)
+                    h >= 0                            (when h is a ReLU output)
+
+    t is measured in the units of y (the slope s_i turns a pre-activation error
+    into an output error). Any h whose |act(W h + b) - y|_inf is at most
+    delta <= 10 tau satisfies every row with t = delta (a unit with
+    y_i > 10 tau >= delta stays on), so an optimum t* > 10 tau proves that no
+    point of the domain reproduces y within 10 tau, up to the LP's tolerance;
+    t* is the distance reported. The rows are scaled by the data's scale for
+    HiGHS; one LP with n + 1 variables and the layer's rows (sparse where the
+    weight is).
+    """
+    from scipy import sparse
+
+    matrix = layer.weight.matrix()
+    n = layer.in_width
+    b = layer.bias_or_zero()
+    act = layer.activation
+    if act.is_bijective:
+        two = cons.active
+        weight = act.slope(y)
+    else:
+        two = cons.active & (y > 10 * cons.tau)
+        weight = np.ones_like(y)
+    s = cons.scale
+    rows = sparse.diags(weight / s) @ sparse.csr_matrix(matrix)
+    rhs = weight * (np.where(two, cons.target, y) - b) / s
+    on, off = np.flatnonzero(two), np.flatnonzero(~two)
+
+    def with_t(block: sparse.csr_matrix) -> sparse.csr_matrix:
+        return sparse.hstack([block, sparse.csr_matrix(np.full((block.shape[0], 1), -1.0))])
+
+    a_ub = sparse.vstack([with_t(rows[on]), with_t(-rows[on]), with_t(rows[off])], format="csr")
+    b_ub = np.concatenate([rhs[on], -rhs[on], rhs[off]])
+    cost = np.zeros(n + 1)
+    cost[-1] = 1.0
+    bounds = [(0.0, None) if nonneg else (None, None)] * n + [(0.0, None)]
+    solution = solve_lp(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, tolerance=LP_TOL)
+    if solution.x is None:
+        return None, np.inf, f"the nearest-point LP ended {solution.status} ({solution.message})"
+    h = solution.x[:n]
+    if nonneg:
+        h = np.maximum(h, 0.0)
+    distance = float(solution.value) * s
+    return h, distance, f"the nearest point (an LP) misses y by {distance:.3g}"

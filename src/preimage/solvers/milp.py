@@ -199,12 +199,13 @@ def milp_search(
 
 
 def reproduces(net: Network, top: int, y: np.ndarray, z: np.ndarray, rtol: float) -> bool:
-    """Whether layers 0..top map z to y within 100 rtol max|y| (l_inf)."""
+    """Whether layers 0..top map z to y within 10 rtol max|y| (l_inf): the tolerance of the
+    layer-wise checks, whose terms |w_i h| are of the size of y here."""
     h = z[None]
     for layer in net.layers[: top + 1]:
         h = layer.forward(h)
     scale = max(float(np.max(np.abs(y))), 1e-300)
-    return float(np.max(np.abs(h[0] - y))) <= 100 * rtol * scale
+    return float(np.max(np.abs(h[0] - y))) <= 10 * rtol * scale
 
 
 def polish(
