@@ -81,12 +81,14 @@ def _sci(value: float | None) -> str:
 # ----------------------------------------------------------------------------- invert
 
 #: Names of the shipped decoders accepted as MODEL.
-SHIPPED = {"mnist-relu": "relu", "mnist-leaky": "leaky_relu"}
+SHIPPED = {"mnist-relu": "relu", "mnist-leaky": "leaky_relu", "mnist-conv": "conv"}
 
 
 def _load_model(args: argparse.Namespace) -> Any:
     if args.model in SHIPPED:
         return shipped_decoder(SHIPPED[args.model])
+    if str(args.model).endswith(".onnx"):
+        return Network.from_onnx(args.model)
     layers = args.layers.split(",") if args.layers else None
     return Network.from_file(
         args.model, layers, activation=args.activation, negative_slope=args.negative_slope
@@ -119,8 +121,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
             x = net.forward(z_true)
         else:
             x = _load_array(args.x, "the observations")
-            if x.ndim == 1:  # one sample: a batch of one, so every result field is an array
-                x = x[None]
+            if x.ndim == 1 or tuple(x.shape) == net.output_shape:
+                x = x[None]  # one sample: a batch of one, so every result field is an array
         kwargs: dict[str, Any] = {"method": args.method, "rtol": args.rtol}
         if args.noise is not None:
             kwargs.update(noise=args.noise, noise_level=args.noise_level)
@@ -323,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find z with G(z) = x for every row of X.npy (or for G(z) of random codes) "
         "and say whether it is unique.",
     )
-    inv.add_argument("model", help="mnist-relu, mnist-leaky (shipped decoders), or a "
-                     ".safetensors / .pt / .pth state dict")
+    inv.add_argument("model", help="mnist-relu, mnist-leaky, mnist-conv (shipped decoders), "
+                     "an .onnx model, or a .safetensors / .pt / .pth state dict")
     inv.add_argument("x", nargs="?", default=None,
                      help="observations, .npy of shape (n,) or (B, n)")
     inv.add_argument("--codes", type=int, default=None,

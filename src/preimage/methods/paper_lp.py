@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from preimage.model.network import Network
+from preimage.model.operators import dense
 from preimage.solvers.highs import solve_lp
 
 
@@ -39,7 +40,7 @@ def paper_layerwise_lp(
     h = np.asarray(x, dtype=float)
     for i in range(len(net.layers) - 1, -1, -1):
         layer = net.layers[i]
-        w, b = layer.weight.matrix(), layer.bias_or_zero()
+        w, b = dense(layer.weight), layer.bias_or_zero()
         nonneg = net.input_nonnegative(i)
         if layer.activation.is_bijective:
             target, active = layer.activation.inverse(h), np.ones(h.size, dtype=bool)

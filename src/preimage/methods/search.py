@@ -116,8 +116,9 @@ def cell_walk(
         h = np.asarray(best.z)[None]
         moves = []
         for i in range(flippable):
-            pre = net.layers[i].preactivation(h)[0]
+            pre = net.layers[i].preactivation(h)
             h = net.layers[i].activation(pre)
+            pre = pre[0]
             tight = np.flatnonzero(np.abs(pre) <= 1e-7 * max(float(np.max(np.abs(pre))), 1e-300))
             assert best.wall_duals is not None
             moves += [(float(best.wall_duals[i][j]), i, int(j)) for j in tight]

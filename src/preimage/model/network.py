@@ -261,6 +261,11 @@ def flatten_samples(value: object, shape: Sequence[int], name: str) -> object:
         batch = arr_shape[0]
         return (value.reshape(batch, n) if hasattr(value, "reshape")
                 else np.reshape(value, (batch, n)))
+    if len(arr_shape) > 2:
+        raise ValueError(
+            f"`{name}` must have shape {shape} or (batch, {', '.join(map(str, shape))}), or be "
+            f"flat: ({n},) or (batch, {n}); got an array of shape {arr_shape}."
+        )
     return value
 
 

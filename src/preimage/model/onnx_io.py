@@ -37,8 +37,6 @@ Shape = tuple[int, ...]
 
 _ACTIVATIONS = {"Relu", "LeakyRelu", "Elu", "Softplus", "Tanh", "Sigmoid"}
 _RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
-_SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Cast", "Slice", "Squeeze", "Constant",
-              "ConstantOfShape", "Mul", "Div", "Add", "Sub"}
 
 
 def _attributes(node: Any) -> dict[str, Any]:
@@ -82,6 +80,7 @@ def layers_from_onnx(path: str | Path) -> tuple[list[Layer], str, Shape, Shape]:
     if any(d < 1 for d in in_shape):
         raise ValueError(f"{path}: the input's shape {shapes[current]} is not static beyond the "
                          "batch dimension.")
+    shapes.update(_shapes_by_running(model, current, in_shape))
     meta: set[str] = set()  # tensors computed from shapes, not from the data
     steps: list[chain.Step] = []
     for node in graph.node:
@@ -91,7 +90,10 @@ def layers_from_onnx(path: str | Path) -> tuple[list[Layer], str, Shape, Shape]:
             values[node.output[0]] = numpy_helper.to_array(attrs["value"])
             continue
         data = [i for i in node.input if i and i not in values and i not in meta]
-        if (not data and node.op_type in _SHAPE_OPS) or node.op_type == "Shape":
+        if not data and node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]  # a weight passed through
+            continue
+        if not data or node.op_type == "Shape":  # arithmetic on shapes and constants
             meta.update(node.output)
             continue
         if data != [current]:
@@ -107,6 +109,35 @@ def layers_from_onnx(path: str | Path) -> tuple[list[Layer], str, Shape, Shape]:
         raise TypeError(f"{path}: the graph's output {outputs} is not its last node's output.")
     layers, out_shape = chain.fold(steps, in_shape)
     return layers, "float32" if dtypes <= {"float32", "float16"} else "float64", in_shape, out_shape
+
+
+def _shapes_by_running(model: Any, input_name: str, in_shape: Shape) -> dict[str, Shape]:
+    """Every tensor's shape, from running the graph on a batch of two zero codes.
+
+    Static shape inference leaves the targets of computed reshapes (torch's
+    Unflatten and view export Shape -> Slice -> Concat -> Reshape) unknown; the
+    reference evaluator of ``onnx`` computes them. Where it cannot run (an op it
+    lacks), the inferred shapes are kept and the reader reports what is missing.
+    """
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    names = [o for node in probe.graph.node for o in node.output if o and o not in known]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    dtype = {1: np.float32, 11: np.float64, 10: np.float16}.get(
+        probe.graph.input[0].type.tensor_type.elem_type, np.float32)
+    try:
+        results = ReferenceEvaluator(probe).run(
+            None, {input_name: np.zeros((2, *in_shape), dtype=dtype)}
+        )
+    except Exception:  # an op the evaluator lacks: keep the static shapes
+        return {}
+    outputs = [o.name for o in probe.graph.output]
+    return {name: (-1, *np.shape(value)[1:]) for name, value in zip(outputs, results, strict=True)
+            if np.ndim(value) >= 1}
 
 
 def _constant(values: dict[str, np.ndarray], name: str, where: str) -> np.ndarray:

@@ -57,6 +57,17 @@ class LinearOperator(Protocol):
         ...
 
 
+def dense(op: LinearOperator) -> np.ndarray:
+    """The operator's matrix as a dense float64 array (a copy where it is stored sparse).
+
+    For the solvers that factor or loop over whole dense rows (the noisy layer
+    fits, the MILP, the batched path): the layer-wise routes, which only run on
+    layers small enough for dense algebra (`preimage.methods.layerwise`).
+    """
+    matrix = op.matrix()
+    return matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+
+
 def _dense_matrix(matrix: Any, name: str) -> np.ndarray:
     """A read-only float64 copy of a 2-D finite matrix, or an error naming `name`."""
     a = to_float_array(matrix, name)

@@ -48,6 +48,7 @@ class _Structured:
     out_shape: Shape
     _csr: sparse.csr_matrix | None = None
     _csc: sparse.csc_matrix | None = None
+    _float64: dict[str, Any] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -76,12 +77,15 @@ class _Structured:
 
 
 def _torch_call(op: Any, h: np.ndarray) -> np.ndarray:
+    """op applied to a NumPy batch (B, n) through its torch function, in float64."""
     import torch
 
     batch = np.asarray(h, dtype=np.float64)
     x = torch.from_numpy(np.ascontiguousarray(batch)).reshape(batch.shape[0], *op.in_shape)
+    if op._float64 is None:  # the float64 parameters, converted once
+        op._float64 = op.torch_parameters(torch.float64)
     with torch.no_grad():
-        out = op.torch_forward(x, op.torch_parameters(torch.float64))
+        out = op.torch_forward(x, op._float64)
     return out.reshape(batch.shape[0], -1).numpy()
 
 

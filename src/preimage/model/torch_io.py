@@ -101,7 +101,7 @@ def _activation_of_function(target: Any, args: tuple, kwargs: dict) -> Activatio
 def _check_eval(mod: Any, where: str) -> None:
     if mod.training:
         raise ValueError(
-            f"{where} ({type(mod).__name__}) is in training mode, where its output depends on "
+            f"{where!r} ({type(mod).__name__}) is in training mode, where its output depends on "
             "the batch (or is random); call `.eval()` on the module first."
         )
 
@@ -112,7 +112,7 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
 
     if isinstance(mod, nn.Linear):
         if len(in_shape) != 1:
-            raise TypeError(f"{where} (Linear) gets inputs of shape {in_shape}; preimage needs a "
+            raise TypeError(f"{where!r} (Linear) gets inputs of shape {in_shape}; preimage needs a "
                             "Linear layer on flat vectors (add nn.Flatten before it).")
         bias = None if mod.bias is None else tensor_to_numpy(mod.bias)
         return [chain.Linear(DenseOperator(tensor_to_numpy(mod.weight), name=f"{where}.weight"),
@@ -121,19 +121,19 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
         transposed = isinstance(mod, nn.ConvTranspose2d)
         kind = type(mod).__name__
         if mod.groups != 1:
-            raise TypeError(f"{where} ({kind}) has groups={mod.groups}; preimage supports "
+            raise TypeError(f"{where!r} ({kind}) has groups={mod.groups}; preimage supports "
                             "groups = 1 only.")
         if getattr(mod, "padding_mode", "zeros") != "zeros" or isinstance(mod.padding, str):
-            raise TypeError(f"{where} ({kind}) pads with {mod.padding_mode!r} / "
+            raise TypeError(f"{where!r} ({kind}) pads with {mod.padding_mode!r} / "
                             f"{mod.padding!r}; preimage supports zero padding given as numbers.")
         if len(in_shape) != 3:
-            raise TypeError(f"{where} ({kind}) gets inputs of shape {in_shape}, not (C, H, W).")
+            raise TypeError(f"{where!r} ({kind}) gets inputs of shape {in_shape}, not (C, H, W).")
         extra = {"output_padding": mod.output_padding} if transposed else {}
         op = Conv2dOperator(tensor_to_numpy(mod.weight), in_shape, stride=mod.stride,
                             padding=mod.padding, dilation=mod.dilation, transposed=transposed,
                             **extra)
         if tuple(op.out_shape) != tuple(out_shape):
-            raise TypeError(f"{where} ({kind}): output shape {op.out_shape} differs from "
+            raise TypeError(f"{where!r} ({kind}): output shape {op.out_shape} differs from "
                             f"torch's {out_shape}.")
         bias = None
         if mod.bias is not None:
@@ -142,7 +142,7 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
         _check_eval(mod, where)
         if mod.running_mean is None:
-            raise TypeError(f"{where} (BatchNorm) keeps no running statistics "
+            raise TypeError(f"{where!r} (BatchNorm) keeps no running statistics "
                             "(track_running_stats=False): its output depends on the batch.")
         weight = tensor_to_numpy(mod.weight) if mod.affine else None
         bias = tensor_to_numpy(mod.bias) if mod.affine else None
@@ -151,11 +151,11 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
                                         in_shape, where)]
     if isinstance(mod, nn.Upsample):
         if len(in_shape) != 3:
-            raise TypeError(f"{where} (Upsample) gets inputs of shape {in_shape}, not (C, H, W).")
+            raise TypeError(f"{where!r} (Upsample) gets inputs of shape {in_shape}, not (C, H, W).")
         op = UpsampleOperator(in_shape, size=mod.size, scale_factor=mod.scale_factor,
                               mode=mod.mode, align_corners=mod.align_corners)
         if tuple(op.out_shape) != tuple(out_shape):
-            raise TypeError(f"{where} (Upsample): output shape {op.out_shape} differs from "
+            raise TypeError(f"{where!r} (Upsample): output shape {op.out_shape} differs from "
                             f"torch's {out_shape}.")
         return [chain.Linear(op, None, where)]
     if isinstance(mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)):

@@ -39,6 +39,9 @@ from preimage.model.network import Network
 from preimage.results import LP_TOL
 from preimage.solvers.highs import solve_lp
 
+#: With a reference point, the cell LP starts from the walls nearest to it (this many).
+WALLS_FIRST = 400
+
 
 @dataclass
 class CellFit:
@@ -166,20 +169,21 @@ def _solve_cell(
     sys: _CellSystem,
     rows: np.ndarray,
     norm: str,
-    walls: bool,
+    kept: np.ndarray,
     box: tuple[np.ndarray, float] | None,
 ) -> tuple[np.ndarray | None, float, np.ndarray | None, str]:
-    """The cell LP over the fit rows `rows` (indices); (z', value, wall duals, status).
+    """The cell LP over the fit rows `rows` and the walls `kept` (indices);
+    (z', value, duals of the kept walls, status).
 
     Variables u = (z', t) for l_inf, (z', s) for l_1 (one slack per fit row).
     """
     k = sys.walls.shape[1]
-    c = sys.walls.shape[0] if walls else 0
+    c = kept.size
     two = rows[sys.two[rows]]
     one = rows[~sys.two[rows]]
     f2, f1 = sys.fit[two], sys.fit[one]
     m2, m1 = len(two), len(one)
-    wall_rows = sys.walls[:c]
+    wall_rows = sys.walls[kept]
     if norm == "linf":
         a_ub: np.ndarray | sparse.csr_matrix = np.vstack(
             [
@@ -212,7 +216,7 @@ def _solve_cell(
         z_bounds = [(float(lo), float(hi)) for lo, hi in zip(center - radius, center + radius,
                                                               strict=True)]
     bounds = z_bounds + [(0.0, None)] * n_slack
-    b_ub = np.concatenate([sys.r[two], -sys.r[two], sys.r[one], sys.wall_rhs[:c]])
+    b_ub = np.concatenate([sys.r[two], -sys.r[two], sys.r[one], sys.wall_rhs[kept]])
     solution = solve_lp(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, tolerance=LP_TOL)
     if solution.x is None:
         return None, np.inf, None, solution.status
@@ -258,9 +262,11 @@ def cell_lp(
         Without A: output units with y_j > tau are fitted two-sidedly, the rest
         one-sidedly (pre_j <= y_j + slack).
     z_ref : ndarray of shape (k,), optional
-        A point near the answer. The one-sided rows far from binding there are
-        left out of the first LP and added back only if the answer violates them
-        (row generation: the same optimum, a smaller LP).
+        A point near the answer. The one-sided rows and the walls far from
+        binding there are left out of the first LP and added back only if the
+        answer violates them (row generation: the same optimum, a smaller LP;
+        an image generator's cell has tens of thousands of walls, a few hundred
+        of which come near).
     walls : bool
         Keep z inside the cell (False: the linearisation of the misfit at this
         cell, over all of z; with `trust`, one SLP step).
@@ -284,9 +290,15 @@ def cell_lp(
     else:
         f = sys.fit @ (np.asarray(z_ref, dtype=np.float64) / sys.scale) - sys.r
         rows = np.flatnonzero(sys.two | (f > -0.1))
+    n_walls = sys.walls.shape[0] if walls else 0
+    if z_ref is None or n_walls <= WALLS_FIRST:
+        kept = np.arange(n_walls)
+    else:
+        slack = sys.wall_rhs - sys.walls @ (np.asarray(z_ref, dtype=np.float64) / sys.scale)
+        kept = np.sort(np.argsort(slack)[:WALLS_FIRST])
     n_lps = 0
     while True:
-        z, value, duals, status = _solve_cell(sys, rows, norm, walls, box)
+        z, value, duals, status = _solve_cell(sys, rows, norm, kept, box)
         n_lps += 1
         if z is None:
             message = (
@@ -298,12 +310,19 @@ def cell_lp(
         level = value if norm == "linf" else 0.0
         left_out = np.setdiff1d(np.arange(n_fit), rows)
         violated = left_out[per_row[left_out] > level + 10 * LP_TOL]
-        if violated.size == 0:
+        crossed = np.setdiff1d(np.arange(n_walls), kept)
+        crossed = crossed[sys.walls[crossed] @ z > sys.wall_rhs[crossed] + 10 * LP_TOL]
+        if violated.size == 0 and crossed.size == 0:
             break
         rows = np.union1d(rows, violated)
+        kept = np.union1d(kept, crossed)
     total = float(np.max(per_row, initial=0.0) if norm == "linf" else np.sum(per_row))
     split = np.cumsum(sys.wall_sizes)[:-1]
-    wall_duals = np.split(duals, split) if walls and duals is not None else None
+    wall_duals = None
+    if walls and duals is not None:
+        every = np.zeros(n_walls)
+        every[kept] = duals  # the walls left out are slack: multiplier 0
+        wall_duals = np.split(every, split)
     return CellFit(z * sys.scale, total * sys.scale, "cell LP solved", wall_duals, n_lps=n_lps)
 
 
@@ -314,3 +333,66 @@ def equality_rank(
     sys = _cell_system(net, np.asarray(y, dtype=np.float64), patterns, None, tau)
     fit = sys.fit[sys.two]
     return int(np.linalg.matrix_rank(fit)) if fit.size else 0
+
+
+def cell_least_squares(
+    net: Network, yb: np.ndarray, zb: np.ndarray, tau: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each sample, the least-squares fit to y inside the cell of its z; (z', same cell).
+
+    With the pattern of z fixed, G(z') = act(P z' + q) on the cell, so
+
+        z' = argmin  sum_j s_j^2 (p_j z' + q_j - t_j)^2
+
+    over the output units fitted two-sidedly (y_j > tau, every unit for a
+    bijective output with t_j = act^-1(y_j) and s_j its slope; a ReLU unit seen
+    off is left to the check), one small weighted least-squares problem per
+    sample (k unknowns). z' counts only where it keeps z's whole activation
+    pattern (`same`), where it is the least-squares point of the cell itself.
+    Batched: each layer's chain P_i for all samples is one `apply` of the
+    layer's operator to the stacked k columns. Hidden layers must be piecewise
+    linear. Shapes: yb (B, n), zb (B, k), tau (B,); returns (B, k), (B,).
+    """
+    b, k = zb.shape
+    patterns: list[np.ndarray] = []
+    p = np.broadcast_to(np.eye(k), (b, k, k)).reshape(b * k, k)  # rows: (sample, column)
+    q = np.zeros((b, k))  # G's affine part at z = 0 on the cell
+    h = zb
+    for i, layer in enumerate(net.layers):
+        pre = layer.preactivation(h)
+        q_pre = layer.preactivation(q)
+        p_pre = layer.weight.apply(p)  # (b k, n_i): W applied to each sample's columns
+        if i + 1 < len(net.layers):
+            on = pre > 0
+            patterns.append(on)
+            gain = layer.activation.gain(on)
+            p = p_pre * np.repeat(gain, k, axis=0)
+            q = q_pre * gain
+            h = layer.activation(pre)
+    last = net.layers[-1].activation
+    m = p_pre.shape[1]
+    fit = p_pre.reshape(b, k, m).transpose(0, 2, 1)  # (b, m, k)
+    if last.is_bijective:
+        rows = np.ones((b, m), dtype=bool)
+        weight = last.slope(yb)
+        target = last.clipped_inverse(yb)
+    else:
+        rows = yb > tau[:, None]
+        weight = np.ones_like(yb)
+        target = yb
+    w = np.where(rows, weight, 0.0)
+    a = fit * w[:, :, None]
+    r = (target - q_pre) * w
+    gram = np.einsum("bmk,bml->bkl", a, a)
+    rhs = np.einsum("bmk,bm->bk", a, r)
+    z_new = np.array(zb, copy=True)
+    solvable = np.linalg.matrix_rank(gram) == k
+    if solvable.any():
+        z_new[solvable] = np.linalg.solve(gram[solvable], rhs[solvable][:, :, None])[:, :, 0]
+    same = solvable & np.all(np.isfinite(z_new), axis=1)
+    h = z_new
+    for layer, on in zip(net.layers[:-1], patterns, strict=False):
+        pre = layer.preactivation(h)
+        same &= np.all((pre > 0) == on, axis=1)
+        h = layer.activation(pre)
+    return np.where(same[:, None], z_new, zb), same

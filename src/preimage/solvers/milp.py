@@ -27,6 +27,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint
 
 from preimage.model.network import Network
+from preimage.model.operators import dense
 from preimage.results import SearchOutcome
 from preimage.solvers.cell import cell_lp, equality_rank
 from preimage.solvers.highs import solve_milp
@@ -82,7 +83,7 @@ def _build(
 
     prev_cols = np.arange(k)
     for blk, layer in zip(blocks, net.layers[:top], strict=True):
-        w, b = layer.weight.matrix(), layer.bias_or_zero()
+        w, b = dense(layer.weight), layer.bias_or_zero()
         r_cols = np.arange(blk.r, blk.r + blk.width)
         d_cols = np.arange(blk.delta, blk.delta + blk.width)
         lb[r_cols], ub[r_cols] = 0.0, np.maximum(blk.upper, 0.0)
@@ -115,7 +116,7 @@ def _build(
     cons = active_set(top_layer, y, rtol)
     if isinstance(cons, str):
         return None
-    w, b = top_layer.weight.matrix(), top_layer.bias_or_zero()
+    w, b = dense(top_layer.weight), top_layer.bias_or_zero()
     tol = rtol * (cons.scale + float(np.max(np.abs(w), initial=0.0)) * bound)
     for i in range(top_layer.out_width):
         coef = np.zeros(n_vars)

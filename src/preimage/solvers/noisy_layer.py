@@ -73,6 +73,7 @@ from scipy import sparse
 from scipy.optimize import minimize, nnls
 
 from preimage.model.layer import Layer
+from preimage.model.operators import dense
 from preimage.results import LP_TOL
 from preimage.solvers.highs import solve_lp
 
@@ -344,7 +345,7 @@ def _fit(
     """One fit at a given tau; returns (h, misfit, message, on-mask)."""
     m, _ = layer.weight.shape
     b = layer.bias_or_zero()
-    w = layer.weight.matrix()
+    w = dense(layer.weight)
     if layer.activation.is_bijective:
         # Fit pre-activations, each row weighted by d act / d pre there, so the
         # misfit is measured in the units of y (a LeakyReLU's negative side
@@ -450,7 +451,7 @@ def invert_layer_noisy(
             np.inf, np.nan, 0, 0, np.nan, solves, time.perf_counter() - start,
         )
     residual, value, h, t, message, on = best
-    w_on = layer.weight.matrix()[on]
+    w_on = dense(layer.weight)[on]
     s = np.linalg.svd(w_on, compute_uv=False) if w_on.size else np.zeros(0)
     rank = int(np.sum(s > s[0] * max(w_on.shape) * np.finfo(float).eps)) if s.size else 0
     sigma_min = float(s[rank - 1]) if rank else np.nan
@@ -493,7 +494,7 @@ def propagate_bound(
     if not bound.finite or not np.all(np.isfinite(h)):
         return NoiseBound.unbounded(n)
     b = layer.bias_or_zero()
-    w = layer.weight.matrix()
+    w = dense(layer.weight)
     # Rounding in w_i h + b_i - y_i: a few ulps of its terms.
     rounding = 8 * np.finfo(float).eps * (np.abs(w) @ np.abs(h) + np.abs(b) + np.abs(y))
     act = layer.activation

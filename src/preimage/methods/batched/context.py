@@ -25,6 +25,7 @@ import numpy as np
 
 from preimage.model.layer import Layer
 from preimage.model.network import Network
+from preimage.model.operators import dense
 
 #: Layers at least this wide are solved through a square subset of the active
 #: rows (LU) instead of the normal equations of all of them.
@@ -113,7 +114,7 @@ class Context:
 
     def _build(self, layer: Layer) -> LayerCache:
         torch = self.torch
-        w_np = np.array(layer.weight.matrix(), dtype=np.float64)  # writable, for torch
+        w_np = np.array(dense(layer.weight), dtype=np.float64)  # writable, for torch
         m, n = w_np.shape
         b_np = np.array(layer.bias_or_zero(), dtype=np.float64)
         w = torch.as_tensor(w_np, device=self.device)
