@@ -129,7 +129,8 @@ def cell_walk(
                 break
             trial = [p.copy() for p in patterns]
             trial[i][j] = ~trial[i][j]
-            fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z)
+            fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z,
+                          known=best.chain[: i + 1])  # pre_0..pre_i do not see the flip
             n_lps += fit.n_lps
             if fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit:
                 best, patterns, moved = fit, trial, True

@@ -69,6 +69,8 @@ class CellFit:
     n_lps: int = 1
     steps: int = 0
     status: str = field(default="optimal")
+    #: The cell's affine chain (`affine_chain`), for its neighbours to reuse.
+    chain: Chain = field(default_factory=list, repr=False)
 
 
 def activation_pattern(net: Network, z: np.ndarray, depth: int | None = None) -> list[np.ndarray]:
@@ -88,20 +90,31 @@ def piecewise_linear(net: Network, *, output: bool) -> bool:
     return all(layer.activation.is_piecewise_linear for layer in layers)
 
 
+Chain = list[tuple[np.ndarray, np.ndarray]]
+
+
 def affine_chain(
-    net: Network, patterns: list[np.ndarray], depth: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(P_i, q_i) for i < depth: pre_i = P_i z + q_i under the patterns of layers < depth - 1."""
+    net: Network, patterns: list[np.ndarray], depth: int, known: Chain = ()
+) -> Chain:
+    """(P_i, q_i) for i < depth: pre_i = P_i z + q_i under the patterns of layers < depth - 1.
+
+    `known`: the first entries, where the patterns they depend on are unchanged
+    (pre_i depends on the patterns of layers < i only): a walk that flips a unit
+    of layer i reuses pre_0..pre_i.
+    """
     k = net.latent_dim
-    p, q = np.eye(k), np.zeros(k)
-    chain = []
-    for i in range(depth):
+    chain = list(known[:depth])
+    if chain:
+        p, q = chain[-1]
+    else:
+        p, q = np.eye(k), np.zeros(k)
+    for i in range(len(chain), depth):
+        if i:
+            gain = net.layers[i - 1].activation.gain(patterns[i - 1])
+            p, q = gain[:, None] * p, gain * q
         layer = net.layers[i]
         p, q = layer.weight.apply(p.T).T, layer.preactivation(q[None])[0]
         chain.append((p, q))
-        if i + 1 < depth:
-            gain = layer.activation.gain(patterns[i])
-            p, q = gain[:, None] * p, gain * q
     return chain
 
 
@@ -120,14 +133,16 @@ class _CellSystem:
     r: np.ndarray
     two: np.ndarray
     scale: float
+    chain: Chain
 
 
 def _cell_system(
-    net: Network, y: np.ndarray, patterns: list[np.ndarray], A: np.ndarray | None, tau: float
+    net: Network, y: np.ndarray, patterns: list[np.ndarray], A: np.ndarray | None, tau: float,
+    known: Chain = (),
 ) -> _CellSystem:
     d = len(net.layers)
     k = net.latent_dim
-    chain = affine_chain(net, patterns, d)
+    chain = affine_chain(net, patterns, d, known)
     scale = max(float(np.max(np.abs(y))), 1e-300)
     # Walls:  -P_on z <= q_on,  P_off z <= -q_off.
     rows, rhs = [], []
@@ -162,6 +177,7 @@ def _cell_system(
         (target - fit_q) / scale,
         two,
         scale,
+        chain,
     )
 
 
@@ -243,6 +259,7 @@ def cell_lp(
     z_ref: np.ndarray | None = None,
     walls: bool = True,
     trust: tuple[np.ndarray, float] | None = None,
+    known: Chain = (),
 ) -> CellFit:
     """The best fit to y inside the activation cell given by `patterns`.
 
@@ -272,6 +289,9 @@ def cell_lp(
         cell, over all of z; with `trust`, one SLP step).
     trust : (center (k,), radius), optional
         Also keep |z - center|_inf <= radius.
+    known : list of (P_i, q_i), optional
+        The first entries of the cell's `affine_chain`, already computed (a
+        neighbouring cell's, up to the layer of the flipped unit).
 
     Returns
     -------
@@ -280,7 +300,7 @@ def cell_lp(
     if norm not in ("linf", "l1"):
         raise ValueError(f"`norm` must be 'linf' or 'l1' for the cell LP; got {norm!r}.")
     y = np.asarray(y, dtype=np.float64)
-    sys = _cell_system(net, y, patterns, A, tau)
+    sys = _cell_system(net, y, patterns, A, tau, known)
     k = net.latent_dim
     nan = np.full(k, np.nan)
     n_fit = len(sys.r)
@@ -305,7 +325,7 @@ def cell_lp(
                 "the activation cell is empty" if status == "infeasible"
                 else f"HiGHS did not solve the cell LP ({status})"
             )
-            return CellFit(nan, np.inf, message, n_lps=n_lps, status=status)
+            return CellFit(nan, np.inf, message, n_lps=n_lps, status=status, chain=sys.chain)
         per_row = _row_misfit(sys, z)
         level = value if norm == "linf" else 0.0
         left_out = np.setdiff1d(np.arange(n_fit), rows)
@@ -323,7 +343,8 @@ def cell_lp(
         every = np.zeros(n_walls)
         every[kept] = duals  # the walls left out are slack: multiplier 0
         wall_duals = np.split(every, split)
-    return CellFit(z * sys.scale, total * sys.scale, "cell LP solved", wall_duals, n_lps=n_lps)
+    return CellFit(z * sys.scale, total * sys.scale, "cell LP solved", wall_duals, n_lps=n_lps,
+                   chain=sys.chain)
 
 
 def equality_rank(
