@@ -66,7 +66,9 @@ def test_a_milp_without_answer_keeps_the_cell_search_preimage(
         ({"method": "clipping", "n_jobs": 2}, "`n_jobs`"),
         ({"noise": "linf", "batched": False}, "`batched`"),
         ({"noise": "l2", "fallback": GlobalSettings()}, "`fallback`"),
-        ({"noise": "linf", "batch_size": 10, "n_jobs": 1}, "`batch_size`, `n_jobs` are"),
+        ({"noise": "linf", "rtol": 1e-6}, "`rtol`"),
+        ({"method": "layerwise", "noise": "linf", "batch_size": 10, "n_jobs": 1},
+         "`batch_size`, `n_jobs` are"),
         ({"method": "hybrid", "batch_size": 10}, "`batch_size`"),
         ({"A": np.eye(90)[:40], "device": "cpu"}, "`device`"),
     ],
@@ -107,8 +109,9 @@ def test_arguments_are_passed_where_they_are_used(
     ("kwargs", "method"),
     [
         ({}, "exact"),
-        ({"noise": "linf"}, "noisy"),
-        ({"noise": "l2", "noise_level": 1e-3}, "noisy"),
+        ({"noise": "linf"}, "descent"),
+        ({"noise": "l2", "noise_level": 1e-3}, "descent"),
+        ({"method": "layerwise", "noise": "linf"}, "noisy"),
         ({"A": "gauss"}, "pgd"),
         ({"method": "adam", "options": {"steps": 20, "restarts": 1}}, "adam"),
         ({"method": "clipping", "options": {"steps": 20, "restarts": 1, "bound": 3.0}},
@@ -116,7 +119,7 @@ def test_arguments_are_passed_where_they_are_used(
         ({"method": "negation", "options": {"steps": 20, "restarts": 1}}, "negation"),
         ({"method": "hybrid", "options": {"steps": 20}}, "hybrid"),
         ({"observe": "half"}, "exact"),
-        ({"observe": "half", "noise": "linf"}, "noisy"),
+        ({"observe": "half", "noise": "linf"}, "descent"),
     ],
 )
 def test_one_type_per_input_kind_and_the_method_that_ran(

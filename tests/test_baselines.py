@@ -46,8 +46,8 @@ def test_cell_walk_turns_a_near_miss_into_an_exact_answer(rng: np.random.Generat
 
 def test_cell_lp_rejects_a_bad_norm() -> None:
     net = random_network([4, 12], seed=0)
-    with pytest.raises(ValueError, match="`norm` must be 'linf' or 'l1'"):
-        cell_lp(net, np.ones(12), [], norm="l2")
+    with pytest.raises(ValueError, match="`norm` must be 'linf', 'l1' or 'l2'"):
+        cell_lp(net, np.ones(12), [], norm="l3")
 
 
 def test_gradient_methods_share_the_result_type(rng: np.random.Generator) -> None:
@@ -130,14 +130,15 @@ def test_decoder_noise_lps_and_hybrid_beat_adam() -> None:
     e *= 1e-3 * np.linalg.norm(x, axis=1, keepdims=True) / np.linalg.norm(e, axis=1, keepdims=True)
     medians = {}
     for name, kw in [
-        ("linf LP", {"noise": "linf"}),
-        ("l1 LP", {"noise": "l1"}),
+        ("linf LP", {"method": "layerwise", "noise": "linf"}),
+        ("l1 LP", {"method": "layerwise", "noise": "l1"}),
+        ("descent", {"noise": "l2"}),
         ("adam", {"method": "adam", "noise": "linf"}),
         ("hybrid", {"method": "hybrid", "noise": "linf"}),
     ]:
         res = preimage.invert(net, x + e, **kw)
         medians[name] = float(np.median(rel_rows(res.z, z)))
     print("\ndecoder, noise 1e-3: " + ", ".join(f"{k} {v:.2e}" for k, v in medians.items()))
-    for name in ("linf LP", "l1 LP", "hybrid"):
+    for name in ("linf LP", "l1 LP", "hybrid", "descent"):
         assert medians[name] < medians["adam"] / 10
     assert medians["hybrid"] <= medians["linf LP"]

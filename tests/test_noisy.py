@@ -135,7 +135,7 @@ def test_error_grows_linearly_with_the_noise(kind: str) -> None:
     medians = []
     for level in levels:
         y, _ = add_noise(x, level, kind, rng)
-        res = preimage.invert(net, y, noise="linf")
+        res = preimage.invert(net, y, method="layerwise", noise="linf")
         assert list(res.status) == ["feasible"] * 3
         err = np.linalg.norm(res.z - z, axis=1) / np.linalg.norm(z, axis=1)
         medians.append(np.median(err))
@@ -151,7 +151,7 @@ def test_statuses_follow_the_noise_level(rng: np.random.Generator) -> None:
     x = net.forward(z)
     y, e = add_noise(x, 1e-3, "uniform", rng)
     level = float(np.abs(e).max())
-    good = preimage.invert(net, y, noise="linf", noise_level=level)
+    good = preimage.invert(net, y, method="layerwise", noise="linf", noise_level=level)
     assert list(good.status) == ["feasible"] * 4
     assert good.success.all()
     assert np.all(good.misfit <= CONSISTENCY * level)
@@ -162,12 +162,12 @@ def test_statuses_follow_the_noise_level(rng: np.random.Generator) -> None:
         assert report.tau is not None and report.error_bound is not None
         assert np.all(report.tau > 0) and np.all(report.misfit >= 0)
     # A level far below the true noise: the misfit is inconsistent with it.
-    bad = preimage.invert(net, y, noise="linf", noise_level=level / 100)
+    bad = preimage.invert(net, y, method="layerwise", noise="linf", noise_level=level / 100)
     assert list(bad.status) == ["failed"] * 4
     assert np.all(np.isfinite(bad.z))  # the estimate is still returned
     assert "exceeds" in bad.message[0]
     # Without a level: an estimate, no bound, never "unique".
-    free = preimage.invert(net, y[0], noise="l2")
+    free = preimage.invert(net, y[0], method="layerwise", noise="l2")
     assert free.status == "feasible" and free.z_error_bound == np.inf  # no level: no bound
     assert isinstance(free.misfit, float) and free.z.shape == (10,)
 
@@ -211,6 +211,6 @@ def test_leaky_relu_layers_and_a_zero_noise_level(rng: np.random.Generator) -> N
         assert rel(out.z, hs[0][0]) < 1e-2
     exact = random_network([8, 40, 160], seed=1)
     x = exact.forward(np.ones(8))
-    res = preimage.invert(exact, x, noise="linf", noise_level=0.0)
+    res = preimage.invert(exact, x, method="layerwise", noise="linf", noise_level=0.0)
     assert res.status == "feasible" and res.z_error_bound < 1e-9
     assert rel(res.z, np.ones(8)) < 1e-12

@@ -8,12 +8,15 @@ nothing is silently ignored.
 
 | route | when | runs |
 | --- | --- | --- |
-| exact | method "exact", x fully observed, no noise, no A | `methods.layerwise.invert_exact` |
-| noisy | method "exact" with ``noise`` | `methods.noisy.invert_noisy` |
-| partial | method "exact", ``observe``, no noise | `methods.partial.invert_observed` |
-| pgd | method "exact" with ``A`` | `methods.sensing.pgd_invert` |
-| gradient | "adam", "clipping", "negation" | `methods.gradient.gradient_invert` |
-| hybrid | "hybrid" | `methods.hybrid.hybrid_invert` |
+| exact | "exact" / "layerwise", x fully observed, no noise, no A | `layerwise.invert_exact` |
+| descent | "exact" with ``noise`` (piecewise-linear nets; A, observe too) | `descent.project` |
+| noisy | "layerwise" with ``noise`` ("exact" on smooth outputs) | `noisy.invert_noisy` |
+| partial | "exact", ``observe``, no noise | `partial.invert_observed` |
+| pgd | "exact" with ``A``, no noise | `sensing.pgd_invert` |
+| gradient | "adam", "clipping", "negation" | `gradient.gradient_invert` |
+| hybrid | "hybrid" | `hybrid.hybrid_invert` |
+
+(functions of `preimage.methods`)
 
 With ``observe`` and any other method (or a noise model), the route is taken
 on the network restricted to the observed rows (`partial.restrict_output`).
@@ -26,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from preimage.methods.descent import project
 from preimage.methods.gradient import VARIANTS, gradient_invert
 from preimage.methods.hybrid import hybrid_invert
 from preimage.methods.layerwise import invert_exact, layerwise_obstacle
@@ -37,9 +41,10 @@ from preimage.model.network import Network, flatten_samples
 from preimage.model.operators import Mask, as_mask, as_measurement
 from preimage.model.validation import check_observation, check_positive
 from preimage.results import InversionResult, ProgressCallback, check_noise, default_rtol
+from preimage.solvers.cell import piecewise_linear
 
 #: The methods `invert` accepts.
-METHODS: tuple[str, ...] = ("exact", *VARIANTS, "hybrid")
+METHODS: tuple[str, ...] = ("exact", "layerwise", *VARIANTS, "hybrid")
 
 #: The arguments of `invert` that some routes take and others do not.
 SHARED: tuple[str, ...] = ("rtol", "fallback", "batched", "batch_size", "device", "n_jobs")
@@ -56,6 +61,7 @@ class Route:
 ROUTES: dict[str, Route] = {
     "exact": Route(invert_exact, frozenset(SHARED)),
     "noisy": Route(invert_noisy, frozenset({"rtol"})),
+    "descent": Route(project, frozenset({"device"})),
     "partial": Route(invert_observed, frozenset(SHARED)),
     "pgd": Route(pgd_invert, frozenset({"rtol"})),
     "gradient": Route(gradient_invert, frozenset({"device"})),
@@ -63,11 +69,13 @@ ROUTES: dict[str, Route] = {
 }
 
 
-def _route(method: str, noise: str | None, observe: Any, A: Any) -> str:
+def _route(method: str, noise: str | None, observe: Any, A: Any, net: Network) -> str:
     if method in VARIANTS:
         return "gradient"
     if method == "hybrid":
         return "hybrid"
+    if noise is not None and method == "exact" and piecewise_linear(net, output=True):
+        return "descent"  # the projection onto the range, end to end
     if A is not None:
         return "pgd"
     if noise is not None:
@@ -140,12 +148,15 @@ def invert(
         Observations (NumPy array or torch tensor; never modified). With
         ``observe``: the full output (unobserved entries ignored, may be NaN)
         or the observed entries only; with ``A``: the m measurements.
-    method : "exact", "adam", "clipping", "negation" or "hybrid"
-        "exact": the layer-wise LP method of Lei et al. (2019) (with ``noise``:
-        the error-bounded noisy LPs, `preimage.methods.noisy`; with ``A``:
-        projected gradient descent with the LP inversion as projection,
-        `preimage.methods.sensing`). The others are the gradient baselines of
-        `preimage.methods.gradient` and the hybrid of `preimage.methods.hybrid`.
+    method : "exact", "layerwise", "adam", "clipping", "negation" or "hybrid"
+        "exact": the layer-wise LP method of Lei et al. (2019); with ``noise``:
+        the projection onto the range by the cell descent, end to end
+        (`preimage.methods.descent`); with ``A`` and no noise: projected
+        gradient descent with the LP inversion as projection
+        (`preimage.methods.sensing`). "layerwise" with ``noise``: the paper's
+        error-bounded per-layer noisy LPs (`preimage.methods.noisy`). The
+        others are the gradient baselines of `preimage.methods.gradient` and
+        the hybrid of `preimage.methods.hybrid`.
     rtol : float, optional
         Relative tolerance for the activation threshold and the checks (see
         `preimage.solvers.layer`). Default 1e-9 for float64 x, 1e-5 for float32
@@ -222,7 +233,7 @@ def invert(
               "device": device, "n_jobs": n_jobs}
     model = net
     x = flatten_samples(x, net.output_shape, "x")
-    route = _route(method, noise, observe, A)
+    route = _route(method, noise, observe, A, net)
     if observe is not None:
         mask = as_mask(flatten_samples(observe, net.output_shape, "observe"), net.output_dim)
         sub = restrict_output(net, mask)
@@ -232,7 +243,8 @@ def invert(
         yb, single = observed_values(x, mask)
         net, x = sub, yb[0] if single else yb
         route = "exact" if route == "partial" else route
-    obstacle = layerwise_obstacle(net) if method == "exact" else None
+    obstacle = (layerwise_obstacle(net) if method in ("exact", "layerwise")
+                and route not in ("descent", "gradient", "hybrid") else None)
     if obstacle is not None:
         # The layer-wise method cannot run here (a contracting image generator): the
         # hybrid searches instead, and its messages say why.
@@ -257,6 +269,10 @@ def _run(route: str, method: str, shared: dict[str, Any], options: Mapping[str, 
     if route == "noisy":
         return _call(route, method, shared, options, net, x, norm=noise, noise_level=level,
                      progress=progress)
+    if route == "descent":
+        extra = {"A": as_measurement(A, net.output_dim)} if A is not None else {}
+        return _call(route, method, shared, options, net, x, norm=noise, noise_level=level,
+                     progress=progress, **extra)
     if route == "pgd":
         meas = as_measurement(A, net.output_dim)
         return _call(route, method, shared, options, net, x, meas, noise=noise,

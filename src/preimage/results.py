@@ -298,6 +298,12 @@ class InversionResult:
         Iterations taken (LP solves, gradient steps, PGD iterations).
     noise : str or None
         The noise model ("linf", "l1", "l2") the result was computed under.
+    local_minimum : ndarray of bool (B,), or bool, or None
+        The cell descent (`preimage.methods.descent`): z is a certified local
+        minimum of the misfit (no tight wall with a positive multiplier, or one
+        whose flip does not improve). None for the other methods.
+    tight_walls : ndarray of int (B,), or int, or None
+        The cell descent: walls tight with a positive multiplier at z.
     """
 
     z: np.ndarray
@@ -314,6 +320,8 @@ class InversionResult:
     z_error_bound: Any = None
     steps: Any = None
     noise: str | None = None
+    local_minimum: Any = None
+    tight_walls: Any = None
 
     def counts(self) -> dict[str, int]:
         """How many samples ended in each status."""

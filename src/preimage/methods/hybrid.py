@@ -146,7 +146,10 @@ def hybrid_invert(
         return float(vector_norm(pred - yb[b : b + 1], noise)[0])
 
     walkable = piecewise_linear(net, output=meas is not None)
-    walk_norm = "l1" if noise == "l1" else "linf"
+    walkable_output = piecewise_linear(net, output=True)
+    # With noise the walk is the projection's cell descent in the noise norm; without,
+    # the search for an exact preimage (y's own active set decides).
+    walk_norm = noise if noise is not None else "linf"
     a_mat = None if meas is None else meas.matrix()
     z = np.array(z_lp, copy=True)
     walked_lps = np.zeros(B, dtype=int)
@@ -169,7 +172,8 @@ def hybrid_invert(
             if not walkable or not np.all(np.isfinite(candidate)):
                 continue
             fit = cell_walk(net, yb[b], candidate, A=a_mat, norm=walk_norm, tau=float(tau[b]),
-                            target=target, max_lps=max_lps)
+                            target=target, max_lps=max_lps,
+                            output_cell=noise is not None and walkable_output)
             walked_lps[b] += fit.n_lps
             walked = misfit_of(fit.z, b)
             if walked < best_misfit:

@@ -166,3 +166,22 @@ def invert_noisy(
         method="noisy", rtol=rtol, elapsed=time.perf_counter() - start, single=single,
         noise=norm, layers=tuple(reports), z_error_bound=bound, steps=steps,
     )
+
+
+def error_bound(net: Network, x: np.ndarray, z: np.ndarray, norm: str, noise_level: float) -> float:
+    """A proved bound on ||z - z_true||_2 for any estimate z of x = G(z_true) + e, ||e|| <= level.
+
+    `propagate_bound` holds for any estimate of a layer's input: applied down the
+    layers to z's own activations (G's layer outputs at z), it bounds the error of
+    an end-to-end estimate (the cell descent's) as it does the layer-wise one's.
+    """
+    if not np.all(np.isfinite(z)):
+        return np.inf
+    outputs = net.forward_all(z[None])
+    bound = NoiseBound.from_level(norm, noise_level, net.output_dim)
+    y = x
+    for i in range(len(net.layers) - 1, -1, -1):
+        h = outputs[i][0]
+        bound = propagate_bound(net.layers[i], y, h, bound)
+        y = h
+    return float(bound.l2)

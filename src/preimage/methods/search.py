@@ -84,20 +84,34 @@ def cell_walk(
     target: float = 0.0,
     max_lps: int = 100,
     deadline: float = np.inf,
+    output_cell: bool = False,
 ) -> CellFit:
-    """Local search over activation cells from z0 (the "reverse polish", walked on).
+    """Descent over activation cells from z0 (../NOTES-math.md section 8).
 
-    The best fit inside z0's cell (`cell_lp`) usually sits on the cell's walls.
-    Flip one unit whose wall is tight there (those with the largest LP
-    multipliers first), re-solve in the neighbouring cell, and move when the
-    misfit drops; stop at `target`, at a cell no single flip improves, after
-    `max_lps` LPs or at `deadline` (a `time.perf_counter()` value).
+    The best fit inside z0's cell (`cell_lp`: an LP for l_inf / l_1, a QP for
+    l_2) sits on some of the cell's walls. Cross every wall there with a
+    positive multiplier at once (where there are several), or else flip one
+    unit whose wall is tight (those with the largest multipliers first);
+    re-solve in the neighbouring cell, and move when the misfit drops strictly; stop at
+    `target`, at a cell no single flip of a tight wall improves, after
+    `max_lps` LPs or at `deadline` (a `time.perf_counter()` value). The misfit
+    never rises above the best fit of z0's own cell, so never above z0's.
+
+    At the end, ``n_tight`` counts the walls with a positive multiplier at the
+    optimum, and ``local_minimum`` certifies z as a local minimum of the
+    misfit over all of z: no such wall (the cell's optimum is one of the whole
+    piecewise problem near z), or one whose flip was tried and does not
+    improve. With several, every cell around z would need checking: the count
+    is reported, no certificate.
 
     Parameters
     ----------
-    net, y, A, norm, tau : as in `preimage.solvers.cell.cell_lp`.
+    net, y, A, norm, tau, output_cell : as in `preimage.solvers.cell.cell_lp`
+        (``output_cell``: the output units' pattern is part of the cell, the
+        projection of any x; otherwise y's own active set decides, the search
+        for an exact preimage).
     z0 : ndarray of shape (k,)
-        The start (a gradient-descent result, an LP estimate).
+        The start (a gradient-descent result, an LP estimate, an encoder's code).
     target : float
         Stop once the misfit is at most this (absolute).
 
@@ -106,41 +120,79 @@ def cell_walk(
     CellFit of the best cell found (``steps``: cells moved to).
     """
     patterns = activation_pattern(net, z0)
-    best = cell_lp(net, y, patterns, A=A, norm=norm, tau=tau, z_ref=z0)
+    best = cell_lp(net, y, patterns, A=A, norm=norm, tau=tau, z_ref=z0, output_cell=output_cell)
     n_lps, steps = best.n_lps, 0
-    flippable = len(net.layers) if A is not None else len(net.layers) - 1
+    last = net.layers[-1].activation
+    whole = (A is not None or output_cell) and last.is_piecewise_linear
+    flippable = len(net.layers) if whole else len(net.layers) - 1
+    exhausted = False
     while (
         n_lps < max_lps and np.isfinite(best.misfit) and best.misfit > target
         and time.perf_counter() < deadline
     ):
-        h = np.asarray(best.z)[None]
-        moves = []
-        for i in range(flippable):
-            pre = net.layers[i].preactivation(h)
-            h = net.layers[i].activation(pre)
-            pre = pre[0]
-            tight = np.flatnonzero(np.abs(pre) <= 1e-7 * max(float(np.max(np.abs(pre))), 1e-300))
-            assert best.wall_duals is not None
-            moves += [(float(best.wall_duals[i][j]), i, int(j)) for j in tight]
-        moves.sort(key=lambda m: -m[0])
+        moves = _tight_walls(net, best, flippable)
         moved = False
+        pushing = [(i, j) for d, i, j in moves if d > 0]
+        if len(pushing) > 1 and n_lps < max_lps:
+            # Across every wall that pushes back at once: one step where single flips
+            # would take one each (a path of many small cells on a smooth-looking misfit).
+            trial = [p.copy() for p in patterns]
+            for i, j in pushing:
+                trial[i][j] = ~trial[i][j]
+            first = min(i for i, _ in pushing)
+            fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z,
+                          known=best.chain[: first + 1], output_cell=output_cell)
+            n_lps += fit.n_lps
+            if fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit:
+                best, patterns = fit, trial
+                steps += 1
+                continue
         for _, i, j in moves:
             if n_lps >= max_lps or time.perf_counter() >= deadline:
                 break
             trial = [p.copy() for p in patterns]
             trial[i][j] = ~trial[i][j]
             fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z,
-                          known=best.chain[: i + 1])  # pre_0..pre_i do not see the flip
+                          known=best.chain[: i + 1],  # pre_0..pre_i do not see the flip
+                          output_cell=output_cell)
             n_lps += fit.n_lps
             if fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit:
                 best, patterns, moved = fit, trial, True
                 steps += 1
                 break
+        else:
+            exhausted = True  # every tight wall tried, none improves
         if not moved:
             break
+    if np.isfinite(best.misfit) and best.wall_duals is not None:
+        positive = [d for d, _, _ in _tight_walls(net, best, flippable) if d > 0]
+        best.n_tight = len(positive)
+        best.local_minimum = best.n_tight == 0 or (best.n_tight == 1 and exhausted)
     best.n_lps, best.steps = n_lps, steps
-    best.message = f"cell walk: {steps} moves, {n_lps} LPs, misfit {best.misfit:.3g}"
+    best.message = (
+        f"cell descent: {steps} moves, {n_lps} LPs, misfit {best.misfit:.3g}"
+        + (", a certified local minimum" if best.local_minimum else
+           f", {best.n_tight} tight walls with positive multipliers")
+    )
     return best
+
+
+def _tight_walls(net: Network, fit: CellFit, flippable: int) -> list[tuple[float, int, int]]:
+    """(multiplier, layer, unit) of the walls tight at fit.z, largest multiplier first."""
+    assert fit.wall_duals is not None
+    h = np.asarray(fit.z)[None]
+    moves = []
+    scale = max((float(np.max(d, initial=0.0)) for d in fit.wall_duals), default=0.0)
+    for i in range(flippable):
+        pre = net.layers[i].preactivation(h)
+        h = net.layers[i].activation(pre)
+        pre = pre[0]
+        tight = np.flatnonzero(np.abs(pre) <= 1e-7 * max(float(np.max(np.abs(pre))), 1e-300))
+        duals = fit.wall_duals[i]
+        moves += [(float(duals[j]) if duals[j] > 1e-9 * scale else 0.0, i, int(j))
+                  for j in tight]
+    moves.sort(key=lambda m: -m[0])
+    return moves
 
 
 def _misfit(net: Network, y: np.ndarray, z: np.ndarray, tau: float) -> float:
@@ -215,7 +267,8 @@ def cell_search(
     walk_lps: int = 100,
     seconds: float = np.inf,
 ) -> SearchResult:
-    """The first z with |G(z) - y|_inf <= tolerance found from `starts`, in order.
+    """A z with |G(z) - y|_inf <= tolerance from `starts`: the first exact one (misfit at
+    most 10 `target`), else the closest within tolerance.
 
     From each start: `slp_descent` (``slp_iterations`` steps, 0 for none), then
     `cell_walk` (at most ``walk_lps`` LPs) aiming at misfit `target`; the answer
@@ -224,8 +277,11 @@ def cell_search(
     """
     deadline = time.perf_counter() + seconds
     lps = 0
+    best: tuple[float, np.ndarray, int] | None = None  # (miss, z, start) within tolerance
     for i, z0 in enumerate(starts):
         if time.perf_counter() >= deadline:
+            if best is not None:
+                break
             return SearchResult(None, i, lps, (
                 f"the cell search ran out of its {seconds:g} s after {i} of {len(starts)} starts "
                 f"({lps} LPs)"
@@ -240,12 +296,18 @@ def cell_search(
         lps += fit.n_lps
         if not np.all(np.isfinite(fit.z)):
             continue
-        if float(np.max(np.abs(net.forward(fit.z[None])[0] - y))) <= tolerance:
-            return SearchResult(fit.z, i + 1, lps, (
-                f"found by the cell search from start {i + 1} of {len(starts)} ({lps} LPs)"
-            ))
-    return SearchResult(None, len(starts), lps, (
-        f"the cell search found no preimage ({len(starts)} starts, {lps} LPs)"
+        miss = float(np.max(np.abs(net.forward(fit.z[None])[0] - y)))
+        if miss <= tolerance and (best is None or miss < best[0]):
+            best = (miss, fit.z, i)
+            if miss <= 10 * target:  # exact: no start can do better
+                break
+    if best is None:
+        return SearchResult(None, len(starts), lps, (
+            f"the cell search found no preimage ({len(starts)} starts, {lps} LPs)"
+        ))
+    # (within the tolerance but not exact: the other starts were tried for a closer one)
+    return SearchResult(best[1], best[2] + 1, lps, (
+        f"found by the cell search from start {best[2] + 1} of {len(starts)} ({lps} LPs)"
     ))
 
 
@@ -285,7 +347,7 @@ def invert_below(
     upper = net.below(top + 1)
     found = cell_search(
         upper, y, starts, tau=cons.tau, tolerance=10 * rtol * cons.scale,
-        target=rtol * cons.scale, slp_iterations=settings.iterations,
+        target=min(rtol, 1e-9) * cons.scale, slp_iterations=settings.iterations,
         walk_lps=settings.walk_lps, seconds=settings.seconds,
     )
     z = found.z

@@ -37,7 +37,7 @@ from scipy import sparse
 
 from preimage.model.network import Network
 from preimage.results import LP_TOL
-from preimage.solvers.highs import solve_lp
+from preimage.solvers.highs import solve_lp, solve_qp
 
 #: With a reference point, the cell LP starts from the walls nearest to it (this many).
 WALLS_FIRST = 400
@@ -71,6 +71,10 @@ class CellFit:
     status: str = field(default="optimal")
     #: The cell's affine chain (`affine_chain`), for its neighbours to reuse.
     chain: Chain = field(default_factory=list, repr=False)
+    #: After a descent (`preimage.methods.search.cell_walk`): walls tight with a positive
+    #: multiplier at z, and whether z is certified a local minimum.
+    n_tight: int = -1
+    local_minimum: bool = False
 
 
 def activation_pattern(net: Network, z: np.ndarray, depth: int | None = None) -> list[np.ndarray]:
@@ -138,22 +142,30 @@ class _CellSystem:
 
 def _cell_system(
     net: Network, y: np.ndarray, patterns: list[np.ndarray], A: np.ndarray | None, tau: float,
-    known: Chain = (),
+    known: Chain = (), output_cell: bool = False,
 ) -> _CellSystem:
     d = len(net.layers)
     k = net.latent_dim
     chain = affine_chain(net, patterns, d, known)
     scale = max(float(np.max(np.abs(y))), 1e-300)
+    output_cell = output_cell or A is not None
+    last = net.layers[-1].activation
+    fixed_output = output_cell and last.is_piecewise_linear
     # Walls:  -P_on z <= q_on,  P_off z <= -q_off.
     rows, rhs = [], []
-    for i in range(d - 1 if A is None else d):
+    for i in range(d if fixed_output else d - 1):
         p, q = chain[i]
         sign = np.where(patterns[i], -1.0, 1.0)
         rows.append(sign[:, None] * p)
         rhs.append(-sign * q)
     p_out, q_out = chain[-1]
-    last = net.layers[-1].activation
-    if A is None:
+    if fixed_output:  # the output's pattern is part of the cell: G(z) = D (P z + q) there
+        gain = last.gain(patterns[-1])
+        fit, fit_q = gain[:, None] * p_out, gain * q_out
+        if A is not None:
+            fit, fit_q = A @ fit, A @ fit_q
+        target, two = y, np.ones(len(y), dtype=bool)
+    elif A is None or last.is_bijective:
         fit, fit_q = p_out, q_out
         if last.is_bijective:
             # act^-1(y), each row weighted by the slope there: misfits in the units of y
@@ -165,10 +177,8 @@ def _cell_system(
         else:
             two = y > tau
             target = y
-    else:
-        gain = last.gain(patterns[-1])
-        fit, fit_q, target = A @ (gain[:, None] * p_out), A @ (gain * q_out), y
-        two = np.ones(len(y), dtype=bool)
+        if A is not None:  # a measurement of a smooth output: its linearisation at y
+            raise ValueError("A measurement of a non-piecewise-linear output is not supported.")
     return _CellSystem(
         np.vstack(rows) if rows else np.zeros((0, k)),
         np.concatenate(rhs) / scale if rhs else np.zeros(0),
@@ -191,7 +201,9 @@ def _solve_cell(
     """The cell LP over the fit rows `rows` and the walls `kept` (indices);
     (z', value, duals of the kept walls, status).
 
-    Variables u = (z', t) for l_inf, (z', s) for l_1 (one slack per fit row).
+    Variables u = (z', t) for l_inf, (z', s) for l_1 (one slack per fit row); l_2: z'
+    only, a convex QP (min ||f_two||^2 + ||max(f_one, 0)||^2 needs the one-sided rows
+    as slacks: min ||f_two||^2 + ||s||^2 with f_one <= s, s >= 0), value the norm.
     """
     k = sys.walls.shape[1]
     c = kept.size
@@ -200,6 +212,8 @@ def _solve_cell(
     f2, f1 = sys.fit[two], sys.fit[one]
     m2, m1 = len(two), len(one)
     wall_rows = sys.walls[kept]
+    if norm == "l2":
+        return _solve_cell_l2(sys, two, one, kept, box)
     if norm == "linf":
         a_ub: np.ndarray | sparse.csr_matrix = np.vstack(
             [
@@ -242,6 +256,37 @@ def _solve_cell(
     return solution.x[:k], solution.value, duals, solution.status
 
 
+def _solve_cell_l2(
+    sys: _CellSystem, two: np.ndarray, one: np.ndarray, kept: np.ndarray,
+    box: tuple[np.ndarray, float] | None,
+) -> tuple[np.ndarray | None, float, np.ndarray | None, str]:
+    """The l_2 cell problem as a QP in u = (z', s): 1/2 u^T H u + c^T u over the walls."""
+    k = sys.walls.shape[1]
+    f2, r2 = sys.fit[two], sys.r[two]
+    f1, r1 = sys.fit[one], sys.r[one]
+    m1 = len(one)
+    hessian = np.zeros((k + m1, k + m1))
+    hessian[:k, :k] = 2.0 * f2.T @ f2
+    hessian[k:, k:] = 2.0 * np.eye(m1)
+    linear = np.concatenate([-2.0 * f2.T @ r2, np.zeros(m1)])
+    rows = np.vstack([np.hstack([sys.walls[kept], np.zeros((kept.size, m1))]),
+                      np.hstack([f1, -np.eye(m1)])])
+    rhs = np.concatenate([sys.wall_rhs[kept], r1])
+    lower = np.full(k + m1, -np.inf)
+    upper = np.full(k + m1, np.inf)
+    lower[k:] = 0.0
+    if box is not None:
+        center, radius = box
+        lower[:k], upper[:k] = center - radius, center + radius
+    solution = solve_qp(hessian, linear, A_ub=rows, b_ub=rhs, lower=lower, upper=upper,
+                        tolerance=LP_TOL)
+    if solution.x is None:
+        return None, np.inf, None, solution.status
+    value = float(np.sqrt(max(solution.value + float(r2 @ r2), 0.0)))
+    duals = solution.ineq_duals[: kept.size] if solution.ineq_duals is not None else None
+    return solution.x[:k], value, duals, solution.status
+
+
 def _row_misfit(sys: _CellSystem, z: np.ndarray) -> np.ndarray:
     """Per fit row: |f_j| (two-sided) or max(f_j, 0) (one-sided), at z' (scaled)."""
     f = sys.fit @ z - sys.r
@@ -260,6 +305,7 @@ def cell_lp(
     walls: bool = True,
     trust: tuple[np.ndarray, float] | None = None,
     known: Chain = (),
+    output_cell: bool = False,
 ) -> CellFit:
     """The best fit to y inside the activation cell given by `patterns`.
 
@@ -297,10 +343,10 @@ def cell_lp(
     -------
     CellFit
     """
-    if norm not in ("linf", "l1"):
-        raise ValueError(f"`norm` must be 'linf' or 'l1' for the cell LP; got {norm!r}.")
+    if norm not in ("linf", "l1", "l2"):
+        raise ValueError(f"`norm` must be 'linf', 'l1' or 'l2' for the cell problem; got {norm!r}.")
     y = np.asarray(y, dtype=np.float64)
-    sys = _cell_system(net, y, patterns, A, tau, known)
+    sys = _cell_system(net, y, patterns, A, tau, known, output_cell)
     k = net.latent_dim
     nan = np.full(k, np.nan)
     n_fit = len(sys.r)
@@ -327,7 +373,7 @@ def cell_lp(
             )
             return CellFit(nan, np.inf, message, n_lps=n_lps, status=status, chain=sys.chain)
         per_row = _row_misfit(sys, z)
-        level = value if norm == "linf" else 0.0
+        level = value if norm == "linf" else 0.0  # (l_1, l_2: any left-out row's misfit counts)
         left_out = np.setdiff1d(np.arange(n_fit), rows)
         violated = left_out[per_row[left_out] > level + 10 * LP_TOL]
         crossed = np.setdiff1d(np.arange(n_walls), kept)
@@ -336,7 +382,8 @@ def cell_lp(
             break
         rows = np.union1d(rows, violated)
         kept = np.union1d(kept, crossed)
-    total = float(np.max(per_row, initial=0.0) if norm == "linf" else np.sum(per_row))
+    total = float(np.max(per_row, initial=0.0) if norm == "linf" else np.sum(per_row)
+                  if norm == "l1" else np.linalg.norm(per_row))
     split = np.cumsum(sys.wall_sizes)[:-1]
     wall_duals = None
     if walls and duals is not None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from highspy._core import HighsModelStatus, _Highs, kHighsInf
+from highspy._core import HessianFormat, HighsModelStatus, _Highs, kHighsInf
 from scipy.optimize import linprog, milp
 
 #: How every LP / MILP can end: an optimum, a proof of infeasibility or of
@@ -118,6 +118,67 @@ def solve_lp(
         duals = -np.asarray(res.ineqlin.marginals)
     value = float(res.fun)
     return LPSolution(status, np.asarray(res.x), value, str(res.message), duals, value)
+
+
+#: Seconds one QP may take (`solve_qp`).
+QP_SECONDS = 2.0
+
+
+def solve_qp(
+    hessian: np.ndarray,
+    linear: np.ndarray,
+    *,
+    A_ub: Any,
+    b_ub: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    tolerance: float | None = None,
+    time_limit: float = QP_SECONDS,
+) -> LPSolution:
+    """min 1/2 x^T H x + c^T x  s.t.  A_ub x <= b_ub,  lower <= x <= upper (HiGHS's QP solver).
+
+    H (k, k) symmetric positive semidefinite (dense), A_ub dense or sparse. The
+    multipliers of the rows (>= 0) come back in ``ineq_duals``. HiGHS's active-set
+    QP solver was seen to stall on a few degenerate cells for minutes: beyond
+    ``time_limit`` seconds the status is "time_limit" (the caller skips the cell).
+    """
+    from scipy import sparse
+
+    k = int(linear.size)
+    highs = _Highs()
+    highs.setOptionValue("output_flag", False)
+    highs.setOptionValue("time_limit", float(time_limit))
+    if tolerance is not None:
+        highs.setOptionValue("primal_feasibility_tolerance", float(tolerance))
+        highs.setOptionValue("dual_feasibility_tolerance", float(tolerance))
+    none = np.zeros(0, dtype=np.int32)
+    highs.addCols(k, np.asarray(linear, dtype=float),
+                  np.array([_bound(v) for v in lower]), np.array([_bound(v) for v in upper]),
+                  0, none, none, np.zeros(0))
+    rows = sparse.csr_matrix(A_ub)
+    r = rows.shape[0]
+    if r:
+        highs.addRows(r, np.full(r, -kHighsInf), np.asarray(b_ub, dtype=float), rows.nnz,
+                      rows.indptr[:-1].astype(np.int32), rows.indices.astype(np.int32),
+                      rows.data.astype(float))
+    lower_h = sparse.csc_matrix(np.tril(np.asarray(hessian, dtype=float)))
+    highs.passHessian(k, lower_h.nnz, HessianFormat.kTriangular,
+                      lower_h.indptr.astype(np.int32), lower_h.indices.astype(np.int32),
+                      lower_h.data.astype(float))
+    highs.run()
+    status = highs.getModelStatus()
+    raw = highs.modelStatusToString(status)
+    if status != HighsModelStatus.kOptimal:
+        names = {HighsModelStatus.kInfeasible: "infeasible",
+                 HighsModelStatus.kUnbounded: "unbounded",
+                 HighsModelStatus.kTimeLimit: "time_limit",
+                 HighsModelStatus.kIterationLimit: "time_limit"}
+        return LPSolution(names.get(status, "error"), None, np.inf, f"HiGHS: {raw}")
+    solution = highs.getSolution()
+    value = float(highs.getInfo().objective_function_value)
+    duals = -np.asarray(solution.row_dual) if r else np.zeros(0)
+    return LPSolution("optimal", np.array(solution.col_value), value, f"HiGHS: {raw}",
+                      np.maximum(duals, 0.0), value)
 
 
 def solve_milp(

@@ -59,36 +59,52 @@ def interval_bounds(net: Network, top: int, bound: float) -> list[tuple[np.ndarr
     return out
 
 
-def _build(
-    net: Network, top: int, y: np.ndarray, rtol: float, bound: float
-) -> tuple[np.ndarray, list[LinearConstraint], Bounds, list[_Block]] | None:
+@dataclass
+class _Model:
+    """A MILP under construction: variables (z, then per ReLU layer r and delta), rows."""
+
+    n_vars: int
+    lb: np.ndarray
+    ub: np.ndarray
+    integrality: np.ndarray
+    blocks: list[_Block]
+    out_cols: np.ndarray
+    rows: list[np.ndarray]
+    row_lo: list[float]
+    row_hi: list[float]
+
+    def add(self, coef: np.ndarray, low: float, high: float) -> None:
+        self.rows.append(coef)
+        self.row_lo.append(low)
+        self.row_hi.append(high)
+
+    def constraints(self) -> list[LinearConstraint]:
+        return [LinearConstraint(np.array(self.rows), np.array(self.row_lo),
+                                 np.array(self.row_hi))]
+
+
+def _encode_relus(net: Network, depth: int, bound: float, extra: int = 0) -> _Model:
+    """z in the box and the ReLU units of layers 0..depth-1 as big-M rows (module docstring);
+    `extra` more continuous variables at the end (free)."""
     k = net.latent_dim
-    pre_bounds = interval_bounds(net, top, bound)
+    pre_bounds = interval_bounds(net, depth, bound)
     blocks: list[_Block] = []
     n_vars = k
-    for (lo, hi), layer in zip(pre_bounds, net.layers[:top], strict=True):
+    for (lo, hi), layer in zip(pre_bounds, net.layers[:depth], strict=True):
         blocks.append(_Block(n_vars, n_vars + layer.out_width, layer.out_width, lo, hi))
         n_vars += 2 * layer.out_width
+    n_vars += extra
     lb, ub = np.full(n_vars, -np.inf), np.full(n_vars, np.inf)
     lb[:k], ub[:k] = -bound, bound
-    integrality = np.zeros(n_vars)
-    rows: list[np.ndarray] = []
-    row_lo: list[float] = []
-    row_hi: list[float] = []
-
-    def add(coef: np.ndarray, low: float, high: float) -> None:
-        rows.append(coef)
-        row_lo.append(low)
-        row_hi.append(high)
-
+    model = _Model(n_vars, lb, ub, np.zeros(n_vars), blocks, np.arange(k), [], [], [])
     prev_cols = np.arange(k)
-    for blk, layer in zip(blocks, net.layers[:top], strict=True):
+    for blk, layer in zip(blocks, net.layers[:depth], strict=True):
         w, b = dense(layer.weight), layer.bias_or_zero()
         r_cols = np.arange(blk.r, blk.r + blk.width)
         d_cols = np.arange(blk.delta, blk.delta + blk.width)
         lb[r_cols], ub[r_cols] = 0.0, np.maximum(blk.upper, 0.0)
         lb[d_cols], ub[d_cols] = 0.0, 1.0
-        integrality[d_cols] = 1
+        model.integrality[d_cols] = 1
         for u in range(blk.width):
             lo_u, hi_u = blk.lower[u], blk.upper[u]
             if hi_u <= 0:  # always off
@@ -100,36 +116,97 @@ def _build(
             coef[prev_cols] = -w[u]
             if lo_u >= 0:  # always on: r = a
                 lb[d_cols[u]] = 1.0
-                add(coef, b[u], b[u])
+                model.add(coef, b[u], b[u])
                 continue
-            add(coef, b[u], np.inf)  # r - w.prev >= b   (r >= a)
+            model.add(coef, b[u], np.inf)  # r - w.prev >= b   (r >= a)
             c2 = coef.copy()
             c2[d_cols[u]] = -lo_u
-            add(c2, -np.inf, b[u] - lo_u)  # r <= a - L (1 - delta)
+            model.add(c2, -np.inf, b[u] - lo_u)  # r <= a - L (1 - delta)
             c3 = np.zeros(n_vars)
             c3[r_cols[u]] = 1.0
             c3[d_cols[u]] = -hi_u
-            add(c3, -np.inf, 0.0)  # r <= U delta
+            model.add(c3, -np.inf, 0.0)  # r <= U delta
         prev_cols = r_cols
+    model.out_cols = prev_cols
+    return model
 
+
+def _build(
+    net: Network, top: int, y: np.ndarray, rtol: float, bound: float
+) -> tuple[np.ndarray, list[LinearConstraint], Bounds, list[_Block]] | None:
+    """The MILP of a preimage of layer top's observation y, ReLU layers below."""
     top_layer = net.layers[top]
     cons = active_set(top_layer, y, rtol)
     if isinstance(cons, str):
         return None
+    model = _encode_relus(net, top, bound)
     w, b = dense(top_layer.weight), top_layer.bias_or_zero()
     tol = rtol * (cons.scale + float(np.max(np.abs(w), initial=0.0)) * bound)
     for i in range(top_layer.out_width):
-        coef = np.zeros(n_vars)
-        coef[prev_cols] = w[i]
+        coef = np.zeros(model.n_vars)
+        coef[model.out_cols] = w[i]
         if cons.active[i]:
             rhs = cons.target[i] - b[i]
-            add(coef, rhs - tol, rhs + tol)
+            model.add(coef, rhs - tol, rhs + tol)
         else:
-            add(coef, -np.inf, cons.tau - b[i])
-    constraint = LinearConstraint(np.array(rows), np.array(row_lo), np.array(row_hi))
-    return integrality, [constraint], Bounds(lb, ub), blocks
+            model.add(coef, -np.inf, cons.tau - b[i])
+    return model.integrality, model.constraints(), Bounds(model.lb, model.ub), model.blocks
 
 
+@dataclass(frozen=True)
+class Projection:
+    """The MILP's global minimum of the misfit over the box: z, its value, a proved bound."""
+
+    z: np.ndarray | None
+    value: float
+    bound: float
+    status: str
+    message: str
+
+
+def milp_projection(
+    net: Network, x: np.ndarray, *, norm: str = "linf", latent_bound: float = 6.0,
+    time_limit: float = 60.0, below: float | None = None,
+) -> Projection:
+    """min over |z|_inf <= latent_bound of ||G(z) - x|| (l_inf or l_1), globally.
+
+    Every ReLU unit, the output's too, is a binary (big-M from interval bounds
+    on the box); the misfit enters as t >= |r_j - x_j| (l_inf: one t; l_1: one
+    per output). HiGHS's branch and cut returns the optimum, or at its time
+    limit the best point and a proved lower bound (the gap). ReLU layers only.
+
+    ``below``: a misfit already reached (the cell descent's): only points under
+    it are sought, which prunes the search; status "infeasible" then proves that
+    no z in the box does better (value and bound are ``below``).
+    """
+    if norm not in ("linf", "l1"):
+        raise ValueError(f"`norm` must be 'linf' or 'l1' for the MILP; got {norm!r}.")
+    if not all(layer.activation.kind == "relu" for layer in net.layers):
+        raise ValueError("The projection MILP needs ReLU layers only.")
+    n = net.output_dim
+    extra = 1 if norm == "linf" else n
+    model = _encode_relus(net, len(net.layers), latent_bound, extra=extra)
+    t_cols = np.arange(model.n_vars - extra, model.n_vars)
+    model.lb[t_cols] = 0.0
+    for j in range(n):
+        t = t_cols[0] if norm == "linf" else t_cols[j]
+        up = np.zeros(model.n_vars)
+        up[model.out_cols[j]], up[t] = 1.0, -1.0
+        model.add(up, -np.inf, float(x[j]))  # r_j - x_j <= t
+        down = np.zeros(model.n_vars)
+        down[model.out_cols[j]], down[t] = -1.0, -1.0
+        model.add(down, -np.inf, -float(x[j]))  # x_j - r_j <= t
+    cost = np.zeros(model.n_vars)
+    cost[t_cols] = 1.0
+    if below is not None:
+        model.add(cost.copy(), -np.inf, float(below) * (1 - 1e-7))
+    solution = solve_milp(cost, integrality=model.integrality, constraints=model.constraints(),
+                          bounds=Bounds(model.lb, model.ub), time_limit=time_limit)
+    z = None if solution.x is None else solution.x[: net.latent_dim]
+    if below is not None and solution.status == "infeasible":
+        return Projection(None, float(below), float(below), "infeasible",
+                          f"no z in the box reaches a misfit below {below:.6g}: it is the minimum")
+    return Projection(z, solution.value, solution.bound, solution.status, solution.message)
 
 
 def _pattern(x: np.ndarray, blocks: list[_Block]) -> list[np.ndarray]:

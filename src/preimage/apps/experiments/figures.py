@@ -14,10 +14,15 @@ from preimage.apps.plotting import new_figure, save_figure
 
 _COLORS = {
     "lp": "C0", "lp-linf": "C0", "lp-l1": "C2", "lp+search": "C4", "adam": "C1",
+    "descent-l2": "C6", "descent": "C6", "adam+descent": "C9", "layerwise-linf": "C0",
+    "descent-linf": "C6", "milp": "C7",
     "hybrid-linf": "C3", "hybrid-l2": "C3", "encoder": "C5",
 }
 _LABELS = {
     "lp": "exact (layer-wise LP)", "lp-linf": "noisy LP, l_inf", "lp-l1": "noisy LP, l_1",
+    "descent-l2": "cell descent, l_2", "descent": "cell descent", "adam+descent":
+    "Adam, then the cell descent", "layerwise-linf": "layer-wise LP, l_inf",
+    "descent-linf": "cell descent, l_inf", "milp": "MILP (global, |z| <= 6)",
     "lp+search": "exact + searches", "adam": "Adam", "hybrid-linf": "hybrid (l_inf LP, Adam)",
     "hybrid-l2": "hybrid (l_2 fit, Adam)", "encoder": "VAE encoder",
 }
@@ -193,4 +198,39 @@ def figure_partial(rows: list[dict[str, Any]], path: Path) -> None:
     ax_e.grid(alpha=0.3, which="both")
     runs = _runs(rows)
     fig.suptitle(f"Partial observation on the MNIST ReLU decoder 20-60-784 ({runs} runs per point)")
+    save_figure(fig, path)
+
+
+def figure_projection(rows: list[dict[str, Any]], path: Path) -> None:
+    """Median misfit (z-error for the noisy codes) per method, one panel per part."""
+    parts = [p for p in ("digits", "noisy-codes", "sensing", "small-nets")
+             if any(r["part"] == p for r in rows)]
+    fig = new_figure(5.0 * max(len(parts), 1), 4.4)
+    axes = np.atleast_1d(fig.subplots(1, max(len(parts), 1)))
+    for ax, part in zip(axes, parts, strict=False):
+        sel = [r for r in rows if r["part"] == part]
+        groups = list(dict.fromkeys(
+            (r["network"], r["level"], r["m"]) for r in sel))
+        methods = _methods(sel)
+        width = 0.8 / max(len(methods), 1)
+        column = "error" if part == "noisy-codes" else "misfit"
+        for j, method in enumerate(methods):
+            med = []
+            for g in groups:
+                vals = [inf_nan(r[column]) for r in sel
+                        if (r["network"], r["level"], r["m"]) == g and r["method"] == method]
+                med.append(float(np.median(vals)) if vals else np.nan)
+            ax.bar(np.arange(len(groups)) + j * width, med, width,
+                   label=_LABELS.get(method, method), color=_COLORS.get(method))
+        labels = [g[0].replace("shipped-", "") + (f"\nnoise {g[1]:g}" if g[1] else "")
+                  + (f"\nm = {g[2]}" if g[2] else "") for g in groups]
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, labels, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("median relative error of z" if column == "error" else
+                      ("median relative l_inf misfit" if part == "small-nets" else
+                       "median relative misfit ||G(z) - x|| / ||x||"))
+        ax.set_title(part, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Projection onto the range ({_runs(rows)} runs per bar)")
     save_figure(fig, path)

@@ -130,8 +130,8 @@ def noise_settings(config: Config) -> list[Setting]:
                 if config.quick:
                     hybrid["steps"] = config.adam_steps
                 solvers = {
-                    "lp-linf": _invert_solver(net, noise="linf"),
-                    "lp-l1": _invert_solver(net, noise="l1"),
+                    "lp-linf": _invert_solver(net, method="layerwise", noise="linf"),
+                    "lp-l1": _invert_solver(net, method="layerwise", noise="l1"),
                     "adam": _adam_solver(net, config, seed, noise="l2"),
                     "hybrid-linf": _invert_solver(
                         net, method="hybrid", noise="linf", options=hybrid
@@ -291,7 +291,8 @@ def mnist_decoder_settings(config: Config) -> list[Setting]:
             return Batch(tuple(runs), digits[np.asarray(runs) % len(digits)], None)
 
         solvers = {
-            "lp-linf": _invert_solver(net, noise="linf"),
+            "lp-linf": _invert_solver(net, method="layerwise", noise="linf"),
+            "descent-l2": _invert_solver(net, noise="l2"),
             "hybrid-l2": _invert_solver(
                 net, method="hybrid", noise="l2",
                 options={"seed": key_int(f"{config.seed}-{name}-hybrid"),
@@ -305,3 +306,161 @@ def mnist_decoder_settings(config: Config) -> list[Setting]:
             solvers["encoder"] = _encoder_solver(vae)
         settings.append(Setting({"decoder": name, "target": "digit"}, net, draw_digits, solvers))
     return settings
+
+
+PROJECTION_LEVELS: tuple[float, ...] = (1e-2, 1e-1)
+PROJECTION_MEASUREMENTS: tuple[int, ...] = (100, 200)
+PROJECTION_NETS: tuple[tuple[int, ...], ...] = ((5, 20, 50), (10, 30, 100))
+#: Relative noise that puts the small nets' x off their range.
+PROJECTION_OFF_RANGE = 0.3
+
+
+def _digits(config: Config) -> np.ndarray:
+    """The held-out digits in a seeded order: run r is digit r."""
+    test = load_mnist_digits()[1]
+    return test[np.random.default_rng([config.seed, key_int("mnist-digits")]).permutation(
+        len(test))]
+
+
+def _encoder(vae: Any) -> Any:
+    """A VAE's encoder mean as a function of NumPy observations (a start of the descent)."""
+    import torch
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return vae.encode(torch.as_tensor(x, dtype=torch.float32))[0].double().numpy()
+
+    return encode
+
+
+def _csgm(config: Config) -> dict[str, Any]:
+    """Adam as CSGM runs it: lr 0.01, 1000 steps, 10 restarts (quick: the short descent)."""
+    return {"lr": config.adam.lr, "steps": config.adam_steps,
+            "restarts": 1 if config.quick else 10}
+
+
+def _projection_solvers(net: Network, config: Config, key: str, vae: Any = None,
+                        A: Any = None) -> dict[str, Solver]:
+    """The cell descent, CSGM's Adam and the descent from Adam's answer (and the layer-wise
+    noisy LP and the encoder where they apply), on x or on y = A x."""
+    from preimage.methods.descent import project
+
+    seed = key_int(f"{config.seed}-{key}")
+    quick = {"adam_steps": config.adam_steps} if config.quick else {}
+    descent_options = {"seed": seed, **quick, **({"encoder": _encoder(vae)} if vae else {})}
+
+    def seen(batch: Batch) -> np.ndarray:
+        return batch.x if A is None else A.apply(batch.x)
+
+    def descent(batch: Batch, step: StepCallback) -> Outcome:
+        return outcome_of(invert(net, seen(batch), noise="l2", A=A, progress=step,
+                                 options=descent_options), len(batch.runs))
+
+    def adam(batch: Batch, step: StepCallback) -> Outcome:
+        return outcome_of(invert(net, seen(batch), method="adam", noise="l2", A=A,
+                                 progress=step, options={**_csgm(config), "seed": seed}),
+                          len(batch.runs))
+
+    def polished(batch: Batch, step: StepCallback) -> Outcome:
+        first = invert(net, seen(batch), method="adam", noise="l2", A=A,
+                       options={**_csgm(config), "seed": seed})
+        then = project(net, seen(batch), A=A, starts=first.z, restarts=0,
+                       layerwise_start=False, descents=1, progress=step)
+        n = len(batch.runs)
+        return Outcome(then.z, then.status, np.full(n, (first.time + then.time) / n))
+
+    solvers: dict[str, Solver] = {"descent": descent, "adam": adam, "adam+descent": polished}
+    if A is None:
+        solvers["layerwise-linf"] = _invert_solver(net, method="layerwise", noise="linf")
+    if vae is not None and A is None:
+        solvers["encoder"] = _encoder_solver(vae)
+    return solvers
+
+
+def projection_settings(config: Config) -> list[Setting]:
+    """Real observations off the range: held-out digits, noisy codes, compressed digits, and
+    small random nets against the MILP's proved global minimum."""
+    from preimage.model.operators import GaussianMatrix
+
+    digits = _digits(config)
+    settings: list[Setting] = []
+    empty = {"level": 0.0, "m": 0}
+
+    def draw_digits(runs: Sequence[int]) -> Batch:
+        return Batch(tuple(runs), digits[np.asarray(runs) % len(digits)], None)
+
+    decoders: list[tuple[str, Network, Any]] = [
+        ("shipped-relu", shipped_decoder("relu"), load_vae("relu")),
+        ("shipped-leaky_relu", shipped_decoder("leaky_relu"), load_vae("leaky_relu")),
+    ]
+    if config.model is not None:
+        decoders += [(f"authors-{kind}", net, None)
+                     for kind, net in authors_decoders(config.model).items()]
+    if config.quick:
+        decoders = decoders[:1]
+    for name, net, vae in decoders:
+        settings.append(Setting({"part": "digits", "network": name, **empty}, net, draw_digits,
+                                _projection_solvers(net, config, name, vae)))
+    relu = decoders[0][1]
+    for level in PROJECTION_LEVELS[:1] if config.quick else PROJECTION_LEVELS:
+
+        def draw_noisy(runs: Sequence[int], level: float = level) -> Batch:
+            z = codes(relu, runs, config.seed, "projection-codes")
+            clean = relu.forward(z)
+            e = np.stack([keyed_rng(config.seed, "projection-noise", r).standard_normal(
+                relu.output_dim) for r in runs])
+            e *= level * np.linalg.norm(clean, axis=1, keepdims=True) / np.linalg.norm(
+                e, axis=1, keepdims=True)
+            return Batch(tuple(runs), clean + e, z)
+
+        settings.append(Setting({"part": "noisy-codes", "network": "shipped-relu",
+                                 "level": level, "m": 0}, relu, draw_noisy,
+                                _projection_solvers(relu, config, f"noisy-{level!r}")))
+    for m in PROJECTION_MEASUREMENTS[:1] if config.quick else PROJECTION_MEASUREMENTS:
+        A = GaussianMatrix(m, relu.output_dim, seed=keyed_rng(config.seed, "projection-A", m))
+        settings.append(Setting({"part": "sensing", "network": "shipped-relu", "level": 0.0,
+                                 "m": m}, relu, draw_digits,
+                                _projection_solvers(relu, config, f"sensing-{m}", A=A)))
+    for widths in PROJECTION_NETS[:1] if config.quick else PROJECTION_NETS:
+        name = "random-" + "-".join(map(str, widths))
+        net = random_network(list(widths), seed=keyed_rng(config.seed, "projection-net", name))
+
+        def draw_off(runs: Sequence[int], net: Network = net, name: str = name) -> Batch:
+            z = codes(net, runs, config.seed, "projection-off", name)
+            clean = net.forward(z)
+            e = np.stack([keyed_rng(config.seed, "projection-off-e", name, r).standard_normal(
+                net.output_dim) for r in runs])
+            e *= PROJECTION_OFF_RANGE * np.linalg.norm(clean, axis=1, keepdims=True) / (
+                np.linalg.norm(e, axis=1, keepdims=True))
+            return Batch(tuple(runs), clean + e, None)
+
+        settings.append(Setting({"part": "small-nets", "network": name, **empty}, net,
+                                draw_off, _milp_solvers(net, config), norm="linf"))
+    return settings
+
+
+def _milp_solvers(net: Network, config: Config) -> dict[str, Solver]:
+    """The l_inf cell descent, and the MILP's proved global minimum over |z|_inf <= 6 (seeded
+    with the descent's misfit: status "optimal" where proved, "gap" where out of time)."""
+    from preimage.solvers.milp import milp_projection
+
+    def descent(batch: Batch, step: StepCallback) -> Outcome:
+        return outcome_of(invert(net, batch.x, noise="linf", progress=step,
+                                 options={"seed": config.seed}), len(batch.runs))
+
+    def milp(batch: Batch, step: StepCallback) -> Outcome:
+        n = len(batch.runs)
+        start = time.perf_counter()
+        first = invert(net, batch.x, noise="linf", options={"seed": config.seed})
+        z = np.array(first.z, copy=True)
+        status = np.empty(n, dtype=object)
+        for i in range(n):
+            found = milp_projection(net, batch.x[i], norm="linf", below=float(first.misfit[i]),
+                                    time_limit=5.0 if config.quick else 30.0)
+            if found.z is not None and found.value < first.misfit[i]:
+                z[i] = found.z
+            status[i] = "optimal" if found.status in ("optimal", "infeasible") else "gap"
+            step(i + 1, n)
+        return Outcome(z, status, np.full(n, (time.perf_counter() - start) / n))
+
+    return {"descent-linf": descent, "milp": milp}

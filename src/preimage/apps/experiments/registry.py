@@ -39,6 +39,15 @@ EXPERIMENTS: dict[str, Experiment] = {
         grids.mnist_decoder_settings,
         figures.figure_mnist_decoder,
     ),
+    "projection": Experiment(
+        "projection",
+        "projection of real observations onto the range: held-out digits, noisy codes, "
+        "compressed digits, small nets against the MILP",
+        ("part", "network", "level", "m"),
+        100,
+        grids.projection_settings,
+        figures.figure_projection,
+    ),
 }
 """The experiments by name."""
 

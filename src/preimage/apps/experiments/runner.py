@@ -32,12 +32,13 @@ from preimage.apps.experiments.spec import (
     Setting,
 )
 from preimage.model.network import Network
+from preimage.results import vector_norm
 
 
 def _row_values(
-    net: Network, batch: Batch, outcome: Outcome
+    net: Network, batch: Batch, outcome: Outcome, norm: str = "l2"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """error, misfit and in_range per run."""
+    """error, misfit (in `norm`) and in_range per run."""
     z_hat = outcome.z
     ok = np.all(np.isfinite(z_hat), axis=1)
     n = len(batch.runs)
@@ -54,7 +55,7 @@ def _row_values(
         diff = np.where(seen, fx - x, 0.0)
         xs = np.where(seen, x, 0.0)
         tiny = 1e-300
-        misfit[ok] = np.linalg.norm(diff, axis=1) / np.maximum(np.linalg.norm(xs, axis=1), tiny)
+        misfit[ok] = vector_norm(diff, norm) / np.maximum(vector_norm(xs, norm), tiny)
         linf = np.max(np.abs(diff), axis=1) / np.maximum(np.max(np.abs(xs), axis=1), tiny)
         in_range[ok] = linf <= IN_RANGE_RTOL
     return error, misfit, in_range
@@ -132,7 +133,7 @@ def run_experiment(
                 progress(base + min(n, (n * i) // of), total)
 
         outcome = setting.solvers[method](batch, step)
-        error, misfit, in_range = _row_values(setting.net, batch, outcome)
+        error, misfit, in_range = _row_values(setting.net, batch, outcome, setting.norm)
         rows = []
         for i, run in enumerate(batch.runs):
             row: dict[str, Any] = {"experiment": name}

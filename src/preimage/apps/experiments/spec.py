@@ -139,12 +139,14 @@ class Setting:
     net : the generator the misfit is measured with
     draw : run indices -> their Batch (deterministic per run)
     solvers : method name -> solver; a solver calls ``step(done, total)`` as it goes
+    norm : the norm of the ``misfit`` column, relative: ||G(z_hat) - x|| / ||x||
     """
 
     params: Mapping[str, Any]
     net: Network
     draw: Callable[[Sequence[int]], Batch]
     solvers: Mapping[str, Solver]
+    norm: str = "l2"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,236 @@
+"""Projection onto the range: min_z ||G(z) - x||, solved exactly cell by cell.
+
+Real observations are never exactly G(z). On an activation cell (every unit's
+on/off state fixed, the output's too) G is affine, G(z) = M z + c, and the
+cell is a polyhedron, so min ||M z + c - x|| over it is a convex QP (l_2) or an
+LP (l_1, l_inf): `preimage.solvers.cell.cell_lp`. The descent
+(`preimage.methods.search.cell_walk`) moves to a neighbouring cell across a
+tight wall while that lowers the misfit strictly, and ends at a point with a
+certificate: the cell's optimality and no improving wall (../NOTES-math.md
+section 8; ``result.local_minimum``, ``result.tight_walls``).
+
+Starts, for each sample (`project`): the codes given (``starts``; an
+encoder's output), a batched gradient descent from random codes (Adam,
+``adam_steps`` x ``restarts``), and optionally the layer-wise noisy LP's
+estimate; the best ``descents`` of them, by their own misfit, are descended
+and the lowest end kept. Since every descent starts in its start's cell, whose
+optimum is no worse than the start, the answer is never worse than any start
+it descended from: a polish of Adam's answer (``starts=adam.z, restarts=0``)
+never increases Adam's misfit.
+
+With a measurement (``A``: y = A G(z) + e, a sensing matrix or a mask's rows)
+the same: A G(z) is affine on a cell too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from preimage.methods.gradient import latent_descent, observations
+from preimage.methods.noisy import error_bound, invert_noisy_one
+from preimage.methods.search import cell_walk
+from preimage.model.network import Network, flatten_samples
+from preimage.model.validation import check_positive, to_float_array
+from preimage.results import (
+    InversionResult,
+    ProgressCallback,
+    build_result,
+    check_noise,
+    estimate_rule,
+    vector_norm,
+)
+from preimage.solvers.cell import piecewise_linear
+
+
+def _given_starts(net: Network, starts: Any, batch: int) -> np.ndarray:
+    """Starts (S, B, k) from None, (B, k), (S, B, k) or (B, *input_shape), checked."""
+    k = net.latent_dim
+    if starts is None:
+        return np.zeros((0, batch, k))
+    arr = to_float_array(flatten_samples(starts, net.input_shape, "starts"), "starts")
+    if arr.ndim == 1 and batch == 1:
+        arr = arr[None]
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (batch, k):
+        raise ValueError(
+            f"`starts` must have shape ({batch}, {k}) or (S, {batch}, {k}): one code per "
+            f"sample (or S of them); got an array of shape {tuple(np.shape(starts))}."
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("`starts` contains NaN or inf.")
+    return arr
+
+
+def _encoder_starts(net: Network, encoder: Any, xb: np.ndarray) -> np.ndarray:
+    """The encoder's codes for the observations, (1, B, k), checked."""
+    if encoder is None:
+        return np.zeros((0, xb.shape[0], net.latent_dim))
+    if not callable(encoder):
+        raise TypeError(
+            f"`encoder` must be a callable from observations (B, n) to codes (B, k); got "
+            f"{type(encoder).__name__}."
+        )
+    codes = encoder(xb)
+    if hasattr(codes, "detach"):
+        codes = codes.detach().cpu().numpy()
+    codes = np.asarray(codes, dtype=np.float64)
+    if codes.shape != (xb.shape[0], net.latent_dim):
+        raise ValueError(
+            f"`encoder` returned codes of shape {codes.shape}; the network needs "
+            f"({xb.shape[0]}, {net.latent_dim}): one code of width {net.latent_dim} per sample."
+        )
+    return codes[None]
+
+
+def project(
+    net: Network,
+    x: Any,
+    *,
+    norm: str = "l2",
+    noise_level: float | None = None,
+    A: Any = None,
+    starts: Any = None,
+    encoder: Callable[[np.ndarray], Any] | None = None,
+    adam_steps: int = 300,
+    restarts: int = 4,
+    layerwise_start: bool = True,
+    descents: int = 2,
+    max_lps: int = 150,
+    seconds: float = np.inf,
+    success_rtol: float = 1e-6,
+    seed: int | None = 0,
+    device: Any = None,
+    progress: ProgressCallback | None = None,
+) -> InversionResult:
+    """The z whose G(z) is nearest to x (or A G(z) to y), by the cell descent.
+
+    Parameters
+    ----------
+    net : Network
+        Piecewise-linear activations (ReLU, LeakyReLU, identity), the output's too.
+    x : array-like of shape (n,) or (B, n) (with A: (m,) or (B, m))
+    norm : "l2", "l1" or "linf"
+        The misfit minimised (and the norm of ``noise_level``).
+    noise_level : float, optional
+        A known bound on the noise: the status is "feasible" when the misfit is
+        consistent with it (`preimage.results.consistent_misfit`), and
+        ``z_error_bound`` bounds ||z - z_true||_2 (`preimage.methods.noisy.error_bound`).
+    A : array of shape (m, n) or a measurement, optional
+    starts : array of shape (B, k) or (S, B, k), optional
+        Codes to descend from (Adam's answers, the user's own).
+    encoder : callable, optional
+        Observations (B, n) -> codes (B, k), e.g. a VAE's encoder mean: one more start.
+    adam_steps, restarts : the batched Adam starts (lr 0.01; ``restarts=0``: none).
+    layerwise_start : bool
+        Also start from the layer-wise noisy estimate (`preimage.methods.noisy`, its
+        l_2 fits): near the range (noisy codes) it starts in or next to the right cell.
+    descents : int
+        How many of the best starts of each sample are descended.
+    max_lps : int
+        LP / QP budget of each descent.
+    seconds : float
+        Time budget per sample for its descents (a sample out of time keeps its
+        best point, and its message says so).
+
+    Returns
+    -------
+    InversionResult with method "descent"; ``misfit`` in ``norm``,
+    ``local_minimum`` and ``tight_walls`` per sample, ``steps`` the LPs / QPs.
+    """
+    if not isinstance(net, Network):
+        raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
+    level = check_noise(norm, noise_level)
+    if not piecewise_linear(net, output=True):
+        raise ValueError(
+            "The cell descent needs piecewise-linear activations (ReLU, LeakyReLU, identity) "
+            f"in every layer, the output's too; this network has {net}."
+        )
+    for name, value in (("adam_steps", adam_steps), ("restarts", restarts),
+                        ("descents", descents), ("max_lps", max_lps)):
+        if int(value) != value or value < (1 if name == "descents" else 0):
+            raise ValueError(f"`{name}` must be an integer >= "
+                             f"{1 if name == 'descents' else 0}; got {value!r}.")
+    seconds = check_positive(seconds, "seconds") if np.isfinite(seconds) else np.inf
+    yb, single, meas = observations(net, x, A)
+    batch, k = yb.shape[0], net.latent_dim
+    start = time.perf_counter()
+    candidates = [_given_starts(net, starts, batch), _encoder_starts(net, encoder, yb)]
+    if restarts and adam_steps:
+        run = latent_descent(net, yb, meas=meas, steps=int(adam_steps), restarts=int(restarts),
+                             seed=seed, device=device)
+        candidates.append(run.z)
+    if layerwise_start and meas is None:
+        # (its l_2 fits: active-set least squares, a few ms a layer; l_inf / l_1 LPs cost
+        # tens to hundreds of ms on an MNIST decoder's pixels)
+        layerwise = np.stack([invert_noisy_one(net, y, norm="l2").z for y in yb])
+        candidates.append(np.where(np.isfinite(layerwise), layerwise, 0.0)[None])
+    pool = np.concatenate(candidates)  # (S, B, k)
+    if pool.shape[0] == 0:
+        raise ValueError("No start: give `starts`, an `encoder`, or restarts >= 1.")
+    a_mat = None if meas is None else meas.matrix()
+    # l_2: the output's pattern is part of the cell and the QP's value is the misfit itself.
+    # l_inf / l_1 with a fixed output pattern would be ruled by the brightest pixel of a unit
+    # that is off (a constant of the cell): there, as in the layer-wise noisy fits, the
+    # units above the noise floor tau are fitted two-sidedly and the rest one-sidedly, an
+    # upper bound of the misfit that the walk lowers (the answer is scored by the true one).
+    exact_misfit = norm == "l2" or meas is not None
+    tau = 2.0 * np.maximum(-np.min(yb, axis=1), 0.0)
+
+    scores = np.stack([_misfits(net, meas, c, yb, norm) for c in pool])  # (S, B)
+    z = np.empty((batch, k))
+    local = np.zeros(batch, dtype=bool)
+    tight = np.full(batch, -1)
+    lps = np.zeros(batch, dtype=int)
+    messages = []
+    for b in range(batch):
+        deadline = time.perf_counter() + seconds
+        order = np.argsort(scores[:, b])
+        best_z, best_misfit = pool[order[0], b], float(scores[order[0], b])
+        note = "the best start"
+        for s in order[:descents]:
+            if time.perf_counter() >= deadline:
+                note += f" (out of its {seconds:g} s)"
+                break
+            fit = cell_walk(net, yb[b], pool[s, b], A=a_mat, norm=norm, max_lps=int(max_lps),
+                            deadline=deadline, output_cell=exact_misfit, tau=float(tau[b]))
+            lps[b] += fit.n_lps
+            if not np.all(np.isfinite(fit.z)):
+                continue
+            misfit = float(_misfits(net, meas, fit.z[None], yb[b : b + 1], norm)[0])
+            if misfit <= best_misfit:
+                best_z, best_misfit = fit.z, misfit
+                local[b], tight[b] = fit.local_minimum, fit.n_tight
+                note = fit.message
+        z[b] = best_z
+        messages.append(note)
+        if progress is not None:
+            progress(b + 1, batch)
+    bounds = None
+    if level is not None and meas is None:
+        bounds = np.array([error_bound(net, yb[b], z[b], norm, level) for b in range(batch)])
+    result = build_result(
+        net, yb, z, estimate_rule(yb, norm, level, success_rtol), messages, method="descent",
+        rtol=success_rtol, elapsed=time.perf_counter() - start, single=single,
+        measure=None if meas is None else meas.apply, noise=norm, z_error_bound=bounds,
+        steps=lps + (int(adam_steps) * int(restarts) if restarts else 0),
+    )
+    result.local_minimum = bool(local[0]) if single else local
+    result.tight_walls = int(tight[0]) if single else tight
+    return result
+
+
+def _misfits(net: Network, meas: Any, z: np.ndarray, yb: np.ndarray, norm: str) -> np.ndarray:
+    """||M G(z_b) - y_b|| per row b (inf where z is not finite)."""
+    out = np.full(len(z), np.inf)
+    ok = np.all(np.isfinite(z), axis=1)
+    if ok.any():
+        pred = net.forward(z[ok])
+        if meas is not None:
+            pred = meas.apply(pred)
+        out[ok] = vector_norm(pred - yb[ok], norm)
+    return out
