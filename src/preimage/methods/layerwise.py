@@ -38,12 +38,15 @@ from preimage.model.network import Network
 from preimage.model.torch_io import default_device
 from preimage.results import (
     SUCCESS,
+    Deadline,
     InversionResult,
     LayerReport,
     LayerResult,
     PoolMap,
     ProgressCallback,
+    SampleFailure,
     build_result,
+    per_sample,
     relative_residual,
 )
 from preimage.solvers.cell import cell_least_squares, piecewise_linear
@@ -157,13 +160,20 @@ def _compose(
 
 
 def _settle_globally(
-    net: Network, x: np.ndarray, outcome: _SampleOutcome, rtol: float, settings: GlobalSettings
+    net: Network, x: np.ndarray, outcome: _SampleOutcome, rtol: float, settings: GlobalSettings,
+    deadline: Deadline,
 ) -> _SampleOutcome:
     """Retry a "failed" or "feasible" sample below its first non-unique layer.
 
     The layers above that layer were unique, so its observation is forced and
-    what the search finds holds for the whole network.
+    what the search finds holds for the whole network. The search stops at
+    `deadline` too; the sample then keeps its layer-wise result.
     """
+    if deadline.expired():
+        note = f"; no search below the first non-unique layer: {deadline.note()}"
+        return _SampleOutcome(
+            outcome.z, outcome.status, outcome.message + note, outcome.witness, outcome.layers
+        )
     top = len(net.layers) - 1
     j, y = top, x
     while j >= 0 and outcome.layers[j] is not None and outcome.layers[j].status == "unique":
@@ -174,7 +184,8 @@ def _settle_globally(
         return outcome
     if outcome.status == "feasible" and not settings.milp:
         return outcome  # only the MILP can add a verdict to a checked preimage
-    found = invert_below(net, j, y, rtol=rtol, settings=settings, start=outcome.z)
+    found = invert_below(net, j, y, rtol=rtol, settings=settings, start=outcome.z,
+                         deadline=deadline)
     nan = np.full(net.latent_dim, np.nan)
     if found.z is None:
         note = f"; global search below layer {j}: {found.message}"
@@ -229,29 +240,43 @@ def invert_exact(
     batch_size: int | None = None,
     device: Any = None,
     n_jobs: int | None = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """The layer-wise method on validated observations xb (B, n); see `preimage.invert`.
 
     Samples the layer-wise method leaves "failed" (and, with ``fallback.milp``,
     "feasible") go to the search below their first non-unique layer
-    (`preimage.methods.search.invert_below`).
+    (`preimage.methods.search.invert_below`). A sample whose solver raises ends
+    "failed" with the error in its message; past ``time_limit`` (seconds, or a
+    `Deadline`) no new sample (batched: chunk) starts, those not started end
+    "failed" saying so, and searches stop with the sample's layer-wise result.
     """
     start = time.perf_counter()
+    deadline = Deadline.of(time_limit)
     settings = fallback if fallback is not None else GlobalSettings()
     if batched:
         return _invert_batched(
-            net, xb, single, rtol, start, settings,
+            net, xb, single, rtol, start, settings, deadline,
             progress=progress, batch_size=batch_size, device=device, n_jobs=n_jobs,
         )
-    outcomes = []
-    for b in range(xb.shape[0]):
+
+    def one(b: int) -> _SampleOutcome:
         outcome = _invert_one(net, xb[b], rtol)
         if _searched(outcome.status, settings):
-            outcome = _settle_globally(net, xb[b], outcome, rtol, settings)
-        outcomes.append(outcome)
-        if progress is not None:
-            progress(b + 1, xb.shape[0])
+            outcome = _settle_globally(net, xb[b], outcome, rtol, settings, deadline)
+        return outcome
+
+    outcomes = [_failed_if(net, o) for o in per_sample(one, xb.shape[0], deadline=deadline,
+                                                        progress=progress)]
     return _collect(net, xb, outcomes, single, rtol, time.perf_counter() - start)
+
+
+def _failed_if(net: Network, outcome: _SampleOutcome | SampleFailure) -> _SampleOutcome:
+    """The outcome, or a "failed" one for a sample whose work raised or never started."""
+    if isinstance(outcome, _SampleOutcome):
+        return outcome
+    nan = np.full(net.latent_dim, np.nan)
+    return _SampleOutcome(nan, "failed", outcome.message, nan, [None] * len(net.layers))
 
 
 def _searched(status: str, settings: GlobalSettings) -> bool:
@@ -266,6 +291,7 @@ def _invert_batched(
     rtol: float,
     start: float,
     settings: GlobalSettings,
+    deadline: Deadline,
     *,
     progress: ProgressCallback | None,
     batch_size: int | None,
@@ -283,10 +309,10 @@ def _invert_batched(
     with ctx.one_blas_thread():
         try:
             z, reached, arrays = descend_batch(
-                net, xb, rtol, ctx, batch_size=batch_size, progress=progress
+                net, xb, rtol, ctx, batch_size=batch_size, progress=progress, deadline=deadline
             )
             return _verdicts(
-                net, xb, z, reached, arrays, single, rtol, start, settings, ctx.map
+                net, xb, z, reached, arrays, single, rtol, start, settings, deadline, ctx.map
             )
         finally:
             ctx.close()
@@ -302,10 +328,12 @@ def _verdicts(
     rtol: float,
     start: float,
     settings: GlobalSettings,
+    deadline: Deadline,
     pool_map: PoolMap,
 ) -> InversionResult:
     """Each sample's verdict from the batched descent (`_compose`), searches where asked.
 
+    A sample no layer reached was in a chunk the deadline kept from starting.
     pool_map runs the final residuals' pieces (`_assemble`) over the batch's threads.
     """
     batch = xb.shape[0]
@@ -322,7 +350,7 @@ def _verdicts(
         status[in_batch] = template.status
         for b in np.flatnonzero(in_batch):
             messages[b] = template.message
-    for b in np.flatnonzero(~in_batch):
+    def one(b: int) -> _SampleOutcome | SampleFailure:
         results: list[LayerResult | None] = []
         for arr in arrays:
             if b in arr.results:
@@ -331,14 +359,20 @@ def _verdicts(
                 results.append(None)
             else:
                 results.append(_BATCH_SOLVED)
+        if all(r is None for r in results):
+            return SampleFailure(f"{deadline.note()} before this sample was started")
         outcome = _compose(net, z[b] if reached[b] else None, results, rtol)
         if _searched(outcome.status, settings):
             # The search needs every layer's point, which the batch did not keep:
             # redo this sample through the reference path first (only where the
             # search will run: a "feasible" sample is searched by the MILP alone).
-            outcome = _settle_globally(
-                net, xb[b], _invert_one(net, xb[b], rtol), rtol, settings
-            )
+            redone = outcome if deadline.expired() else _invert_one(net, xb[b], rtol)
+            outcome = _settle_globally(net, xb[b], redone, rtol, settings, deadline)
+        return outcome
+
+    others = np.flatnonzero(~in_batch)
+    for b, found in zip(others, per_sample(one, others), strict=True):
+        outcome = _failed_if(net, found)
         z[b] = outcome.z
         status[b] = outcome.status
         witness[b] = outcome.witness

@@ -13,6 +13,7 @@ import numpy as np
 
 from preimage.model.activations import Activation
 from preimage.model.operators import LinearOperator
+from preimage.model.validation import check_finite, to_float_array
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,24 @@ class Layer:
     activation: Activation
 
     def __post_init__(self) -> None:
+        if not isinstance(self.weight, LinearOperator):
+            raise TypeError(
+                f"A layer's `weight` must be a LinearOperator (e.g. DenseOperator(matrix)); got "
+                f"{type(self.weight).__name__}."
+            )
+        if not isinstance(self.activation, Activation):
+            raise TypeError(
+                f"A layer's `activation` must be an Activation; got "
+                f"{type(self.activation).__name__}."
+            )
         if self.bias is not None:
-            b = np.array(self.bias, dtype=np.float64, copy=True)
+            b = to_float_array(self.bias, "bias")
             if b.shape != (self.out_width,):
                 raise ValueError(
                     f"A bias must have shape ({self.out_width},) to match a weight of shape "
                     f"{self.weight.shape}; got {b.shape}."
                 )
-            if not np.all(np.isfinite(b)):
-                raise ValueError("A bias contains NaN or inf.")
+            check_finite(b, "bias")
             b.setflags(write=False)
             object.__setattr__(self, "bias", b)
 

@@ -251,7 +251,11 @@ def flatten_samples(value: object, shape: Sequence[int], name: str) -> object:
     is returned as it is.
     """
     shape = tuple(shape)
-    arr_shape = tuple(getattr(value, "shape", np.shape(value) if isinstance(value, list) else ()))
+    try:
+        arr_shape = tuple(getattr(value, "shape", np.shape(value) if isinstance(value, list)
+                                  else ()))
+    except ValueError:  # a ragged nested list: the validators say so
+        return value
     if len(shape) <= 1 or not arr_shape:
         return value
     n = int(np.prod(shape))
