@@ -41,7 +41,12 @@ from preimage.methods.search import GlobalSettings
 from preimage.methods.sensing import pgd_invert
 from preimage.model.network import Network, flatten_samples
 from preimage.model.operators import Mask, as_mask, as_measurement
-from preimage.model.validation import check_count, check_observation, check_positive
+from preimage.model.validation import (
+    check_choice,
+    check_count,
+    check_observation,
+    check_positive,
+)
 from preimage.results import (
     Deadline,
     InversionResult,
@@ -230,8 +235,7 @@ def invert(
     deadline = Deadline.of(time_limit)  # first: validation counts against the budget
     if not isinstance(net, Network):
         raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+    check_choice(method, "method", METHODS)
     level = check_noise(noise, noise_level)
     if options is None:
         options = {}

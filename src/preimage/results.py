@@ -24,7 +24,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from preimage.model.network import Network
-from preimage.model.validation import check_positive, input_precision, precision_of
+from preimage.model.validation import (
+    check_choice,
+    check_positive,
+    input_precision,
+    precision_of,
+)
 
 #: The statuses a layer (and a whole inversion) can end with.
 STATUSES: tuple[str, ...] = ("unique", "non_unique", "feasible", "infeasible", "failed")
@@ -81,8 +86,7 @@ ProgressCallback = Callable[[int, int], None]
 
 def check_noise(noise: Any, noise_level: Any) -> float | None:
     """Validate a noise model; returns the level as a float (or None)."""
-    if noise is not None and noise not in NORMS:
-        raise ValueError(f"`noise` must be one of {NORMS} or None; got {noise!r}.")
+    check_choice(noise, "noise", NORMS, optional=True)
     if noise_level is None:
         return None
     if noise is None:

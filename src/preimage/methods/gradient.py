@@ -40,7 +40,12 @@ import numpy as np
 from preimage.model.network import Network
 from preimage.model.operators import Measurement, as_measurement
 from preimage.model.torch_io import default_device
-from preimage.model.validation import check_count, check_observation, check_positive
+from preimage.model.validation import (
+    check_choice,
+    check_count,
+    check_observation,
+    check_positive,
+)
 from preimage.results import (
     Deadline,
     InversionResult,
@@ -282,8 +287,7 @@ def gradient_invert(
     relative misfit, ``steps`` the gradient steps of all restarts.
     """
     deadline = Deadline.of(time_limit)
-    if method not in VARIANTS:
-        raise ValueError(f"`method` must be one of {tuple(VARIANTS)}; got {method!r}.")
+    check_choice(method, "method", tuple(VARIANTS))
     variant = VARIANTS[method]
     lr = variant.lr if lr is None else lr
     check_descent(net, lr, steps, restarts, lam)

@@ -34,7 +34,12 @@ from preimage.methods.noisy import invert_noisy_one
 from preimage.methods.search import cell_walk
 from preimage.model.network import Network
 from preimage.model.operators import Measurement, as_measurement
-from preimage.model.validation import check_count, check_observation, check_positive
+from preimage.model.validation import (
+    check_choice,
+    check_count,
+    check_observation,
+    check_positive,
+)
 from preimage.results import (
     NORMS,
     OUT_OF_TIME,
@@ -106,8 +111,7 @@ def pgd_invert(
     if not isinstance(net, Network):
         raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
     meas = as_measurement(A, net.output_dim)
-    if projection not in NORMS:
-        raise ValueError(f"`projection` must be one of {NORMS}; got {projection!r}.")
+    check_choice(projection, "projection", NORMS)
     step = check_positive(step, "step")
     iterations = check_count(iterations, "iterations", 1)
     max_lps = check_count(max_lps, "max_lps", 0)

@@ -8,6 +8,7 @@ from here, so they can never disagree on a constant.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,10 +47,14 @@ class Activation:
     threshold: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ACTIVATIONS:
+        if not isinstance(self.kind, str) or self.kind not in ACTIVATIONS:
             raise ValueError(
-                f"The activation must be one of {ACTIVATIONS}; got {self.kind!r}."
+                f"The activation must be one of {ACTIVATIONS}; got {self.kind!r:.40}."
             )
+        for name in ("negative_slope", "alpha", "beta", "threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"The {name} of an activation must be a number; got {value!r:.40}.")
         if self.kind == "leaky_relu" and not (
             np.isfinite(self.negative_slope) and self.negative_slope > 0
         ):

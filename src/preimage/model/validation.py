@@ -7,6 +7,7 @@ then checks, and raises an error that names the argument and the rule.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,10 @@ def input_precision(value: Any) -> str:
     """The floating-point precision the caller's array holds: "float64" (also for
     integers, lists and anything else), "float32", "float16" or "bfloat16"."""
     return precision_of(getattr(value, "dtype", None))
+
+
+#: The floating-point precisions preimage tells apart, most precise first.
+PRECISIONS: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
 
 
 def precision_of(dtype: Any) -> str:
@@ -165,3 +170,21 @@ def check_count(value: Any, name: str, minimum: int = 0) -> int:
     if not (np.isfinite(float(value)) and float(value) == int(value) and value >= minimum):
         raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r:.40}.")
     return int(value)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], *, optional: bool = False) -> Any:
+    """`value` if it is one of the strings `choices` (or None when `optional`), else a
+    ValueError (TypeError for a non-string) naming `name` and listing them."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(
+            f"`{name}` must be one of {tuple(choices)}{' or None' if optional else ''}; got a "
+            f"{type(value).__name__}."
+        )
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {tuple(choices)}{' or None' if optional else ''}; got "
+            f"{value!r:.40}."
+        )
+    return value
