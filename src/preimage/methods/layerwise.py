@@ -37,6 +37,7 @@ from preimage.methods.search import GlobalSettings, invert_below
 from preimage.model.network import Network
 from preimage.model.torch_io import default_device
 from preimage.results import (
+    RANK_RTOL,
     SUCCESS,
     Deadline,
     InversionResult,
@@ -90,6 +91,37 @@ def _invert_one(net: Network, x: np.ndarray, rtol: float) -> _SampleOutcome:
     return _compose(net, z, results, rtol)
 
 
+def observation_spread(
+    net: Network, results: Sequence[LayerResult | None], bad: int
+) -> float:
+    """How far (l2) layer `bad`'s observation, computed by the unique layers above it, may
+    lie from the true one: inf where a bound is unknown.
+
+    Layer i's answer reproduces its observation within ``tol`` (l_inf) per unit; an
+    observation off by s (l2) moves the unique solution of its active equalities by
+    at most (s + sqrt(m) tol) / sigma_min(W_A) times the activation's largest inverse
+    slope. A "proof" that layer `bad` has no preimage is one only when its distance
+    from the range exceeds this: float32 data through a layer that keeps little of
+    it (a sigmoid's outputs at 0.5 to float32) fixes the layer below only loosely.
+    Unknown (inf) for a layer solved in batch (no sigma_min kept), pinned by its
+    inequalities alone (rank 0), or with a curved activation.
+    """
+    spread = 0.0
+    for i in range(len(net.layers) - 1, bad, -1):
+        r = results[i]
+        act = net.layers[i].activation
+        if r is None or r.status != "unique" or not (r.sigma_min > 0) or r.rank <= 0:
+            return np.inf
+        if act.kind in ("relu", "identity"):
+            slope = 1.0
+        elif act.kind == "leaky_relu":
+            slope = 1.0 / min(act.negative_slope, 1.0)
+        else:
+            return np.inf
+        spread = slope * (spread + np.sqrt(net.layers[i].out_width) * r.tol) / r.sigma_min
+    return float(spread)
+
+
 def _compose(
     net: Network, z: np.ndarray | None, results: Sequence[LayerResult | None], rtol: float
 ) -> _SampleOutcome:
@@ -109,6 +141,13 @@ def _compose(
         assert last is not None
         above = [results[i] for i in range(bad + 1, top + 1)]
         forced = all(r is not None and r.status == "unique" for r in above)
+        if last.status == "infeasible" and forced and bad < top:
+            spread = observation_spread(net, results, bad)
+            if not last.misfit > spread:
+                return _SampleOutcome(nan, "failed", (
+                    f"layer {bad}: {last.message}; but the layers above, though unique, fix "
+                    f"its observation only to within {spread:.3g} at the data's precision "
+                    "(nothing proved)"), nan, results)
         if last.status == "infeasible" and forced:
             where = "the output layer" if bad == top else f"layer {bad} (all layers above unique)"
             return _SampleOutcome(
@@ -198,6 +237,10 @@ def _settle_globally(
         return _SampleOutcome(found.z, "unique", found.message, nan, outcome.layers)
     return _SampleOutcome(found.z, "feasible", found.message, nan, outcome.layers)
 
+
+#: Every answer must reproduce x end to end within this many rtol (relative), and a
+#: witness too: each layer checks its own step, and their tolerances can compound.
+ANSWER_RTOL = 1000.0
 
 #: Answers to data of this relative precision or worse are polished in their cells.
 POLISH_RTOL = 1e-7
@@ -302,6 +345,7 @@ def _invert_batched(
     ctx = batched_context.Context(
         default_device() if device is None else device,
         batched_context.default_jobs() if n_jobs is None else n_jobs,
+        resolution=RANK_RTOL * rtol,
     )
     # NumPy/SciPy's OpenBLAS gets one thread for the whole call: torch does the
     # large products with its own threads, and OpenBLAS threads spinning after
@@ -361,13 +405,22 @@ def _verdicts(
                 results.append(_BATCH_SOLVED)
         if all(r is None for r in results):
             return SampleFailure(f"{deadline.note()} before this sample was started")
-        outcome = _compose(net, z[b] if reached[b] else None, results, rtol)
+        stop = next((i for i, r in enumerate(results) if r is not None), 0)
+        if not reached[b] and results[stop] is not None and results[stop].status == "infeasible" \
+                and stop < len(results) - 1:
+            # a proof below the top rests on the layers above (`observation_spread`), whose
+            # sigma_min the batch did not keep: this sample through the reference path
+            outcome = reference = _invert_one(net, xb[b], rtol)
+        else:
+            outcome, reference = _compose(net, z[b] if reached[b] else None, results, rtol), None
         if _searched(outcome.status, settings):
             # The search needs every layer's point, which the batch did not keep:
             # redo this sample through the reference path first (only where the
             # search will run: a "feasible" sample is searched by the MILP alone).
-            redone = outcome if deadline.expired() else _invert_one(net, xb[b], rtol)
-            outcome = _settle_globally(net, xb[b], redone, rtol, settings, deadline)
+            if reference is None and not deadline.expired():
+                reference = _invert_one(net, xb[b], rtol)
+            outcome = _settle_globally(net, xb[b], reference or outcome, rtol, settings,
+                                       deadline)
         return outcome
 
     others = np.flatnonzero(~in_batch)
@@ -459,7 +512,28 @@ def _assemble(
             z[ok[better]] = z_new[better]
             ok, scale, before = ok[better], scale[better], after[better]
     lps = np.sum([report.used_lp for report in reports], axis=0) if reports else None
+    status = np.array(status, dtype=object)
+    messages = list(messages)
+    limit = ANSWER_RTOL * rtol
+    second = np.flatnonzero(status == "non_unique")
+    if second.size:  # a witness is a second preimage of x itself, end to end
+        misses = ~(relative_residual(net.forward(witness[second]), xb[second]) <= limit)
+        for b in second[misses]:
+            status[b], witness[b] = "feasible", np.nan
+            messages[b] += (f"; its second preimage does not reproduce x within {ANSWER_RTOL:g} "
+                            "rtol, so uniqueness is unsettled")
+
+    def verified(residual: np.ndarray, misfit: np.ndarray) -> np.ndarray:
+        """Each answer checked end to end: one whose G(z) misses x by more than
+        ANSWER_RTOL rtol (the layers' tolerances compounded) keeps z, but no verdict."""
+        off = np.isin(status, SUCCESS) & ~(residual <= limit)
+        for b in np.flatnonzero(off):
+            messages[b] += (f"; but G(z) misses x by {residual[b]:.2g} (relative), beyond "
+                            f"{ANSWER_RTOL:g} rtol: nothing proved")
+        return np.where(off, "failed", status).astype(object)
+
     return build_result(
-        net, xb, z, status, messages, method="exact", rtol=rtol, elapsed=elapsed, single=single,
-        layers=reports, witness=witness, steps=lps, distance=distance, pool_map=pool_map,
+        net, xb, z, verified, messages, method="exact", rtol=rtol, elapsed=elapsed,
+        single=single, layers=reports, witness=witness, steps=lps, distance=distance,
+        pool_map=pool_map,
     )

@@ -43,7 +43,7 @@ def read_state_dict(
         raise ValueError(f"{path} is a folder, not a model file.")
     if not path.is_file():
         raise FileNotFoundError(f"No model file at {path}.")
-    state = _load(path)
+    state = load_state_file(path)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
@@ -78,9 +78,10 @@ def read_state_dict(
     return state, names
 
 
-def _load(path: Path) -> Any:
+def load_state_file(path: Path) -> Any:
     """The object in a model file, with no code run (module docstring)."""
     import pickle
+    import warnings
 
     try:
         if path.suffix == ".safetensors":
@@ -89,14 +90,20 @@ def _load(path: Path) -> Any:
             return load_file(str(path))
         import torch
 
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # (torch warns of pickle protocols it may not read)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"`{wanted.group(1)}`" if wanted else "a class or function"
+        text = str(exc)
+        wanted = re.search(r"GLOBAL ([\w.]+)", text)
+        reason = re.search(r"(Unsupported [^\n.]*)", text)
+        what = (f"call `{wanted.group(1)}`, which could run code" if wanted else
+                "need more than the tensors, dicts and numbers of a state dict"
+                + (f" ({reason.group(1).strip()})" if reason else ""))
         raise ValueError(
-            f"{path} was refused: unpickling it would call {what}, and model files are "
-            "read with torch.load(weights_only=True), which builds tensors only and runs no "
-            "code. Save `model.state_dict()` with torch.save, or as .safetensors."
+            f"{path} was refused: unpickling it would {what}. Model files are read with "
+            "torch.load(weights_only=True), which builds tensors only and runs no code; "
+            "save `model.state_dict()` with torch.save, or as .safetensors."
         ) from exc
     except Exception as exc:  # zip / header / truncation errors: say which file and why
         kind = "safetensors file" if path.suffix == ".safetensors" else (
@@ -147,6 +154,11 @@ def layers_from_state_dict(
             b = state.get(f"{name}.bias")
             bias = None if b is None else tensor_to_numpy(b, f"{name}.bias")
             if bias is not None:
+                if bias.shape != (weight.shape[0],):
+                    raise ValueError(
+                        f"`{name}.bias` must have shape ({weight.shape[0]},) to match "
+                        f"`{key}` of shape {weight.shape}; got {bias.shape}."
+                    )
                 check_finite(bias, f"{name}.bias")
             layers.append(Layer(weight, bias, activation))
         except (ValueError, TypeError) as exc:

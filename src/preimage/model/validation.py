@@ -151,10 +151,11 @@ def check_observation(x: Any, width: int, name: str = "x") -> tuple[np.ndarray, 
 
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
     """A finite positive float, or a ValueError saying so."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"`{name}` must be a number; got {type(value).__name__}.") from exc
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not real and not (isinstance(value, np.ndarray) and value.ndim == 0
+                         and value.dtype.kind in "iuf"):
+        raise TypeError(f"`{name}` must be a number; got {type(value).__name__} {value!r:.40}.")
+    v = float(value)
     ok = np.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
         rule = ">= 0" if allow_zero else "> 0"

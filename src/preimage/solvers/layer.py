@@ -39,7 +39,7 @@ from scipy.linalg import solve_triangular, svdvals
 from scipy.linalg.lapack import dgeqrf, dormqr
 
 from preimage.model.layer import Layer, check_layer_input
-from preimage.results import LP_TOL, TIGHT_RTOL, LayerResult
+from preimage.results import LP_TOL, RANK_RTOL, TIGHT_RTOL, LayerResult
 from preimage.solvers.certificate import certify_unique
 from preimage.solvers.highs import RowLP, natural_scale, solve_lp
 
@@ -165,8 +165,8 @@ def _inner_point_lp(
 
 def _active_equalities(
     w_a: np.ndarray, r_a: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """The active equalities W_A h = r_A: (h0, N, rank, sigma_min).
+) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+    """The active equalities W_A h = r_A: (h0, N, rank, sigma_min, sigma_max).
 
     h0 (n,) is the least-norm (least-squares) solution, N (n, n - rank) an
     orthonormal basis of null(W_A), rank counts the singular values above
@@ -181,7 +181,7 @@ def _active_equalities(
     a, n = w_a.shape
     eps = float(np.finfo(float).eps)
     if a == 0:
-        return np.zeros(n), np.eye(n), 0, np.nan
+        return np.zeros(n), np.eye(n), 0, np.nan, np.nan
     if a < n:
         qr, tau, _, info = dgeqrf(np.asfortranarray(w_a.T))
         s = svdvals(np.triu(qr[:a]), check_finite=False) if info == 0 else np.zeros(1)
@@ -193,11 +193,12 @@ def _active_equalities(
             tail = np.zeros((n, n - a), order="F")
             tail[a:] = np.eye(n - a)
             null_basis = dormqr("L", "N", qr, tau, tail, lwork=lwork)[0]  # Q [0; I]
-            return h0, null_basis, a, float(s[-1])
+            return h0, null_basis, a, float(s[-1]), float(s[0])
     u_, s, vt = np.linalg.svd(w_a, full_matrices=a < n)
     rank = int(np.sum(s > s[0] * max(a, n) * eps))
     h0 = vt[:rank].T @ ((u_[:, :rank].T @ r_a) / s[:rank])
-    return h0, vt[rank:].T, rank, float(s[rank - 1]) if rank else np.nan
+    return (h0, vt[rank:].T, rank, float(s[rank - 1]) if rank else np.nan,
+            float(s[0]) if s.size else np.nan)
 
 
 def invert_layer(
@@ -245,6 +246,12 @@ def invert_layer(
                     misfit=distance)
     active, target, tau, scale = cons.active, cons.target, cons.tau, cons.scale
     inactive = ~active
+    # The forward checks compare outputs: their scale is the targets' and the bias's plus,
+    # where a curved activation's rounding stretched `scale` (pre-activation units),
+    # the outputs' own size instead of that stretch.
+    unstretched = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)))
+    stretched = scale > unstretched
+    out_scale = unstretched + float(np.max(np.abs(y))) if stretched else scale
 
     def nearest(why: str, **kw: object) -> LayerResult | tuple[np.ndarray, str]:
         """The exact structure found no point: the nearest one within the data's tolerance
@@ -252,7 +259,7 @@ def invert_layer(
         h_near, distance, how = nearest_point(layer, y, cons, nonneg=nonneg)
         if h_near is None:
             return done(None, "failed", f"{why}; {how}", **kw)
-        size_near = scale + float(np.max(abs_product(layer, h_near)))
+        size_near = out_scale + float(np.max(abs_product(layer, h_near)))
         miss = float(np.max(np.abs(layer.forward(h_near[None])[0] - y)))
         if miss <= 10 * rtol * size_near:
             return h_near, (
@@ -261,13 +268,18 @@ def invert_layer(
             )
         if distance <= 10 * tau:  # the LP's point is near, but not near enough: nothing proved
             return done(None, "failed", f"{why}; {how}, and its point misses by {miss:.3g}", **kw)
+        if cons.saturated is not None and cons.saturated.any():
+            return done(None, "failed", (
+                f"{why}; {how}, but {int(cons.saturated.sum())} saturated output(s) were held "
+                "at a pre-activation their true one only bounds on one side: nothing proved"
+            ), **kw)
         return done(None, "infeasible", f"{why}; {how}" + _rounding_note(distance, rtol, y, b),
                     misfit=distance, **kw)
 
     # Equalities W_A h = y_A - b_A: least-norm solution, rank, null space.
     w_a = layer.weight.rows(np.flatnonzero(active))
     r_a = target[active] - b[active]
-    h0, null_basis, rank, sigma_min = _active_equalities(w_a, r_a)
+    h0, null_basis, rank, sigma_min, sigma_max = _active_equalities(w_a, r_a)
     info = {"rank": rank, "sigma_min": sigma_min}
 
     tol = rtol * (scale + float(np.max(abs_product(layer, h0))))
@@ -307,12 +319,13 @@ def invert_layer(
             h = np.maximum(h_lp, 0.0) if nonneg else h_lp
     if isinstance(found, LayerResult):
         return found
+    nearest_only = found is not None
     if found is not None:
         h, message = found
 
     # Rounding in w_i h + b_i is about eps * sum_j |w_ij h_j|: the checks scale with it.
     size = scale + float(np.max(abs_product(layer, h)))
-    check_tol = 10 * rtol * size
+    check_tol = 10 * rtol * (out_scale + float(np.max(abs_product(layer, h))))
     residual = float(np.max(np.abs(layer.forward(h[None])[0] - y)))
     if residual > check_tol:
         return done(
@@ -332,6 +345,24 @@ def invert_layer(
     verdict, note = cert.verdict, cert.message
     if verdict == "unique" and cons.saturated is not None and cons.saturated.any():
         verdict, note = _saturated_verdict(layer, cons.saturated, note)
+    # What the data resolve: singular values above RANK_RTOL rtol sigma_max, or, where a
+    # curved activation's rounding set the scale, above RANK_RTOL rtol size / |h|.
+    resolution = RANK_RTOL * rtol * (
+        size / max(float(np.linalg.norm(h)), 1e-300) if stretched else sigma_max
+    )
+    if verdict == "unique" and rank and sigma_min < resolution:
+        verdict, note = "feasible", (
+            f"{note}, but W_A's smallest singular value {sigma_min:.3g} is below what the data "
+            f"resolve ({resolution:.3g}): h is not fixed along it at this precision, so "
+            "uniqueness is unsettled"
+        )
+    if verdict == "unique" and nearest_only and rank < n:
+        # (with full column rank, resolved, every point within the tolerance is near h; with
+        # fewer the certificate leaned on inequalities at a point outside the structure)
+        verdict, note = "feasible", (
+            f"{note} for the structure of y, which no point fits exactly: its preimages "
+            "within the tolerance may differ, so uniqueness is unsettled"
+        )
     return done(
         h,
         verdict,
@@ -406,7 +437,13 @@ def active_set(layer: Layer, y: np.ndarray, rtol: float) -> ActiveSet | str:
     scale = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)), 1e-300)
     tau = rtol * scale
     if layer.activation.is_bijective:
-        return ActiveSet(np.ones(layer.out_width, dtype=bool), target, tau, scale, saturated)
+        # a curved activation's outputs are known to rtol max|y|: their targets to that over
+        # the slope (sigmoid outputs at 0.5 to float64's last digit fix targets of 1e-16
+        # only to 4e-16); saturated units aside, they have their own rule
+        free = y if saturated is None else y[~saturated]
+        scale = max(scale, float(layer.activation.target_scale(free)) if free.size else 0.0)
+        return ActiveSet(np.ones(layer.out_width, dtype=bool), target, rtol * scale, scale,
+                         saturated)
     if np.any(y < -tau):
         return "a ReLU output is negative"
     return ActiveSet(y > tau, target, tau, scale)

@@ -29,7 +29,7 @@ import numpy as np
 from preimage.methods.batched import context
 from preimage.methods.batched.checks import check
 from preimage.methods.batched.context import Context, LayerCache, chunk_size
-from preimage.methods.batched.gram import downdate_then_gram, gram_solve
+from preimage.methods.batched.gram import downdate_then_gram, gram_solve, needs_resolution
 from preimage.methods.batched.square import solve_square
 from preimage.model.layer import Layer
 from preimage.model.network import Network
@@ -98,6 +98,12 @@ def fast_layer(
         target = np.where(is_finite, target, 0.0)
     largest = np.maximum(np.max(target, axis=1), -np.min(target, axis=1))  # max |t_i|
     scale = np.maximum(np.maximum(largest, cache.bias_max), 1e-300)
+    if act.is_bijective:
+        # (`preimage.solvers.layer.active_set`: a curved activation's rounding, in targets;
+        # where it sets the scale the resolution check of `invert_layer` decides)
+        with np.errstate(all="ignore"):
+            stretched = act.target_scale(y)
+        finite &= ~(stretched > scale)
     tau = rtol * scale
     if act.is_bijective:
         active = np.ones((b, m), dtype=bool)
@@ -134,6 +140,8 @@ def _solve_full_rank(
     Returns h0 (b, n) and a (b,) mask of the samples certified and solved.
     """
     n = cache.w_np.shape[1]
+    if needs_resolution(ctx, n):  # low-precision data: certified at its resolution
+        return gram_solve(cache, target, active, ctx)
     if n < context.SQUARE_MIN_WIDTH:
         return downdate_then_gram(cache, target, active, ctx)
     h0, solved = solve_square(cache, target, active, ctx)
