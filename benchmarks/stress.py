@@ -113,12 +113,14 @@ def make_case(seed: int) -> Case:
     return Case(net32, z, x32, precision, recipe)
 
 
-def check(case: Case) -> tuple[Counter[str], list[str]]:
-    """Invert a case; (status counts, the violations found, each described)."""
+def check(case: Case) -> tuple[Counter[str], list[str], list[float]]:
+    """Invert a case; (status counts, the violations found, each described, and the
+    relative z errors of its "unique" answers)."""
     result = invert(case.net, case.x, fallback=SEARCH)
     x = np.asarray(case.x, dtype=np.float64)
     status = np.asarray(result.status)
     problems = []
+    errors = []
     for b, s in enumerate(status):
         where = f"{case.recipe} code {b}: {s}: {result.message[b][:160]}"
         if s == "infeasible":
@@ -131,6 +133,7 @@ def check(case: Case) -> tuple[Counter[str], list[str]]:
         if s == "unique":
             err = np.linalg.norm(result.z[b] - case.z[b]) / max(np.linalg.norm(case.z[b]),
                                                                 1e-300)
+            errors.append(float(err))
             if err > Z_RTOL[case.precision]:
                 problems.append(f"unique with a wrong z (error {err:.2e}): {where}")
         if s == "non_unique":
@@ -139,7 +142,7 @@ def check(case: Case) -> tuple[Counter[str], list[str]]:
             scale = max(float(np.max(np.abs(x[b]))), 1e-300)
             if not np.all(np.isfinite(w)) or fit > 100 * result.rtol * scale:
                 problems.append(f"non_unique with a witness that misses x: {where}")
-    return Counter(status.tolist()), problems
+    return Counter(status.tolist()), problems, errors
 
 
 def run(cases: int, first_seed: int = 0) -> dict[str, Any]:
@@ -147,11 +150,13 @@ def run(cases: int, first_seed: int = 0) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     by_precision: Counter[str] = Counter()
     problems: list[str] = []
-    recipes = Counter()
+    recipes: Counter[str] = Counter()
+    worst = {"float64": 0.0, "float32": 0.0}
     start = time.perf_counter()
     for seed in range(first_seed, first_seed + cases):
         case = make_case(seed)
-        found, wrong = check(case)
+        found, wrong, errors = check(case)
+        worst[case.precision] = max([worst[case.precision], *errors])
         counts.update(found)
         by_precision[case.precision] += 1
         recipes["duplicated rows"] += case.recipe["duplicated"]
@@ -159,7 +164,9 @@ def run(cases: int, first_seed: int = 0) -> dict[str, Any]:
         recipes["units at threshold"] += case.recipe["at_threshold"]
         problems += [f"seed {seed}: {p}" for p in wrong]
     return {"cases": cases, "codes": cases * CODES, "networks_by_precision": dict(by_precision),
-            "statuses": dict(counts), "recipes": dict(recipes), "violations": len(problems),
+            "statuses": dict(counts), "recipes": dict(recipes),
+            "largest_unique_z_error": {k: float(f"{v:.3g}") for k, v in worst.items()},
+            "violations": len(problems),
             "problems": problems[:20], "seconds": round(time.perf_counter() - start, 1)}
 
 

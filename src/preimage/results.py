@@ -70,7 +70,7 @@ TIGHT_RTOL = 1e-8
 #: its singular value is at least RANK_RTOL * rtol * sigma_max(W_A): along a weaker one
 #: h moves by |h| while W_A h moves by less than the data's tolerance (float32 data of a
 #: W_A with condition number 1e13 gave z 40% off). Below it "unique" is not claimed.
-RANK_RTOL = 100.0
+RANK_RTOL = 10.0
 
 #: HiGHS primal and dual feasibility tolerance, on data scaled to max |y| = 1.
 LP_TOL = 1e-9
