@@ -175,9 +175,11 @@ def invert(
         the hybrid of `preimage.methods.hybrid`.
     rtol : float, optional
         Relative tolerance for the activation threshold and the checks (see
-        `preimage.solvers.layer`). Default 1e-9 for float64 x, 1e-5 for float32
-        (or half precision) x. A float64 x that was computed in float32 needs
-        ``rtol=1e-5``: otherwise its rounding errors make it "infeasible".
+        `preimage.solvers.layer`). Default by the less precise of x and the
+        network's weights (`preimage.results.DEFAULT_RTOL`): 1e-9 for float64,
+        1e-5 for float32, 1e-3 for float16, 1e-2 for bfloat16. A float64 x that
+        was computed in float32 needs ``rtol=1e-5``: otherwise its rounding
+        errors make it "infeasible".
         Exact, noisy, partial, PGD and hybrid routes.
     fallback : GlobalSettings, optional
         The search below the first non-unique layer for samples the layer-wise

@@ -312,6 +312,9 @@ class LayerResult:
     time: float = 0.0
     misfit: float = np.nan
     tol: float = field(default=0.0, repr=False)
+    #: a curved activation's outputs fixed the targets only coarsely (their rounding set
+    #: the tolerance, `preimage.solvers.layer.active_set`): h is known to that only
+    stretched: bool = field(default=False, repr=False)
 
     @classmethod
     def failed(cls, width: int, message: str) -> LayerResult:

@@ -162,8 +162,14 @@ def _compose(
             nan,
             results,
         )
-    if all(r.status == "unique" for r in reached):
+    coarse = [i for i, r in enumerate(results) if i > 0 and r is not None and r.stretched]
+    if all(r.status == "unique" for r in reached) and not coarse:
         return _SampleOutcome(z, "unique", "every layer's preimage is unique", nan, results)
+    if all(r.status == "unique" for r in reached):
+        return _SampleOutcome(z, "feasible", (
+            f"every layer's preimage is unique, but layer {coarse[0]}'s curved outputs fix "
+            "its input only to their rounding, coarser than the tolerance of the layers "
+            "below: uniqueness unsettled"), nan, results)
     # Look for a second z: a layer's witness, carried down the layers below it
     # (the lowest such layer first: fewest layers for the witness to survive).
     for i in range(len(results)):

@@ -97,14 +97,14 @@ class Activation:
 
     def target_scale(self, y: np.ndarray) -> np.ndarray:
         """The scale, in pre-activation units, of the rounding of observed outputs y
-        (..., m): max|y| / min_i slope(y_i) for a curved kind (tanh, sigmoid, ELU,
-        softplus), whose inverse stretches an output's error by 1 / slope; 0 for the
+        (..., m): max_i |y_i| / slope(y_i) for a curved kind (tanh, sigmoid, ELU,
+        softplus), whose inverse stretches an output's relative rounding by |y_i| /
+        slope there (sigmoid outputs at 0.5: 2; near 1: 1 / (1 - y)); 0 for the
         piecewise-linear kinds, whose targets are the outputs themselves."""
         y = np.asarray(y, dtype=np.float64)
         if self.kind not in ("tanh", "sigmoid", "elu", "softplus"):
             return np.zeros(y.shape[:-1])
-        return np.max(np.abs(y), axis=-1, initial=0.0) / np.min(self.slope(y), axis=-1,
-                                                                  initial=np.inf)
+        return np.max(np.abs(y) / self.slope(y), axis=-1, initial=0.0)
 
     def off_slope(self) -> float:
         """The slope on pre < 0 of a piecewise-linear kind (0 for ReLU, 1 for identity)."""

@@ -370,6 +370,7 @@ def invert_layer(
         used_lp=used_lp,
         witness=cert.witness,
         tol=check_tol,
+        stretched=stretched,
         **info,
     )
 
