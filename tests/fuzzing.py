@@ -5,8 +5,9 @@ ValueError / TypeError raised by preimage's own code (never from inside NumPy,
 SciPy, HiGHS or torch) whose message names the argument; and the arrays it was
 given are unchanged afterwards, byte for byte.
 
-``PREIMAGE_FUZZ_SCALE`` multiplies every test's examples (1 by default; the
-closing note of issue 15 counts a run with 25).
+``PREIMAGE_FUZZ_SCALE`` multiplies every test's examples (1 by default, about 20 s
+for `tests/test_fuzz.py`; the closing note of issue 15 counts a run with 10) and
+turns on the larger stress run of `tests/test_stress.py`.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def check_result(res: Any, gen: Generated, net: Network, *, exact: bool) -> None
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
-@fuzz(12)
+@fuzz(10)
 @given(data=st.data())
 def test_invert_fuzzed_x(route: str, data: st.DataObject) -> None:
     method, kwargs = ROUTES[route]
@@ -174,7 +174,7 @@ def _weird_array(n: int) -> st.SearchStrategy[Any]:
     ])
 
 
-@fuzz(120)
+@fuzz(80)
 @given(data=st.data())
 def test_invert_fuzzed_arguments(data: st.DataObject) -> None:
     net = RELU
@@ -236,7 +236,7 @@ def layers(draw: Any) -> tuple[Layer, np.ndarray, bool]:
     return Layer(DenseOperator(w), bias, Activation(kind, slope)), h, nonneg
 
 
-@fuzz(150)
+@fuzz(100)
 @given(spec=layers(), data=st.data())
 def test_invert_layer_fuzzed(spec: tuple[Layer, np.ndarray, bool], data: st.DataObject) -> None:
     layer, h, nonneg = spec
@@ -270,7 +270,7 @@ def test_invert_layer_fuzzed(spec: tuple[Layer, np.ndarray, bool], data: st.Data
 
 # --- building networks ----------------------------------------------------------------
 
-@fuzz(80)
+@fuzz(60)
 @given(data=st.data())
 def test_from_weights_and_forward_fuzzed(data: st.DataObject) -> None:
     dtype = data.draw(st.sampled_from(["float64", "float32", "float16", "bool", "int64",
@@ -333,7 +333,7 @@ LAYER_NAMES = ["linear:2", "linear:5", "linear:8", "relu", "relu", "tanh", "sigm
                "batchnorm", "gelu", "layernorm", "softmax", "badlinear"]
 
 
-@fuzz(60)
+@fuzz(40)
 @given(spec=st.lists(st.sampled_from(LAYER_NAMES), min_size=0, max_size=5),
        dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
        poison=st.sampled_from([None, None, None, "nan", "inf", "huge"]),
@@ -405,7 +405,7 @@ def state_dicts(draw: Any) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     return state, layers
 
 
-@fuzz(80)
+@fuzz(50)
 @given(spec=state_dicts(), form=st.sampled_from(["safetensors", "pt", "pth", "junk",
                                                  "truncated", "empty", "pickle", "dir"]))
 def test_from_file_fuzzed(spec: tuple[dict[str, torch.Tensor], list[str] | None],
@@ -475,7 +475,7 @@ def test_from_onnx_fuzzed(harm: str, tmp_path: Path) -> None:
 
 # --- the command line -----------------------------------------------------------------
 
-@fuzz(40)
+@fuzz(25)
 @given(data=st.data())
 def test_cli_fuzzed(data: st.DataObject) -> None:
     """`preimage invert` with generated files and flags: exit 0, or 2 with a message

@@ -72,6 +72,13 @@ TIGHT_RTOL = 1e-8
 #: W_A with condition number 1e13 gave z 40% off). Below it "unique" is not claimed.
 RANK_RTOL = 10.0
 
+#: A curved activation (tanh, sigmoid, ELU, softplus) stretches its outputs' rounding by
+#: |y_i| / slope in pre-activation units (`Activation.target_scale`). Beyond this many
+#: times the targets' own scale, that stretch sets the layer's tolerance, and the layer's
+#: input is taken as fixed only coarsely (sigmoid outputs at 0.5 +- 1e-3 to float32:
+#: 170x; the tolerances' slack covers less).
+STRETCH_LIMIT = 10.0
+
 #: HiGHS primal and dual feasibility tolerance, on data scaled to max |y| = 1.
 LP_TOL = 1e-9
 

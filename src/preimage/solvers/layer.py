@@ -39,7 +39,7 @@ from scipy.linalg import solve_triangular, svdvals
 from scipy.linalg.lapack import dgeqrf, dormqr
 
 from preimage.model.layer import Layer, check_layer_input
-from preimage.results import LP_TOL, RANK_RTOL, TIGHT_RTOL, LayerResult
+from preimage.results import LP_TOL, RANK_RTOL, STRETCH_LIMIT, TIGHT_RTOL, LayerResult
 from preimage.solvers.certificate import certify_unique
 from preimage.solvers.highs import RowLP, natural_scale, solve_lp
 
@@ -250,7 +250,7 @@ def invert_layer(
     # where a curved activation's rounding stretched `scale` (pre-activation units),
     # the outputs' own size instead of that stretch.
     unstretched = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)))
-    stretched = scale > unstretched
+    stretched = scale > max(unstretched, 1e-300)
     out_scale = unstretched + float(np.max(np.abs(y))) if stretched else scale
 
     def nearest(why: str, **kw: object) -> LayerResult | tuple[np.ndarray, str]:
@@ -442,7 +442,8 @@ def active_set(layer: Layer, y: np.ndarray, rtol: float) -> ActiveSet | str:
         # the slope (sigmoid outputs at 0.5 to float64's last digit fix targets of 1e-16
         # only to 4e-16); saturated units aside, they have their own rule
         free = y if saturated is None else y[~saturated]
-        scale = max(scale, float(layer.activation.target_scale(free)) if free.size else 0.0)
+        stretch = float(layer.activation.target_scale(free)) if free.size else 0.0
+        scale = stretch if stretch > STRETCH_LIMIT * scale else scale
         return ActiveSet(np.ones(layer.out_width, dtype=bool), target, rtol * scale, scale,
                          saturated)
     if np.any(y < -tau):

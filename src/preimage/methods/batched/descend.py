@@ -35,6 +35,7 @@ from preimage.model.layer import Layer
 from preimage.model.network import Network
 from preimage.results import (
     REPORT_FIELDS,
+    STRETCH_LIMIT,
     Deadline,
     LayerReport,
     LayerResult,
@@ -103,7 +104,7 @@ def fast_layer(
         # where it sets the scale the resolution check of `invert_layer` decides)
         with np.errstate(all="ignore"):
             stretched = act.target_scale(y)
-        finite &= ~(stretched > scale)
+        finite &= ~(stretched > STRETCH_LIMIT * scale)
     tau = rtol * scale
     if act.is_bijective:
         active = np.ones((b, m), dtype=bool)
