@@ -82,7 +82,7 @@ class Rows:
         return np.load(self.path, allow_pickle=False)
 
     def describe(self) -> str:
-        return str(self.path) if self.path is not None else f"an array {self.shape}"
+        return str(self.path) if self.path is not None else "an array"
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:

@@ -50,8 +50,8 @@ IDENTITY: dict[str, str] = {
     "format": "format",
     "model": "model",
     "settings": "settings (method, tolerances, options)",
-    "input": "input",
     "chunk_size": "chunk size",
+    "input": "input",
 }
 #: The suffix of the arrays of a string field: its distinct values, and codes into them.
 VALUES, CODES = "#values", "#codes"

@@ -63,8 +63,8 @@ class JobReport:
     ----------
     folder : the results folder
     samples, chunks, chunk_size : the job's size and cut
-    skipped : chunks already done by earlier runs (not recomputed)
-    computed : chunks this run inverted and wrote
+    skipped, skipped_samples : chunks (samples) already done by earlier runs, not recomputed
+    computed, computed_samples : chunks (samples) this run inverted and wrote
     failed : chunk -> its error, for the chunks of this run that failed after their retries
     counts : samples per status over every chunk done (this run's and earlier ones')
     seconds : this run's wall-clock time
@@ -76,6 +76,8 @@ class JobReport:
     chunk_size: int
     skipped: int
     computed: int
+    skipped_samples: int = 0
+    computed_samples: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -257,7 +259,9 @@ def invert_stream(
                 run.futures(executor, net, settings, todo, retries, max_in_flight)
     return JobReport(
         folder=folder.path, samples=total, chunks=n_chunks, chunk_size=chunk_size,
-        skipped=len(done), computed=run.computed, failed=dict(sorted(run.failed.items())),
+        skipped=len(done), computed=run.computed,
+        skipped_samples=sum(int(e["stop"]) - int(e["start"]) for e in done.values()),
+        computed_samples=run.computed_samples, failed=dict(sorted(run.failed.items())),
         counts=dict(sorted(counter.counts.items())), seconds=time.perf_counter() - start,
     )
 
@@ -288,6 +292,7 @@ class _Run:
         self.folder, self.rows, self.chunk_size, self.total = folder, rows, chunk_size, total
         self.counter = counter
         self.computed = 0
+        self.computed_samples = 0
         self.failed: dict[int, str] = {}
         self.token = uuid.uuid4().hex[:8]
 
@@ -321,6 +326,7 @@ class _Run:
         entry = {**entry, "status": "done", "counts": counts}
         self.folder.append(entry)
         self.computed += 1
+        self.computed_samples += hi - lo
         self.counter.add(entry)
         self.counter.report()
 
