@@ -347,3 +347,17 @@ def test_interrupted_dask_run_cancels_and_resumes(tmp_path: Path, client: Client
         time.sleep(0.1)
     assert not any(client.processing().values())  # the interrupted run left no tasks behind
 
+
+
+def test_other_methods_stream_chunk_by_chunk(tmp_path: Path) -> None:
+    """A method that takes no n_jobs (Adam) on an executor; it draws its starts per chunk."""
+    from preimage.results import combine_results
+
+    net = random_network([5, 30, 90], seed=4)
+    x = net.forward(np.random.default_rng(0).standard_normal((12, 5)))
+    settings = {"method": "adam", "options": {"steps": 5}}
+    with cf.ThreadPoolExecutor(2) as pool:
+        report = invert_stream(net, x, tmp_path / "r", executor=pool, chunk_size=5, **settings)
+    assert report.complete
+    by_chunk = combine_results([invert(net, x[lo : lo + 5], **settings) for lo in (0, 5, 10)])
+    assert_identical(load_results(tmp_path / "r"), by_chunk)

@@ -200,7 +200,8 @@ def invert_stream(
     if max_in_flight is not None:
         max_in_flight = _count(max_in_flight, "max_in_flight", minimum=1)
     kind = _executor_kind(executor)
-    if kind != "local":
+    takes = route_arguments(net, **_route_settings(settings))
+    if kind != "local" and "n_jobs" in takes:
         settings.setdefault("n_jobs", 1)
     rows = Rows(x, net)
     folder = ResultsFolder(out)
@@ -231,7 +232,7 @@ def invert_stream(
         "preimage": preimage.__version__,
     }
     folder.claim(job)
-    if "batch_size" in route_arguments(net, **_route_settings(settings)):
+    if "batch_size" in takes:
         settings["batch_size"] = chunk_size
     n_chunks = -(-total // chunk_size)
     with folder.locked():
