@@ -328,9 +328,9 @@ def stream_measure(how: str, path: str, out: str, threads: int) -> dict[str, Any
     return row
 
 
-def run_task(name: str, **kwargs: Any) -> dict[str, Any]:
-    """`TASKS[name](**kwargs)` in a child process (its own peak RSS); its JSON row."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--task", name, json.dumps(kwargs)]
+def run_task(task: str, **kwargs: Any) -> dict[str, Any]:
+    """`TASKS[task](**kwargs)` in a child process (its own peak RSS); its JSON row."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--task", task, json.dumps(kwargs)]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

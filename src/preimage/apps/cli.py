@@ -207,19 +207,21 @@ def _invert_to_folder(args: argparse.Namespace, net: Network, x: Any, z_true: An
     bar, update = _bar("inverting", unit="sample", resumed=True)
     options = {"chunk_size": args.chunk_size, "retries": args.retries, "progress": update}
     try:
-        if args.workers is None and args.scheduler is None:
-            with _threads(args.threads):
-                report = invert_stream(net, x, args.out, **options, **kwargs)
-        else:
-            cluster = ({"workers": args.workers} if args.workers is not None
-                       else {"scheduler": args.scheduler, "timeout": args.connect_timeout})
-            with dask_client(**cluster) as client:
-                report = invert_stream(net, x, args.out, executor=client, **options, **kwargs)
+        try:
+            if args.workers is None and args.scheduler is None:
+                with _threads(args.threads):
+                    report = invert_stream(net, x, args.out, **options, **kwargs)
+            else:
+                cluster = ({"workers": args.workers} if args.workers is not None
+                           else {"scheduler": args.scheduler, "timeout": args.connect_timeout})
+                with dask_client(**cluster) as client:
+                    report = invert_stream(net, x, args.out, executor=client, **options,
+                                           **kwargs)
+        finally:
+            bar.close()  # before any message: the bar's line is erased
     except (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
             ConnectionError) as exc:
         return _fail(exc)
-    finally:
-        bar.close()
     folder = ResultsFolder(report.folder)
     if z_true is not None:
         np.save(folder.path / "z_true.npy", z_true)
