@@ -197,7 +197,8 @@ def invert(
         ``batch_size`` (samples per chunk; default: a 128 MiB working-memory
         budget), ``device`` (torch device; default CUDA when available; also
         the gradient and hybrid routes) and ``n_jobs`` (threads for the LPs and
-        CPU solves; default the CPUs this process may use).
+        CPU solves; default the CPUs this process may use; the answers do not
+        depend on it).
     noise : "linf", "l1" or "l2", optional
         x = G(z) + e: fit in this norm instead of solving G(z) = x exactly.
         Noisy results are estimates: "feasible" or "failed", never "unique".
