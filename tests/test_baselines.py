@@ -107,7 +107,7 @@ def test_bad_baseline_arguments() -> None:
     x = net.forward(np.ones(4))
     with pytest.raises(ValueError, match="`lr` must be"):
         gradient_invert(net, x, lr=0)
-    with pytest.raises(ValueError, match="`steps` and `restarts`"):
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 1"):
         gradient_invert(net, x, method="negation", steps=0)
     with pytest.raises(ValueError, match=r"`bound`"):
         gradient_invert(net, x, method="clipping", bound=-1.0)

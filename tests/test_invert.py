@@ -294,7 +294,7 @@ def test_active_equalities_qr_matches_the_svd(a: int, n: int, rank: int) -> None
     rng = np.random.default_rng(a * n + rank)
     w_a = rng.standard_normal((a, rank)) @ rng.standard_normal((rank, n))
     r_a = w_a @ rng.standard_normal(n)
-    h0, null, got_rank, sigma_min = _active_equalities(w_a, r_a)
+    h0, null, got_rank, sigma_min, _ = _active_equalities(w_a, r_a)
     s = np.linalg.svd(w_a, compute_uv=False)
     assert got_rank == rank and sigma_min == pytest.approx(s[rank - 1], rel=1e-10)
     assert np.allclose(h0, np.linalg.pinv(w_a) @ r_a, atol=1e-10)

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from preimage.methods.descent import project
 from preimage.methods.gradient import VARIANTS, gradient_invert
 from preimage.methods.hybrid import hybrid_invert
@@ -39,15 +41,28 @@ from preimage.methods.search import GlobalSettings
 from preimage.methods.sensing import pgd_invert
 from preimage.model.network import Network, flatten_samples
 from preimage.model.operators import Mask, as_mask, as_measurement
-from preimage.model.validation import check_observation, check_positive
-from preimage.results import InversionResult, ProgressCallback, check_noise, default_rtol
+from preimage.model.validation import (
+    check_choice,
+    check_count,
+    check_observation,
+    check_positive,
+)
+from preimage.results import (
+    Deadline,
+    InversionResult,
+    ProgressCallback,
+    check_noise,
+    default_rtol,
+)
 from preimage.solvers.cell import piecewise_linear
 
 #: The methods `invert` accepts.
 METHODS: tuple[str, ...] = ("exact", "layerwise", *VARIANTS, "hybrid")
 
 #: The arguments of `invert` that some routes take and others do not.
-SHARED: tuple[str, ...] = ("rtol", "fallback", "batched", "batch_size", "device", "n_jobs")
+SHARED: tuple[str, ...] = (
+    "rtol", "fallback", "batched", "batch_size", "device", "n_jobs", "time_limit",
+)
 
 
 @dataclass(frozen=True)
@@ -60,12 +75,12 @@ class Route:
 
 ROUTES: dict[str, Route] = {
     "exact": Route(invert_exact, frozenset(SHARED)),
-    "noisy": Route(invert_noisy, frozenset({"rtol"})),
-    "descent": Route(project, frozenset({"device"})),
+    "noisy": Route(invert_noisy, frozenset({"rtol", "time_limit"})),
+    "descent": Route(project, frozenset({"device", "time_limit"})),
     "partial": Route(invert_observed, frozenset(SHARED)),
-    "pgd": Route(pgd_invert, frozenset({"rtol"})),
-    "gradient": Route(gradient_invert, frozenset({"device"})),
-    "hybrid": Route(hybrid_invert, frozenset({"rtol", "fallback", "device"})),
+    "pgd": Route(pgd_invert, frozenset({"rtol", "time_limit"})),
+    "gradient": Route(gradient_invert, frozenset({"device", "time_limit"})),
+    "hybrid": Route(hybrid_invert, frozenset({"rtol", "fallback", "device", "time_limit"})),
 }
 
 
@@ -151,6 +166,7 @@ def invert(
     observe: Any = None,
     A: Any = None,
     options: dict[str, Any] | None = None,
+    time_limit: float | None = None,
 ) -> InversionResult:
     """Find z with G(z) = x, layer by layer, and say whether it is unique.
 
@@ -173,9 +189,11 @@ def invert(
         the hybrid of `preimage.methods.hybrid`.
     rtol : float, optional
         Relative tolerance for the activation threshold and the checks (see
-        `preimage.solvers.layer`). Default 1e-9 for float64 x, 1e-5 for float32
-        (or half precision) x. A float64 x that was computed in float32 needs
-        ``rtol=1e-5``: otherwise its rounding errors make it "infeasible".
+        `preimage.solvers.layer`). Default by the less precise of x and the
+        network's weights (`preimage.results.DEFAULT_RTOL`): 1e-9 for float64,
+        1e-5 for float32, 1e-3 for float16, 1e-2 for bfloat16. A float64 x that
+        was computed in float32 needs ``rtol=1e-5``: otherwise its rounding
+        errors make it "infeasible".
         Exact, noisy, partial, PGD and hybrid routes.
     fallback : GlobalSettings, optional
         The search below the first non-unique layer for samples the layer-wise
@@ -214,6 +232,16 @@ def invert(
         Settings of the method, passed as keyword arguments to the function
         that runs it (module docstring), e.g. ``{"steps": 300, "restarts": 5}``
         for "adam". Unknown names raise a TypeError listing the valid ones.
+    time_limit : float >= 0, optional
+        Seconds for the whole call (every route). Past it no new sample (batched:
+        chunk) starts and the searches stop; a sample cut short ends with its best
+        estimate ("failed" where it has none) and "out of time" in its message,
+        and every sample finished before keeps its result. The searches' own
+        per-sample budgets: ``GlobalSettings(seconds=..., time_limit=...)``, and
+        the option ``seconds`` of the descent, partial, PGD and hybrid routes.
+
+    A sample whose solver raises ends "failed" with the error in its message;
+    the other samples keep their answers.
 
     Returns
     -------
@@ -221,10 +249,10 @@ def invert(
         Per-sample fields are arrays over the batch for x of shape (B, n),
         scalars for x of shape (n,). ``method`` names the method that ran.
     """
+    deadline = Deadline.of(time_limit)  # first: validation counts against the budget
     if not isinstance(net, Network):
         raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+    check_choice(method, "method", METHODS)
     level = check_noise(noise, noise_level)
     if options is None:
         options = {}
@@ -234,10 +262,12 @@ def invert(
         )
     if rtol is not None:
         rtol = check_positive(rtol, "rtol")
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
-    if n_jobs is not None and (int(n_jobs) != n_jobs or n_jobs < 1):
-        raise ValueError(f"`n_jobs` must be an integer >= 1; got {n_jobs!r}.")
+    if batch_size is not None:
+        batch_size = check_count(batch_size, "batch_size", 1)
+    if n_jobs is not None:
+        n_jobs = check_count(n_jobs, "n_jobs", 1)
+    if batched is not None and not isinstance(batched, (bool, np.bool_)):
+        raise TypeError(f"`batched` must be True or False; got {batched!r:.40}.")
     if fallback is not None and not isinstance(fallback, GlobalSettings):
         raise TypeError(f"`fallback` must be a GlobalSettings; got {type(fallback).__name__}.")
     if observe is not None and A is not None:
@@ -245,7 +275,8 @@ def invert(
     if isinstance(A, Mask):
         observe, A = A, None
     shared = {"rtol": rtol, "fallback": fallback, "batched": batched, "batch_size": batch_size,
-              "device": device, "n_jobs": n_jobs}
+              "device": device, "n_jobs": n_jobs,
+              "time_limit": deadline if time_limit is not None else None}
     model = net
     x = flatten_samples(x, net.output_shape, "x")
     route = _route(method, noise, observe, A, net)

@@ -16,14 +16,23 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from preimage.model.network import Network
-from preimage.model.validation import check_positive, input_precision
+from preimage.model.validation import (
+    check_choice,
+    check_positive,
+    input_precision,
+    precision_of,
+)
 
 #: The statuses a layer (and a whole inversion) can end with.
 STATUSES: tuple[str, ...] = ("unique", "non_unique", "feasible", "infeasible", "failed")
@@ -40,8 +49,13 @@ STATUS_MEANING: dict[str, str] = {
     "failed": "no z found, nothing proved",
 }
 
-#: Default relative tolerance by the precision of the observation.
-DEFAULT_RTOL: dict[str, float] = {"float64": 1e-9, "float32": 1e-5}
+#: Default relative tolerance by the precision of the observation or of the weights:
+#: about 170 unit roundoffs (float32: 6e-8; float16: 4.9e-4; bfloat16: 3.9e-3), so
+#: that an x computed in that precision is accepted (`tests/test_stress.py`).
+DEFAULT_RTOL: dict[str, float] = {
+    "float64": 1e-9, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2,
+}
+
 
 def default_rtol(net: Network, x: Any) -> float:
     """DEFAULT_RTOL of the less precise of the network's weights and the observation x.
@@ -49,12 +63,17 @@ def default_rtol(net: Network, x: Any) -> float:
     A float32 model's outputs are only defined to float32 rounding, whatever
     dtype they are handed over in (``module(z).double().numpy()``).
     """
-    weights = "float32" if net.source_dtype in ("float32", "float16", "bfloat16") else "float64"
-    return DEFAULT_RTOL["float32" if "float32" in (weights, input_precision(x)) else "float64"]
+    return max(DEFAULT_RTOL[precision_of(net.source_dtype)], DEFAULT_RTOL[input_precision(x)])
 
 
 #: Relative tolerance for "this constraint is tight at h" (float64 solve accuracy).
 TIGHT_RTOL = 1e-8
+
+#: A direction of a layer's active rows W_A counts as resolved by the data only where
+#: its singular value is at least RANK_RTOL * rtol * sigma_max(W_A): along a weaker one
+#: h moves by |h| while W_A h moves by less than the data's tolerance (float32 data of a
+#: W_A with condition number 1e13 gave z 40% off). Below it "unique" is not claimed.
+RANK_RTOL = 10.0
 
 #: HiGHS primal and dual feasibility tolerance, on data scaled to max |y| = 1.
 LP_TOL = 1e-9
@@ -76,8 +95,7 @@ ProgressCallback = Callable[[int, int], None]
 
 def check_noise(noise: Any, noise_level: Any) -> float | None:
     """Validate a noise model; returns the level as a float (or None)."""
-    if noise is not None and noise not in NORMS:
-        raise ValueError(f"`noise` must be one of {NORMS} or None; got {noise!r}.")
+    check_choice(noise, "noise", NORMS, optional=True)
     if noise_level is None:
         return None
     if noise is None:
@@ -149,6 +167,116 @@ def estimate_rule(
     return rule
 
 
+# --- time budgets and failures of one sample -----------------------------------------
+
+#: Every message of a sample cut short by a call's time limit contains this phrase.
+OUT_OF_TIME = "out of time"
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a call's time budget ends: ``invert(..., time_limit=seconds)``.
+
+    ``at`` is a `time.perf_counter()` value (inf: no limit), ``seconds`` the
+    budget as given (for messages). Built once where the call starts and
+    passed down, so every step below shares one clock: a method takes
+    ``time_limit`` as seconds or as a Deadline (`Deadline.of`).
+    """
+
+    at: float = math.inf
+    seconds: float = math.inf
+
+    @classmethod
+    def of(cls, time_limit: float | Deadline | None, name: str = "time_limit") -> Deadline:
+        """A Deadline from seconds from now (>= 0), an existing Deadline, or None (none)."""
+        if isinstance(time_limit, Deadline):
+            return time_limit
+        if time_limit is None:
+            return cls()
+        if isinstance(time_limit, bool):
+            raise TypeError(f"`{name}` must be a number of seconds; got {time_limit!r}.")
+        seconds = check_positive(time_limit, name, allow_zero=True)
+        return cls(time.perf_counter() + seconds, seconds)
+
+    @property
+    def limited(self) -> bool:
+        return math.isfinite(self.at)
+
+    def remaining(self) -> float:
+        """Seconds left (inf without a limit, 0 once past it)."""
+        return max(0.0, self.at - time.perf_counter()) if self.limited else math.inf
+
+    def expired(self) -> bool:
+        return self.limited and time.perf_counter() >= self.at
+
+    def within(self, seconds: float) -> float:
+        """The `time.perf_counter()` deadline of a step allowed `seconds` of its own: the
+        earlier of that and this one."""
+        return min(self.at, time.perf_counter() + seconds)
+
+    def note(self) -> str:
+        """What a message says of a sample the limit cut short."""
+        return f"{OUT_OF_TIME}: the call's time_limit of {self.seconds:g} s ran out"
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """A sample without an answer from its own work: that work raised, or the call's time
+    ran out before it started. ``message`` says which (the error's type, text and
+    place)."""
+
+    message: str
+
+    @classmethod
+    def from_error(cls, exc: BaseException) -> SampleFailure:
+        text = (str(exc).splitlines() or [""])[0][:300]
+        frames = traceback.extract_tb(exc.__traceback__)
+        place = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        return cls(f"error: the solver raised {type(exc).__name__}{place}: {text}")
+
+
+T = TypeVar("T")
+
+
+def isolated(fn: Callable[[Any], T]) -> Callable[[Any], T | SampleFailure]:
+    """fn, with an exception it raises returned as a `SampleFailure` (one sample's work:
+    its failure never costs the other samples their results)."""
+
+    def run(item: Any) -> T | SampleFailure:
+        try:
+            return fn(item)
+        except Exception as exc:  # any error of one sample's solve: reported, not raised
+            return SampleFailure.from_error(exc)
+
+    return run
+
+
+def per_sample(
+    fn: Callable[[int], T],
+    samples: Sequence[int] | int,
+    *,
+    deadline: Deadline | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[T | SampleFailure]:
+    """fn(b) for each sample b, in turn: where every method hands out its samples.
+
+    Each call is `isolated`; once `deadline` has passed, the samples not started
+    get a `SampleFailure` saying so (those finished keep their results).
+    ``progress(done, total)`` after each. ``samples``: indices, or a count.
+    """
+    items = list(range(samples)) if isinstance(samples, int) else list(samples)
+    run = isolated(fn)
+    out: list[T | SampleFailure] = []
+    for done, b in enumerate(items, start=1):
+        if deadline is not None and deadline.expired():
+            out.append(SampleFailure(f"{deadline.note()} before this sample was started"))
+        else:
+            out.append(run(b))
+        if progress is not None:
+            progress(done, len(items))
+    return out
+
+
 @dataclass
 class LayerResult:
     """The outcome of inverting one layer for one sample.
@@ -187,6 +315,15 @@ class LayerResult:
     time: float = 0.0
     misfit: float = np.nan
     tol: float = field(default=0.0, repr=False)
+    #: a curved activation's outputs fixed the targets only coarsely (their rounding set
+    #: the tolerance, `preimage.solvers.layer.active_set`): h is known to that only
+    stretched: bool = field(default=False, repr=False)
+
+    @classmethod
+    def failed(cls, width: int, message: str) -> LayerResult:
+        """A layer of width `width` (its input's) that gave no answer, for `message`."""
+        return cls(np.full(width, np.nan), "failed", message, n_active=-1, rank=-1,
+                   sigma_min=np.nan, residual=np.nan)
 
 
 #: The per-sample fields a LayerReport shares with `LayerResult`: (value where a

@@ -34,13 +34,18 @@ from preimage.methods.gradient import latent_descent, observations
 from preimage.methods.noisy import error_bound, invert_noisy_one
 from preimage.methods.search import cell_walk
 from preimage.model.network import Network, flatten_samples
-from preimage.model.validation import check_positive, to_float_array
+from preimage.model.validation import check_count, check_finite, check_positive, to_float_array
 from preimage.results import (
+    OUT_OF_TIME,
+    Deadline,
     InversionResult,
     ProgressCallback,
+    SampleFailure,
     build_result,
     check_noise,
     estimate_rule,
+    isolated,
+    per_sample,
     vector_norm,
 )
 from preimage.solvers.cell import piecewise_linear
@@ -64,8 +69,7 @@ def _given_starts(net: Network, starts: Any, batch: int) -> np.ndarray:
             f"`starts` must have shape ({batch}, {k}) or (S, {batch}, {k}): one code per "
             f"sample (or S of them); got an array of shape {tuple(np.shape(starts))}."
         )
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("`starts` contains NaN or inf.")
+    check_finite(arr, "starts")
     return arr
 
 
@@ -78,15 +82,13 @@ def _encoder_starts(net: Network, encoder: Any, xb: np.ndarray) -> np.ndarray:
             f"`encoder` must be a callable from observations (B, n) to codes (B, k); got "
             f"{type(encoder).__name__}."
         )
-    codes = encoder(xb)
-    if hasattr(codes, "detach"):
-        codes = codes.detach().cpu().numpy()
-    codes = np.asarray(codes, dtype=np.float64)
+    codes = to_float_array(encoder(xb.copy()), "the codes `encoder` returned")
     if codes.shape != (xb.shape[0], net.latent_dim):
         raise ValueError(
             f"`encoder` returned codes of shape {codes.shape}; the network needs "
             f"({xb.shape[0]}, {net.latent_dim}): one code of width {net.latent_dim} per sample."
         )
+    check_finite(codes, "the codes `encoder` returned")
     return codes[None]
 
 
@@ -111,6 +113,7 @@ def project(
     seed: int | None = 0,
     device: Any = None,
     progress: ProgressCallback | None = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """The z whose G(z) is nearest to x (or A G(z) to y), by the cell descent.
 
@@ -145,6 +148,8 @@ def project(
     seconds : float
         Time budget per sample for its descents (a sample out of time keeps its
         best point, and its message says so).
+    time_limit : seconds (or a `preimage.results.Deadline`) for the whole call:
+        Adam stops there, and the descents; every sample keeps its best point.
 
     Returns
     -------
@@ -159,25 +164,26 @@ def project(
             "The cell descent needs piecewise-linear activations (ReLU, LeakyReLU, identity) "
             f"in every layer, the output's too; this network has {net}."
         )
+    deadline = Deadline.of(time_limit)
     for name, value in (("adam_steps", adam_steps), ("restarts", restarts),
                         ("descents", descents), ("max_lps", max_lps), ("kicks", kicks),
                         ("kick_steps", kick_steps)):
-        if int(value) != value or value < (1 if name == "descents" else 0):
-            raise ValueError(f"`{name}` must be an integer >= "
-                             f"{1 if name == 'descents' else 0}; got {value!r}.")
-    seconds = check_positive(seconds, "seconds") if np.isfinite(seconds) else np.inf
+        check_count(value, name, 1 if name == "descents" else 0)
+    seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
     yb, single, meas = observations(net, x, A)
-    batch = yb.shape[0]
+    batch, k = yb.shape[0], net.latent_dim
     start = time.perf_counter()
     candidates = [_given_starts(net, starts, batch), _encoder_starts(net, encoder, yb)]
     if restarts and adam_steps:
         run = latent_descent(net, yb, meas=meas, steps=int(adam_steps), restarts=int(restarts),
-                             seed=seed, device=device)
+                             seed=seed, device=device, deadline=deadline)
         candidates.append(run.z)
     if layerwise_start and meas is None:
         # (its l_2 fits: active-set least squares, a few ms a layer; l_inf / l_1 LPs cost
         # tens to hundreds of ms on an MNIST decoder's pixels)
-        layerwise = np.stack([invert_noisy_one(net, y, norm="l2").z for y in yb])
+        fit = isolated(lambda y: invert_noisy_one(net, y, norm="l2").z)
+        layerwise = np.stack([np.full(k, np.nan) if isinstance(f, SampleFailure) else f
+                              for f in map(fit, yb)])
         candidates.append(np.where(np.isfinite(layerwise), layerwise, 0.0)[None])
     pool = np.concatenate(candidates)  # (S, B, k)
     if pool.shape[0] == 0:
@@ -199,16 +205,12 @@ def project(
     tight = np.full(batch, -1)
     lps = np.zeros(batch, dtype=int)
     messages = ["the best start"] * batch
-    deadlines = np.full(batch, np.inf)
     out_of_time = np.zeros(batch, dtype=bool)
 
-    def descend(b: int, z0: np.ndarray) -> None:
-        """Walk sample b from z0; keep the end if its misfit is no higher than the best."""
-        if time.perf_counter() >= deadlines[b]:
-            out_of_time[b] = True
-            return
+    def descend(b: int, z0: np.ndarray, until: float) -> None:
+        """Walk sample b from z0 until `until`; keep the end if its misfit is no higher."""
         fit = cell_walk(net, yb[b], z0, A=a_mat, norm=norm, max_lps=int(max_lps),
-                        deadline=deadlines[b], output_cell=exact_misfit, tau=float(tau[b]))
+                        deadline=until, output_cell=exact_misfit, tau=float(tau[b]))
         lps[b] += fit.n_lps
         if not np.all(np.isfinite(fit.z)):
             return
@@ -218,28 +220,37 @@ def project(
             local[b], tight[b] = fit.local_minimum, fit.n_tight
             messages[b] = fit.message
 
-    for b in range(batch):
-        deadlines[b] = time.perf_counter() + seconds
+    def one(b: int) -> None:
+        """Sample b's descents from its best starts (z[b], best[b], ... filled in)."""
+        until = deadline.within(seconds)
         for s in order[:descents, b]:
-            descend(b, pool[s, b])
-        if progress is not None:
-            progress(b + 1, batch)
+            if time.perf_counter() >= until:
+                out_of_time[b] = True
+                break
+            descend(b, pool[s, b], until)
+
+    failures = per_sample(one, batch, progress=progress)
     kicked = 0
     for _ in range(int(kicks)):
         # A walk can stop at a corner of several cells where no single flip and no flip
         # of all its pushing walls lowers the misfit (no certificate). A few small Adam
         # steps from there cross into one of the cells around it; walk again from there.
         stuck = np.flatnonzero(~local & ~out_of_time & np.isfinite(best))
-        if stuck.size == 0 or kick_steps == 0:
+        if stuck.size == 0 or kick_steps == 0 or deadline.expired():
             break
         run = latent_descent(net, yb[stuck], meas=meas, starts=z[stuck][None],
                              steps=int(kick_steps), restarts=1, lr=KICK_LR, seed=seed,
-                             device=device)
+                             device=device, deadline=deadline)
         kicked += int(kick_steps)
-        for i, b in enumerate(stuck):
-            descend(int(b), run.z[0, i])
-    for b in np.flatnonzero(out_of_time):
-        messages[b] += f" (out of its {seconds:g} s)"
+        per_sample(lambda i, run=run, stuck=stuck: descend(int(stuck[i]), run.z[0, i],
+                                                           deadline.within(seconds)),
+                   stuck.size)
+    for b, failure in enumerate(failures):
+        if isinstance(failure, SampleFailure):  # (its descent raised: it keeps its best point)
+            messages[b] = f"{failure.message}; z is the best point found before it"
+        elif out_of_time[b]:
+            messages[b] += (f" ({deadline.note()})" if deadline.expired() else
+                            f" ({OUT_OF_TIME}: its {seconds:g} s per sample ran out)")
     bounds = None
     if level is not None and meas is None:
         bounds = np.array([error_bound(net, yb[b], z[b], norm, level) for b in range(batch)])

@@ -40,8 +40,14 @@ import numpy as np
 from preimage.model.network import Network
 from preimage.model.operators import Measurement, as_measurement
 from preimage.model.torch_io import default_device
-from preimage.model.validation import check_observation, check_positive
+from preimage.model.validation import (
+    check_choice,
+    check_count,
+    check_observation,
+    check_positive,
+)
 from preimage.results import (
+    Deadline,
     InversionResult,
     ProgressCallback,
     build_result,
@@ -89,8 +95,8 @@ def check_descent(net: Network, lr: float, steps: int, restarts: int, lam: float
         raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
     check_positive(lr, "lr")
     check_positive(lam, "lam", allow_zero=True)
-    if int(steps) < 1 or int(restarts) < 1:
-        raise ValueError(f"`steps` and `restarts` must be >= 1; got {steps} and {restarts}.")
+    check_count(steps, "steps", 1)
+    check_count(restarts, "restarts", 1)
 
 
 def observations(
@@ -122,6 +128,7 @@ def latent_descent(
     device: Any = None,
     dtype: Any = None,
     progress: ProgressCallback | None = None,
+    deadline: Deadline | None = None,
 ) -> Descent:
     """The batched loop behind every gradient method.
 
@@ -144,6 +151,8 @@ def latent_descent(
     progress : callable(done, total), optional
         Called after every step with the samples' share of the work done
         (B * step / steps of B).
+    deadline : stop after the step during which it passes (`Descent.steps` says
+        how many were taken).
 
     Returns
     -------
@@ -185,7 +194,11 @@ def latent_descent(
     # Plain descent: a step size per row, halved when it fails to decrease the loss
     # (Armijo backtracking) and grown by 1.5 after a success.
     rate = torch.full((z.shape[0], 1), float(lr), dtype=dtype, device=device)
+    taken = 0
     for step in range(int(steps)):
+        if deadline is not None and deadline.expired():
+            break
+        taken = step + 1
         if negation:
             with torch.no_grad():
                 flip = loss_of(-z) < loss_of(z)
@@ -213,11 +226,13 @@ def latent_descent(
                     z[out] = fresh.to(device)[out]
         if progress is not None:  # in samples: the batch's share of the steps done
             progress(B * (step + 1) // int(steps), B)
+    if progress is not None and taken < int(steps):
+        progress(B, B)  # cut short: every sample is done with what it has
     with torch.no_grad():
         final = loss_of(z)
     z_np = z.detach().cpu().numpy().astype(np.float64).reshape(R, B, k)
     loss_np = final.cpu().numpy().astype(np.float64).reshape(R, B)
-    return Descent(z_np, loss_np, int(steps))
+    return Descent(z_np, loss_np, taken)
 
 
 def gradient_invert(
@@ -238,6 +253,7 @@ def gradient_invert(
     A: Any = None,
     noise: str | None = None,
     noise_level: float | None = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """A gradient baseline (`VARIANTS`) on ||M G(z) - x||^2 (+ lam ||z||^2), with restarts.
 
@@ -262,14 +278,16 @@ def gradient_invert(
     A : array of shape (m, n) or a measurement, optional
         Fit M G(z) to x instead (compressed sensing, partial observation).
     noise, noise_level : the noise model, for the status (module docstring).
+    time_limit : seconds (or a `preimage.results.Deadline`): the descent stops
+        there and every sample keeps its point so far, its message saying so.
 
     Returns
     -------
     InversionResult with ``method`` the variant's name; ``residual`` is the
     relative misfit, ``steps`` the gradient steps of all restarts.
     """
-    if method not in VARIANTS:
-        raise ValueError(f"`method` must be one of {tuple(VARIANTS)}; got {method!r}.")
+    deadline = Deadline.of(time_limit)
+    check_choice(method, "method", tuple(VARIANTS))
     variant = VARIANTS[method]
     lr = variant.lr if lr is None else lr
     check_descent(net, lr, steps, restarts, lam)
@@ -282,16 +300,18 @@ def gradient_invert(
     run = latent_descent(
         net, yb, meas=meas, optimizer=variant.optimizer, lr=lr, steps=steps,
         restarts=restarts, lam=lam, bound=box, negation=variant.negation, seed=seed,
-        device=device, dtype=dtype, progress=progress,
+        device=device, dtype=dtype, progress=progress, deadline=deadline,
     )
     z, _ = run.best()
     label = f"{variant.label}, {steps} steps x {restarts} restarts"
     if box is not None:
         label += f", box [-{box:g}, {box:g}]"
+    if run.steps < int(steps):
+        label += f"; {deadline.note()} after {run.steps} steps (the point reached kept)"
     return build_result(
         net, yb, z, estimate_rule(yb, noise, level, success_rtol), [label] * len(yb),
         method=method, rtol=success_rtol, elapsed=time.perf_counter() - start, single=single,
         measure=None if meas is None else meas.apply, noise=noise,
-        steps=np.full(len(yb), int(steps) * int(restarts)),
+        steps=np.full(len(yb), run.steps * int(restarts)),
     )
 

@@ -30,15 +30,19 @@ from preimage.methods.search import GlobalSettings, cell_walk
 from preimage.methods.sensing import pgd_invert
 from preimage.model.network import Network
 from preimage.model.operators import Measurement
-from preimage.model.validation import check_positive
+from preimage.model.validation import check_count, check_positive
 from preimage.results import (
+    OUT_OF_TIME,
     SUCCESS,
+    Deadline,
     InversionResult,
     ProgressCallback,
+    SampleFailure,
     build_result,
     check_noise,
     default_rtol,
     estimate_status,
+    per_sample,
     vector_norm,
 )
 from preimage.solvers.cell import piecewise_linear
@@ -51,24 +55,26 @@ def _lp_start(
     noise: str | None,
     rtol: float,
     fallback: GlobalSettings | None,
+    deadline: Deadline,
 ) -> tuple[np.ndarray, InversionResult | None, np.ndarray, np.ndarray]:
     """Stage 1: (z estimate, the exact inversion or None, output tau, LPs)."""
     B = yb.shape[0]
     if meas is not None:
-        res = pgd_invert(net, yb, meas, noise=noise)
+        res = pgd_invert(net, yb, meas, noise=noise, time_limit=deadline)
         return res.z, None, np.zeros(B), res.steps
     scale = np.max(np.abs(yb), axis=1)
     if noise is None:
-        exact = invert_exact(net, yb, single=False, rtol=rtol, fallback=fallback)
+        exact = invert_exact(net, yb, single=False, rtol=rtol, fallback=fallback,
+                             time_limit=deadline)
         z = np.array(exact.z, copy=True)
         lps = np.array(exact.steps, dtype=int)
         missing = ~np.all(np.isfinite(z), axis=1)
         if missing.any():
-            est = invert_noisy(net, yb[missing], norm="linf")
+            est = invert_noisy(net, yb[missing], norm="linf", time_limit=deadline)
             z[missing] = est.z
             lps[missing] += est.steps
         return z, exact, rtol * scale, lps
-    est = invert_noisy(net, yb, norm=noise)
+    est = invert_noisy(net, yb, norm=noise, time_limit=deadline)
     tau = np.nan_to_num(est.layers[-1].tau, nan=0.0)
     return est.z, None, tau, est.steps
 
@@ -84,6 +90,7 @@ def hybrid_invert(
     restarts: int | None = None,
     lam: float = 0.0,
     max_lps: int = 60,
+    seconds: float = np.inf,
     success_rtol: float = 1e-6,
     rtol: float | None = None,
     fallback: GlobalSettings | None = None,
@@ -93,6 +100,7 @@ def hybrid_invert(
     dtype: Any = None,
     progress: ProgressCallback | None = None,
     A: Any = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """The LP estimate, gradient descent from it, and the reverse polish (module docstring).
 
@@ -103,7 +111,9 @@ def hybrid_invert(
     network (`preimage.methods.layerwise.layerwise_obstacle`); the LP estimate
     is then skipped and gradient descent searches from random starts (default
     lr 0.01, 1000 steps, 3 restarts instead of 1e-3, 300, 1), each restart's
-    answer walked until one is exact.
+    answer walked until one is exact. ``seconds``: time budget of each sample's
+    walks; ``time_limit`` (seconds or a `preimage.results.Deadline`): the whole
+    call's, every stage stopping there with its best point so far.
 
     Returns
     -------
@@ -115,7 +125,9 @@ def hybrid_invert(
     restarts = (3 if searching else 1) if restarts is None else int(restarts)
     check_descent(net, lr, steps, restarts, lam)
     level = check_noise(noise, noise_level)
-    check_positive(max_lps, "max_lps")
+    max_lps = check_count(max_lps, "max_lps", 1)
+    seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
+    deadline = Deadline.of(time_limit)
     own_rtol = default_rtol(net, x) if rtol is None else check_positive(rtol, "rtol")
     yb, single, meas = observations(net, x, A)
     start = time.perf_counter()
@@ -124,7 +136,7 @@ def hybrid_invert(
     if searching:
         z_lp, exact, tau, lps = np.full((B, k), np.nan), None, own_rtol * scale, np.zeros(B, int)
     else:
-        z_lp, exact, tau, lps = _lp_start(net, yb, meas, noise, own_rtol, fallback)
+        z_lp, exact, tau, lps = _lp_start(net, yb, meas, noise, own_rtol, fallback, deadline)
     exact_status = None if exact is None else exact.status
     settled = (
         np.isin(exact_status, SUCCESS) if exact_status is not None else np.zeros(B, dtype=bool)
@@ -135,7 +147,7 @@ def hybrid_invert(
     starts[0, finite] = z_lp[finite]
     run = latent_descent(
         net, yb, meas=meas, starts=starts, lr=lr, steps=steps, lam=lam, seed=seed,
-        device=device, dtype=dtype, progress=progress,
+        device=device, dtype=dtype, progress=progress, deadline=deadline,
     )
 
     def misfit_of(z: np.ndarray, b: int) -> float:
@@ -155,24 +167,32 @@ def hybrid_invert(
     walked_lps = np.zeros(B, dtype=int)
     label = "hybrid (" + ("" if searching else "LP estimate, ") + f"Adam {steps} steps x " \
         f"{restarts}, cell walk)"
-    messages = []
-    for b in range(B):
+    if run.steps < steps:
+        label += f"; {deadline.note()} after {run.steps} Adam steps"
+
+    def one(b: int) -> str:
+        """Sample b's walks (z[b], walked_lps[b] filled in); its message."""
         if settled[b]:
-            messages.append(f"settled by the exact layer-wise inversion: {exact.message[b]}")
-            continue
+            return f"settled by the exact layer-wise inversion: {exact.message[b]}"
+        until = deadline.within(seconds)
         named = ([("the LP estimate", z_lp[b])] if finite[b] else []) + [
             (f"Adam's restart {r + 1}", run.z[r, b]) for r in np.argsort(run.loss[:, b])
         ]
         best, best_misfit, best_name = named[0][1], misfit_of(named[0][1], b), named[0][0]
         target = 1e-12 * scale[b] if noise is None else 0.0
+        cut = ""
         for name, candidate in named:
             misfit = misfit_of(candidate, b)
             if misfit < best_misfit:
                 best, best_misfit, best_name = candidate, misfit, name
             if not walkable or not np.all(np.isfinite(candidate)):
                 continue
+            if time.perf_counter() >= until:
+                cut = (f"; {deadline.note()}" if deadline.expired() else
+                       f"; {OUT_OF_TIME}: its {seconds:g} s per sample ran out")
+                continue  # (the other candidates are still scored)
             fit = cell_walk(net, yb[b], candidate, A=a_mat, norm=walk_norm, tau=float(tau[b]),
-                            target=target, max_lps=max_lps,
+                            target=target, max_lps=max_lps, deadline=until,
                             output_cell=noise is not None and walkable_output)
             walked_lps[b] += fit.n_lps
             walked = misfit_of(fit.z, b)
@@ -181,7 +201,10 @@ def hybrid_invert(
             if fit.misfit <= target:
                 break  # exact in its cell: no other start can do better
         z[b] = best
-        messages.append(f"{label}, best: {best_name}" + (f"; {reason}" if searching else ""))
+        return f"{label}, best: {best_name}{cut}" + (f"; {reason}" if searching else "")
+
+    messages = [f"{m.message}; z is the best point found before it"
+                if isinstance(m, SampleFailure) else m for m in per_sample(one, B)]
     witness = np.full_like(z, np.nan)
     if exact is not None:
         witness[settled] = exact.witness[settled]

@@ -37,13 +37,17 @@ from preimage.methods.search import GlobalSettings, invert_below
 from preimage.model.network import Network
 from preimage.model.torch_io import default_device
 from preimage.results import (
+    RANK_RTOL,
     SUCCESS,
+    Deadline,
     InversionResult,
     LayerReport,
     LayerResult,
     PoolMap,
     ProgressCallback,
+    SampleFailure,
     build_result,
+    per_sample,
     relative_residual,
 )
 from preimage.solvers.cell import cell_least_squares, piecewise_linear
@@ -87,6 +91,37 @@ def _invert_one(net: Network, x: np.ndarray, rtol: float) -> _SampleOutcome:
     return _compose(net, z, results, rtol)
 
 
+def observation_spread(
+    net: Network, results: Sequence[LayerResult | None], bad: int
+) -> float:
+    """How far (l2) layer `bad`'s observation, computed by the unique layers above it, may
+    lie from the true one: inf where a bound is unknown.
+
+    Layer i's answer reproduces its observation within ``tol`` (l_inf) per unit; an
+    observation off by s (l2) moves the unique solution of its active equalities by
+    at most (s + sqrt(m) tol) / sigma_min(W_A) times the activation's largest inverse
+    slope. A "proof" that layer `bad` has no preimage is one only when its distance
+    from the range exceeds this: float32 data through a layer that keeps little of
+    it (a sigmoid's outputs at 0.5 to float32) fixes the layer below only loosely.
+    Unknown (inf) for a layer solved in batch (no sigma_min kept), pinned by its
+    inequalities alone (rank 0), or with a curved activation.
+    """
+    spread = 0.0
+    for i in range(len(net.layers) - 1, bad, -1):
+        r = results[i]
+        act = net.layers[i].activation
+        if r is None or r.status != "unique" or not (r.sigma_min > 0) or r.rank <= 0:
+            return np.inf
+        if act.kind in ("relu", "identity"):
+            slope = 1.0
+        elif act.kind == "leaky_relu":
+            slope = 1.0 / min(act.negative_slope, 1.0)
+        else:
+            return np.inf
+        spread = slope * (spread + np.sqrt(net.layers[i].out_width) * r.tol) / r.sigma_min
+    return float(spread)
+
+
 def _compose(
     net: Network, z: np.ndarray | None, results: Sequence[LayerResult | None], rtol: float
 ) -> _SampleOutcome:
@@ -106,6 +141,13 @@ def _compose(
         assert last is not None
         above = [results[i] for i in range(bad + 1, top + 1)]
         forced = all(r is not None and r.status == "unique" for r in above)
+        if last.status == "infeasible" and forced and bad < top:
+            spread = observation_spread(net, results, bad)
+            if not last.misfit > spread:
+                return _SampleOutcome(nan, "failed", (
+                    f"layer {bad}: {last.message}; but the layers above, though unique, fix "
+                    f"its observation only to within {spread:.3g} at the data's precision "
+                    "(nothing proved)"), nan, results)
         if last.status == "infeasible" and forced:
             where = "the output layer" if bad == top else f"layer {bad} (all layers above unique)"
             return _SampleOutcome(
@@ -120,8 +162,14 @@ def _compose(
             nan,
             results,
         )
-    if all(r.status == "unique" for r in reached):
+    coarse = [i for i, r in enumerate(results) if i > 0 and r is not None and r.stretched]
+    if all(r.status == "unique" for r in reached) and not coarse:
         return _SampleOutcome(z, "unique", "every layer's preimage is unique", nan, results)
+    if all(r.status == "unique" for r in reached):
+        return _SampleOutcome(z, "feasible", (
+            f"every layer's preimage is unique, but layer {coarse[0]}'s curved outputs fix "
+            "its input only to their rounding, coarser than the tolerance of the layers "
+            "below: uniqueness unsettled"), nan, results)
     # Look for a second z: a layer's witness, carried down the layers below it
     # (the lowest such layer first: fewest layers for the witness to survive).
     for i in range(len(results)):
@@ -157,13 +205,20 @@ def _compose(
 
 
 def _settle_globally(
-    net: Network, x: np.ndarray, outcome: _SampleOutcome, rtol: float, settings: GlobalSettings
+    net: Network, x: np.ndarray, outcome: _SampleOutcome, rtol: float, settings: GlobalSettings,
+    deadline: Deadline,
 ) -> _SampleOutcome:
     """Retry a "failed" or "feasible" sample below its first non-unique layer.
 
     The layers above that layer were unique, so its observation is forced and
-    what the search finds holds for the whole network.
+    what the search finds holds for the whole network. The search stops at
+    `deadline` too; the sample then keeps its layer-wise result.
     """
+    if deadline.expired():
+        note = f"; no search below the first non-unique layer: {deadline.note()}"
+        return _SampleOutcome(
+            outcome.z, outcome.status, outcome.message + note, outcome.witness, outcome.layers
+        )
     top = len(net.layers) - 1
     j, y = top, x
     while j >= 0 and outcome.layers[j] is not None and outcome.layers[j].status == "unique":
@@ -174,7 +229,8 @@ def _settle_globally(
         return outcome
     if outcome.status == "feasible" and not settings.milp:
         return outcome  # only the MILP can add a verdict to a checked preimage
-    found = invert_below(net, j, y, rtol=rtol, settings=settings, start=outcome.z)
+    found = invert_below(net, j, y, rtol=rtol, settings=settings, start=outcome.z,
+                         deadline=deadline)
     nan = np.full(net.latent_dim, np.nan)
     if found.z is None:
         note = f"; global search below layer {j}: {found.message}"
@@ -187,6 +243,10 @@ def _settle_globally(
         return _SampleOutcome(found.z, "unique", found.message, nan, outcome.layers)
     return _SampleOutcome(found.z, "feasible", found.message, nan, outcome.layers)
 
+
+#: Every answer must reproduce x end to end within this many rtol (relative), and a
+#: witness too: each layer checks its own step, and their tolerances can compound.
+ANSWER_RTOL = 1000.0
 
 #: Answers to data of this relative precision or worse are polished in their cells.
 POLISH_RTOL = 1e-7
@@ -229,29 +289,43 @@ def invert_exact(
     batch_size: int | None = None,
     device: Any = None,
     n_jobs: int | None = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """The layer-wise method on validated observations xb (B, n); see `preimage.invert`.
 
     Samples the layer-wise method leaves "failed" (and, with ``fallback.milp``,
     "feasible") go to the search below their first non-unique layer
-    (`preimage.methods.search.invert_below`).
+    (`preimage.methods.search.invert_below`). A sample whose solver raises ends
+    "failed" with the error in its message; past ``time_limit`` (seconds, or a
+    `Deadline`) no new sample (batched: chunk) starts, those not started end
+    "failed" saying so, and searches stop with the sample's layer-wise result.
     """
     start = time.perf_counter()
+    deadline = Deadline.of(time_limit)
     settings = fallback if fallback is not None else GlobalSettings()
     if batched:
         return _invert_batched(
-            net, xb, single, rtol, start, settings,
+            net, xb, single, rtol, start, settings, deadline,
             progress=progress, batch_size=batch_size, device=device, n_jobs=n_jobs,
         )
-    outcomes = []
-    for b in range(xb.shape[0]):
+
+    def one(b: int) -> _SampleOutcome:
         outcome = _invert_one(net, xb[b], rtol)
         if _searched(outcome.status, settings):
-            outcome = _settle_globally(net, xb[b], outcome, rtol, settings)
-        outcomes.append(outcome)
-        if progress is not None:
-            progress(b + 1, xb.shape[0])
+            outcome = _settle_globally(net, xb[b], outcome, rtol, settings, deadline)
+        return outcome
+
+    outcomes = [_failed_if(net, o) for o in per_sample(one, xb.shape[0], deadline=deadline,
+                                                        progress=progress)]
     return _collect(net, xb, outcomes, single, rtol, time.perf_counter() - start)
+
+
+def _failed_if(net: Network, outcome: _SampleOutcome | SampleFailure) -> _SampleOutcome:
+    """The outcome, or a "failed" one for a sample whose work raised or never started."""
+    if isinstance(outcome, _SampleOutcome):
+        return outcome
+    nan = np.full(net.latent_dim, np.nan)
+    return _SampleOutcome(nan, "failed", outcome.message, nan, [None] * len(net.layers))
 
 
 def _searched(status: str, settings: GlobalSettings) -> bool:
@@ -266,6 +340,7 @@ def _invert_batched(
     rtol: float,
     start: float,
     settings: GlobalSettings,
+    deadline: Deadline,
     *,
     progress: ProgressCallback | None,
     batch_size: int | None,
@@ -276,6 +351,7 @@ def _invert_batched(
     ctx = batched_context.Context(
         default_device() if device is None else device,
         batched_context.default_jobs() if n_jobs is None else n_jobs,
+        resolution=RANK_RTOL * rtol,
     )
     # NumPy/SciPy's OpenBLAS gets one thread for the whole call: torch does the
     # large products with its own threads, and OpenBLAS threads spinning after
@@ -283,11 +359,11 @@ def _invert_batched(
     with ctx.one_blas_thread():
         try:
             z, reached, arrays = descend_batch(
-                net, xb, rtol, ctx, batch_size=batch_size, progress=progress
+                net, xb, rtol, ctx, batch_size=batch_size, progress=progress, deadline=deadline
             )
             chunk = batched_context.chunk_size(net, xb.shape[0], batch_size)
             return _verdicts(
-                net, xb, z, reached, arrays, single, rtol, start, settings, ctx.map, chunk
+                net, xb, z, reached, arrays, single, rtol, start, settings, deadline, ctx.map, chunk
             )
         finally:
             ctx.close()
@@ -303,11 +379,13 @@ def _verdicts(
     rtol: float,
     start: float,
     settings: GlobalSettings,
+    deadline: Deadline,
     pool_map: PoolMap,
     chunk: int,
 ) -> InversionResult:
     """Each sample's verdict from the batched descent (`_compose`), searches where asked.
 
+    A sample no layer reached was in a chunk the deadline kept from starting.
     pool_map runs the final residuals' pieces (`_assemble`) over the batch's threads;
     `chunk`: the descent's chunk size (`_assemble` keeps to its chunks).
     """
@@ -325,7 +403,7 @@ def _verdicts(
         status[in_batch] = template.status
         for b in np.flatnonzero(in_batch):
             messages[b] = template.message
-    for b in np.flatnonzero(~in_batch):
+    def one(b: int) -> _SampleOutcome | SampleFailure:
         results: list[LayerResult | None] = []
         for arr in arrays:
             if b in arr.results:
@@ -334,14 +412,29 @@ def _verdicts(
                 results.append(None)
             else:
                 results.append(_BATCH_SOLVED)
-        outcome = _compose(net, z[b] if reached[b] else None, results, rtol)
+        if all(r is None for r in results):
+            return SampleFailure(f"{deadline.note()} before this sample was started")
+        stop = next((i for i, r in enumerate(results) if r is not None), 0)
+        if not reached[b] and results[stop] is not None and results[stop].status == "infeasible" \
+                and stop < len(results) - 1:
+            # a proof below the top rests on the layers above (`observation_spread`), whose
+            # sigma_min the batch did not keep: this sample through the reference path
+            outcome = reference = _invert_one(net, xb[b], rtol)
+        else:
+            outcome, reference = _compose(net, z[b] if reached[b] else None, results, rtol), None
         if _searched(outcome.status, settings):
             # The search needs every layer's point, which the batch did not keep:
             # redo this sample through the reference path first (only where the
             # search will run: a "feasible" sample is searched by the MILP alone).
-            outcome = _settle_globally(
-                net, xb[b], _invert_one(net, xb[b], rtol), rtol, settings
-            )
+            if reference is None and not deadline.expired():
+                reference = _invert_one(net, xb[b], rtol)
+            outcome = _settle_globally(net, xb[b], reference or outcome, rtol, settings,
+                                       deadline)
+        return outcome
+
+    others = np.flatnonzero(~in_batch)
+    for b, found in zip(others, per_sample(one, others), strict=True):
+        outcome = _failed_if(net, found)
         z[b] = outcome.z
         status[b] = outcome.status
         witness[b] = outcome.witness
@@ -425,10 +518,30 @@ def _assemble(
         for first in range(0, z.shape[0], step):
             _polish(net, xb, z, first + np.flatnonzero(good[first : first + step]), rtol)
     lps = np.sum([report.used_lp for report in reports], axis=0) if reports else None
+    status = np.array(status, dtype=object)
+    messages = list(messages)
+    limit = ANSWER_RTOL * rtol
+    second = np.flatnonzero(status == "non_unique")
+    if second.size:  # a witness is a second preimage of x itself, end to end
+        misses = ~(relative_residual(net.forward(witness[second]), xb[second]) <= limit)
+        for b in second[misses]:
+            status[b], witness[b] = "feasible", np.nan
+            messages[b] += (f"; its second preimage does not reproduce x within {ANSWER_RTOL:g} "
+                            "rtol, so uniqueness is unsettled")
+
+    def verified(residual: np.ndarray, misfit: np.ndarray) -> np.ndarray:
+        """Each answer checked end to end: one whose G(z) misses x by more than
+        ANSWER_RTOL rtol (the layers' tolerances compounded) keeps z, but no verdict."""
+        off = np.isin(status, SUCCESS) & ~(residual <= limit)
+        for b in np.flatnonzero(off):
+            messages[b] += (f"; but G(z) misses x by {residual[b]:.2g} (relative), beyond "
+                            f"{ANSWER_RTOL:g} rtol: nothing proved")
+        return np.where(off, "failed", status).astype(object)
+
     return build_result(
-        net, xb, z, status, messages, method="exact", rtol=rtol, elapsed=elapsed, single=single,
-        layers=reports, witness=witness, steps=lps, distance=distance, pool_map=pool_map,
-        chunk=chunk,
+        net, xb, z, verified, messages, method="exact", rtol=rtol, elapsed=elapsed,
+        single=single, layers=reports, witness=witness, steps=lps, distance=distance,
+        pool_map=pool_map, chunk=chunk,
     )
 
 

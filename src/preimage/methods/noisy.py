@@ -25,11 +25,14 @@ from preimage.model.network import Network
 from preimage.model.validation import check_observation
 from preimage.results import (
     CONSISTENCY,
+    Deadline,
     InversionResult,
     LayerReport,
     ProgressCallback,
+    SampleFailure,
     build_result,
     consistent_misfit,
+    per_sample,
     vector_norm,
 )
 from preimage.solvers.noisy_layer import (
@@ -112,6 +115,7 @@ def invert_noisy(
     tau: float | None = None,
     rtol: float = 1e-9,
     progress: ProgressCallback | None = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """Layer-wise noisy inversion of x = G(z) + e (the `invert(..., noise=...)` path).
 
@@ -129,6 +133,9 @@ def invert_noisy(
     rtol : float
         Relative floor of the ladder.
     progress : callable(done, total), optional
+    time_limit : seconds (or a `preimage.results.Deadline`) for the call: no sample
+        starts after it ("failed", out of time); a sample whose fits raise ends
+        "failed" with the error.
 
     Returns
     -------
@@ -136,15 +143,19 @@ def invert_noisy(
     ``misfit`` and ``error_bound`` in `layers`, overall ``misfit`` and
     ``z_error_bound``, and ``steps`` = LPs / QPs solved.
     """
+    deadline = Deadline.of(time_limit)
     xb, single = check_observation(x, net.output_dim)
     start = time.perf_counter()
-    outcomes = []
-    for b in range(xb.shape[0]):
-        outcomes.append(
-            invert_noisy_one(net, xb[b], norm=norm, noise_level=noise_level, tau=tau, rtol=rtol)
+    d = len(net.layers)
+    outcomes = [
+        NoisyOutcome(np.full(net.latent_dim, np.nan), "failed", o.message, [None] * d,
+                     [np.inf] * d, np.inf) if isinstance(o, SampleFailure) else o
+        for o in per_sample(
+            lambda b: invert_noisy_one(net, xb[b], norm=norm, noise_level=noise_level, tau=tau,
+                                       rtol=rtol),
+            xb.shape[0], deadline=deadline, progress=progress,
         )
-        if progress is not None:
-            progress(b + 1, xb.shape[0])
+    ]
     z = np.stack([o.z for o in outcomes])
     reports = []
     for i in range(len(net.layers)):

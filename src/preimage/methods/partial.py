@@ -39,8 +39,21 @@ from preimage.methods.search import GlobalSettings, cell_search
 from preimage.model.layer import Layer
 from preimage.model.network import Network
 from preimage.model.operators import DenseOperator, Mask
-from preimage.model.validation import check_observation, to_float_array
-from preimage.results import InversionResult, ProgressCallback, build_result, default_rtol
+from preimage.model.validation import (
+    check_count,
+    check_observation,
+    check_positive,
+    to_float_array,
+)
+from preimage.results import (
+    Deadline,
+    InversionResult,
+    ProgressCallback,
+    SampleFailure,
+    build_result,
+    default_rtol,
+    per_sample,
+)
 from preimage.solvers.cell import piecewise_linear
 from preimage.solvers.layer import invert_layer
 
@@ -104,6 +117,7 @@ def search_preimage(
     max_lps: int = 100,
     rtol: float = 1e-9,
     seed: int | None = 0,
+    seconds: float = np.inf,
 ) -> tuple[np.ndarray | None, int, str]:
     """Look for an exact preimage of y (n,) from several start points.
 
@@ -118,6 +132,7 @@ def search_preimage(
         the answer must reproduce y within 10 rtol (relative) in a forward pass
         (the walk itself aims at min(rtol, 1e-9)).
     seed : seed of the gradient-descent starts.
+    seconds : time budget of the cell search.
 
     Returns
     -------
@@ -130,7 +145,7 @@ def search_preimage(
     # Aim at the LPs' own precision; accept within the caller's tolerance.
     found = cell_search(
         net, y, starts, tau=rtol * scale, tolerance=10 * rtol * scale,
-        target=min(rtol, 1e-9) * scale, walk_lps=max_lps,
+        target=min(rtol, 1e-9) * scale, walk_lps=max_lps, seconds=seconds,
     )
     if found.z is None:
         return None, found.n_lps, found.message
@@ -149,12 +164,14 @@ def invert_observed(
     steps: int = 300,
     max_lps: int = 100,
     seed: int | None = 0,
+    seconds: float = np.inf,
     progress: ProgressCallback | None = None,
     fallback: GlobalSettings | None = None,
     batched: bool = True,
     batch_size: int | None = None,
     device: Any = None,
     n_jobs: int | None = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """Exact inversion of y = G(z)[mask] (the `invert(..., observe=mask)` path).
 
@@ -164,12 +181,18 @@ def invert_observed(
     ends "failed", `search_preimage` (``restarts``, ``steps``, ``max_lps``;
     ``max_lps=0`` turns it off), which accepts a z only when it reproduces y
     within 10 ``rtol`` relative (default by the precision of y: 1e-9 for
-    float64, 1e-5 for float32). Samples it settles become "feasible".
+    float64, 1e-5 for float32). Samples it settles become "feasible". ``seconds``:
+    the search's time budget per sample; ``time_limit`` (seconds or a
+    `preimage.results.Deadline`): the whole call's, as in `invert_exact`, no
+    search starting after it.
 
     Returns
     -------
     InversionResult (``misfit``: ||G(z)[mask] - y||_2, ``steps``: LPs of the search).
     """
+    deadline = Deadline.of(time_limit)
+    seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
+    max_lps = check_count(max_lps, "max_lps", 0)
     sub = restrict_output(net, mask)
     yb, single = observed_values(y, mask)
     start = time.perf_counter()
@@ -179,20 +202,29 @@ def invert_observed(
     res = invert_exact(
         sub, yb, single=False, rtol=own_rtol, fallback=fallback, progress=progress,
         batched=batched, batch_size=batch_size, device=device, n_jobs=n_jobs,
+        time_limit=deadline,
     )
     z = np.array(res.z, copy=True)
     status = np.array(res.status, dtype=object)
     messages = list(res.message)
     steps_taken = np.array(res.steps, dtype=int)
     if max_lps > 0:
-        for b in np.flatnonzero(status == "failed"):
-            found, lps, why = search_preimage(
+        failed = np.flatnonzero(status == "failed")
+        searches = per_sample(
+            lambda b: search_preimage(
                 sub, yb[b], restarts=restarts, steps=steps, max_lps=max_lps, rtol=own_rtol,
-                seed=seed,
-            )
+                seed=seed, seconds=min(seconds, deadline.remaining()),
+            ),
+            failed, deadline=deadline,
+        )
+        for b, searched in zip(failed, searches, strict=True):
+            if isinstance(searched, SampleFailure):
+                messages[b] += f"; the search: {searched.message}"
+                continue
+            found, lps, why = searched
             steps_taken[b] += lps
             if found is None:
-                messages[b] += f"; {why}"
+                messages[b] += f"; {why}" + (f" ({deadline.note()})" if deadline.expired() else "")
                 continue
             z[b], status[b], messages[b] = found, "feasible", why
     return build_result(

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from preimage.model.network import Network
-from preimage.results import SearchOutcome
+from preimage.results import Deadline, SearchOutcome
 from preimage.solvers.cell import CellFit, activation_pattern, cell_lp
 from preimage.solvers.layer import active_set
 from preimage.solvers.milp import milp_search, reproduces
@@ -319,6 +319,7 @@ def invert_below(
     rtol: float,
     settings: GlobalSettings,
     start: np.ndarray | None = None,
+    deadline: Deadline | None = None,
 ) -> SearchOutcome:
     """A z with layers 0..top of `net` mapping it to y, searched beyond one point per layer.
 
@@ -330,11 +331,15 @@ def invert_below(
     rtol : the inversion's relative tolerance
     settings : GlobalSettings
     start : an estimate of z to start the cell search from
+    deadline : the call's time limit (`preimage.results.Deadline`): each search
+        stops at the earlier of it and its own budget, and says so
 
     The cell search (`cell_search`, within ``settings.seconds``) runs first;
     with ``settings.milp`` the MILP then tries to settle the sample, and where
     it finds nothing (or runs out of time) the cell search's preimage is kept.
     """
+    deadline = deadline or Deadline()
+    seconds = min(settings.seconds, deadline.remaining())
     if top < 1 or not all(layer.activation.kind == "relu" for layer in net.layers[:top]):
         return SearchOutcome(None, "none", None, "the search needs ReLU layers below")
     cons = active_set(net.layers[top], y, rtol)
@@ -348,17 +353,23 @@ def invert_below(
     found = cell_search(
         upper, y, starts, tau=cons.tau, tolerance=10 * rtol * cons.scale,
         target=min(rtol, 1e-9) * cons.scale, slp_iterations=settings.iterations,
-        walk_lps=settings.walk_lps, seconds=settings.seconds,
+        walk_lps=settings.walk_lps, seconds=seconds,
     )
     z = found.z
     if z is not None and not reproduces(net, top, y, z, rtol):
         z = None
+    cut = f" ({deadline.note()})" if deadline.expired() else ""
     n_units = sum(layer.out_width for layer in net.layers[:top])
-    if settings.milp and n_units <= settings.max_binaries:
+    if settings.milp and n_units <= settings.max_binaries and deadline.expired():
+        cut = f" (no MILP: {deadline.note()})"
+    elif settings.milp and n_units <= settings.max_binaries:
+        milp_seconds = min(settings.time_limit, deadline.remaining())
         exhaustive = milp_search(
-            net, top, y, rtol=rtol, latent_bound=settings.latent_bound,
-            time_limit=settings.time_limit,
+            net, top, y, rtol=rtol, latent_bound=settings.latent_bound, time_limit=milp_seconds,
         )
+        if milp_seconds < settings.time_limit and deadline.expired():
+            exhaustive = SearchOutcome(exhaustive.z, exhaustive.verdict, exhaustive.witness,
+                                       f"{exhaustive.message} ({deadline.note()})")
         if exhaustive.z is not None or z is None:
             return exhaustive
         return SearchOutcome(
@@ -366,9 +377,9 @@ def invert_below(
             f"{found.message}; uniqueness unsettled ({exhaustive.message})",
         )
     if z is None:
-        return SearchOutcome(None, "none", None, found.message)
+        return SearchOutcome(None, "none", None, found.message + cut)
     return SearchOutcome(
         z, "feasible", None,
         f"{found.message}, below the first non-unique layer; uniqueness unsettled"
-        + ("" if settings.milp else " (GlobalSettings(milp=True) may settle it)"),
+        + ("" if settings.milp else " (GlobalSettings(milp=True) may settle it)") + cut,
     )

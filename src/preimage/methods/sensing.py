@@ -34,13 +34,22 @@ from preimage.methods.noisy import invert_noisy_one
 from preimage.methods.search import cell_walk
 from preimage.model.network import Network
 from preimage.model.operators import Measurement, as_measurement
-from preimage.model.validation import check_observation, check_positive
+from preimage.model.validation import (
+    check_choice,
+    check_count,
+    check_observation,
+    check_positive,
+)
 from preimage.results import (
     NORMS,
+    OUT_OF_TIME,
+    Deadline,
     InversionResult,
     ProgressCallback,
+    SampleFailure,
     build_result,
     estimate_rule,
+    per_sample,
 )
 from preimage.solvers.cell import activation_pattern, cell_lp, piecewise_linear
 
@@ -58,7 +67,9 @@ def pgd_invert(
     max_lps: int = 100,
     success_rtol: float = 1e-6,
     rtol: float = 1e-9,
+    seconds: float = np.inf,
     progress: ProgressCallback | None = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """Projected gradient descent with the layer-wise inversion as projection.
 
@@ -84,8 +95,13 @@ def pgd_invert(
     success_rtol : relative misfit under which a noise-free answer counts.
     rtol : float
         Relative floor of the projections' tau ladder.
+    seconds : float
+        Time budget per sample (iterations and polish); a sample out of time
+        keeps its best point and says so.
     progress : callable(done, total), optional
         Called after each sample.
+    time_limit : seconds (or a `preimage.results.Deadline`) for the whole call:
+        samples not started by then end "failed"; one running keeps its best point.
 
     Returns
     -------
@@ -95,25 +111,27 @@ def pgd_invert(
     if not isinstance(net, Network):
         raise TypeError(f"`net` must be a preimage.Network; got {type(net).__name__}.")
     meas = as_measurement(A, net.output_dim)
-    if projection not in NORMS:
-        raise ValueError(f"`projection` must be one of {NORMS}; got {projection!r}.")
+    check_choice(projection, "projection", NORMS)
     step = check_positive(step, "step")
-    if int(iterations) < 1 or int(max_lps) < 0:
-        raise ValueError(
-            f"`iterations` must be >= 1 and `max_lps` >= 0; got {iterations} and {max_lps}."
-        )
+    iterations = check_count(iterations, "iterations", 1)
+    max_lps = check_count(max_lps, "max_lps", 0)
+    seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
+    rtol = check_positive(rtol, "rtol")
+    deadline = Deadline.of(time_limit)
     yb, single = check_observation(y, meas.shape[0], name="y")
     start = time.perf_counter()
-    outs = []
-    for b in range(yb.shape[0]):
-        outs.append(
-            _pgd_one(
+    nan = np.full(net.latent_dim, np.nan)
+    outs = [
+        (nan, 0, o.message) if isinstance(o, SampleFailure) else o
+        for o in per_sample(
+            lambda b: _pgd_one(
                 net, yb[b], meas, noise=noise, projection=projection, step=step,
-                iterations=int(iterations), max_lps=int(max_lps), rtol=rtol,
-            )
+                iterations=iterations, max_lps=max_lps, rtol=rtol, seconds=seconds,
+                deadline=deadline,
+            ),
+            yb.shape[0], deadline=deadline, progress=progress,
         )
-        if progress is not None:
-            progress(b + 1, yb.shape[0])
+    ]
     z = np.stack([o[0] for o in outs])
     return build_result(
         net, yb, z, estimate_rule(yb, noise, noise_level, success_rtol), [o[2] for o in outs],
@@ -133,8 +151,12 @@ def _pgd_one(
     iterations: int,
     max_lps: int,
     rtol: float,
+    seconds: float,
+    deadline: Deadline,
 ) -> tuple[np.ndarray, int, str]:
     """PGD for one sample: (z, iterations + LPs, message)."""
+    until = deadline.within(seconds)
+    out_of_time = ""
     k = net.latent_dim
     scale = max(float(np.max(np.abs(y))), 1e-300)
     x = np.zeros(meas.shape[1])
@@ -146,6 +168,10 @@ def _pgd_one(
     last_try = np.inf
     walkable = max_lps > 0 and piecewise_linear(net, output=True)
     for t in range(1, iterations + 1):  # noqa: B007
+        if time.perf_counter() >= until:
+            out_of_time = (f"; {deadline.note()}" if deadline.expired() else
+                           f"; {OUT_OF_TIME}: its {seconds:g} s per sample ran out")
+            break
         v = x + step * meas.adjoint(y - meas.apply(x))
         z = invert_noisy_one(net, v, norm=projection, rtol=rtol, keep_rank=True).z
         if not np.all(np.isfinite(z)):
@@ -169,15 +195,17 @@ def _pgd_one(
     message = f"PGD: {t} iterations, relative misfit {best / scale:.3g}"
     if exact:
         message += " (made exact by the LP of its activation cell)"
+    message += out_of_time
     if (
         walkable
+        and not out_of_time
         and not exact
         and np.all(np.isfinite(best_z))
         and best > 1e-12 * scale
     ):
         fit = cell_walk(
             net, y, best_z, A=meas.matrix(), norm="l1" if noise == "l1" else "linf",
-            target=1e-12 * scale if noise is None else 0.0, max_lps=max_lps,
+            target=1e-12 * scale if noise is None else 0.0, max_lps=max_lps, deadline=until,
         )
         lps += fit.n_lps
         if np.all(np.isfinite(fit.z)):

@@ -8,6 +8,7 @@ from here, so they can never disagree on a constant.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,10 +47,14 @@ class Activation:
     threshold: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ACTIVATIONS:
+        if not isinstance(self.kind, str) or self.kind not in ACTIVATIONS:
             raise ValueError(
-                f"The activation must be one of {ACTIVATIONS}; got {self.kind!r}."
+                f"The activation must be one of {ACTIVATIONS}; got {self.kind!r:.40}."
             )
+        for name in ("negative_slope", "alpha", "beta", "threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"The {name} of an activation must be a number; got {value!r:.40}.")
         if self.kind == "leaky_relu" and not (
             np.isfinite(self.negative_slope) and self.negative_slope > 0
         ):
@@ -89,6 +94,17 @@ class Activation:
     def is_piecewise_linear(self) -> bool:
         """True when act is linear on pre >= 0 and on pre <= 0 (ReLU, LeakyReLU, identity)."""
         return self.kind in PIECEWISE_LINEAR
+
+    def target_scale(self, y: np.ndarray) -> np.ndarray:
+        """The scale, in pre-activation units, of the rounding of observed outputs y
+        (..., m): max_i |y_i| / slope(y_i) for a curved kind (tanh, sigmoid, ELU,
+        softplus), whose inverse stretches an output's relative rounding by |y_i| /
+        slope there (sigmoid outputs at 0.5: 2; near 1: 1 / (1 - y)); 0 for the
+        piecewise-linear kinds, whose targets are the outputs themselves."""
+        y = np.asarray(y, dtype=np.float64)
+        if self.kind not in ("tanh", "sigmoid", "elu", "softplus"):
+            return np.zeros(y.shape[:-1])
+        return np.max(np.abs(y) / self.slope(y), axis=-1, initial=0.0)
 
     def off_slope(self) -> float:
         """The slope on pre < 0 of a piecewise-linear kind (0 for ReLU, 1 for identity)."""

@@ -8,11 +8,13 @@ apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from preimage.model.activations import Activation
 from preimage.model.operators import LinearOperator
+from preimage.model.validation import check_finite, check_positive, to_float_array
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,24 @@ class Layer:
     activation: Activation
 
     def __post_init__(self) -> None:
+        if not isinstance(self.weight, LinearOperator):
+            raise TypeError(
+                f"A layer's `weight` must be a LinearOperator (e.g. DenseOperator(matrix)); got "
+                f"{type(self.weight).__name__}."
+            )
+        if not isinstance(self.activation, Activation):
+            raise TypeError(
+                f"A layer's `activation` must be an Activation; got "
+                f"{type(self.activation).__name__}."
+            )
         if self.bias is not None:
-            b = np.array(self.bias, dtype=np.float64, copy=True)
+            b = to_float_array(self.bias, "bias")
             if b.shape != (self.out_width,):
                 raise ValueError(
                     f"A bias must have shape ({self.out_width},) to match a weight of shape "
                     f"{self.weight.shape}; got {b.shape}."
                 )
-            if not np.all(np.isfinite(b)):
-                raise ValueError("A bias contains NaN or inf.")
+            check_finite(b, "bias")
             b.setflags(write=False)
             object.__setattr__(self, "bias", b)
 
@@ -62,3 +73,21 @@ class Layer:
     def forward(self, h: np.ndarray) -> np.ndarray:
         """act(W h + b) for a batch h of shape (B, n) -> (B, m)."""
         return self.activation(self.preactivation(h))
+
+
+def check_layer_input(layer: Any, y: Any, nonneg: Any, rtol: Any) -> tuple[np.ndarray, float]:
+    """The arguments of the one-layer solvers: y as a float64 (m,) copy and rtol, or an
+    error naming the bad argument (``layer`` a preimage Layer, ``nonneg`` a bool)."""
+    if not isinstance(layer, Layer):
+        raise TypeError(f"`layer` must be a preimage.Layer; got {type(layer).__name__}.")
+    if not isinstance(nonneg, (bool, np.bool_)):
+        raise TypeError(f"`nonneg` must be True or False; got {nonneg!r:.40}.")
+    rtol = check_positive(rtol, "rtol")
+    arr = to_float_array(y, "y")
+    if arr.shape != (layer.out_width,):
+        raise ValueError(
+            f"`y` must have shape ({layer.out_width},): one observation of the layer's "
+            f"{layer.out_width} outputs; got an array of shape {arr.shape}."
+        )
+    check_finite(arr, "y")
+    return arr, rtol

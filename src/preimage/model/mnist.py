@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from preimage.model.files import load_state_file
 from preimage.model.network import Network
 
 __all__ = [
@@ -422,14 +423,14 @@ def authors_decoders(model: str | Path) -> dict[Kind, Network]:
     """The paper authors' decoders found at `model` (a folder with their files, or one file)."""
     model = Path(model)
     if model.is_file():
-        state = torch.load(model, map_location="cpu", weights_only=True)
+        state = load_state_file(model)
         kind: Kind = "leaky_relu" if "fc5.weight" in state else "relu"
         return {kind: decoder_from_state(kind, state)}
     if not model.is_dir():
         raise FileNotFoundError(f"--model {model}: no such file or folder.")
     found = {
         kind: decoder_from_state(
-            kind, torch.load(model / name, map_location="cpu", weights_only=True)
+            kind, load_state_file(model / name)
         )
         for kind, name in AUTHORS_FILES.items()
         if (model / name).is_file()

@@ -132,16 +132,27 @@ class Network:
 
         ``activation`` is one kind for every layer or one per layer.
         """
+        if not isinstance(weights, Sequence) or isinstance(weights, str):
+            raise TypeError(
+                f"`weights` must be a list of matrices W_1, ..., W_d; got "
+                f"{type(weights).__name__}."
+            )
         weights = list(weights)
         if not weights:
             raise ValueError("`weights` must hold at least one matrix.")
         if biases is None:
             biases = [None] * len(weights)
+        if not isinstance(biases, Sequence) or isinstance(biases, str):
+            raise TypeError(
+                f"`biases` must be a list of vectors (or None), one per layer; got "
+                f"{type(biases).__name__}."
+            )
         if len(biases) != len(weights):
             raise ValueError(
                 f"`biases` has {len(biases)} entries but `weights` has {len(weights)}."
             )
-        kinds = [activation] * len(weights) if isinstance(activation, str) else list(activation)
+        kinds = [activation] * len(weights) if isinstance(activation, str) else (
+            list(activation) if isinstance(activation, Sequence) else [activation])
         if len(kinds) != len(weights):
             raise ValueError(
                 f"`activation` lists {len(kinds)} kinds but there are {len(weights)} layers."
@@ -149,7 +160,7 @@ class Network:
         layers = []
         for w, b, kind in zip(weights, biases, kinds, strict=True):
             slope = negative_slope if kind == "leaky_relu" else 0.0
-            layers.append(Layer(DenseOperator(np.asarray(w)), b, Activation(kind, slope)))
+            layers.append(Layer(DenseOperator(w), b, Activation(kind, slope)))
         return cls(tuple(layers))
 
     @classmethod
@@ -160,18 +171,21 @@ class Network:
         *,
         activation: ActivationKind = "relu",
         negative_slope: float = 0.1,
+        source: str = "The state dict",
     ) -> Network:
         """A network from named linear layers of a PyTorch state dict.
 
         For example the decoder of the paper authors' VAE:
         ``Network.from_state_dict(sd, ["fc3", "fc4"], activation="relu")``
         reads ``fc3.weight``, ``fc4.weight`` (and ``.bias`` where present) and
-        puts ``activation`` after every layer, the output layer too.
+        puts ``activation`` after every layer, the output layer too. A missing,
+        misshapen or non-finite tensor raises a ValueError naming it (and
+        `source`, the file it came from).
         """
         found, dtype = files.layers_from_state_dict(
             state_dict, layers, activation=Activation(
                 activation, negative_slope if activation == "leaky_relu" else 0.0
-            )
+            ), source=source,
         )
         return cls(tuple(found), source_dtype=dtype)
 
@@ -186,8 +200,10 @@ class Network:
     ) -> Network:
         """A network from a saved state dict: ``.safetensors``, or ``.pt`` / ``.pth``.
 
-        ``.pt`` files are read with ``torch.load(weights_only=True)`` (no code
-        runs); a checkpoint dict holding its weights under ``"state_dict"`` is
+        ``.pt`` files are read with ``torch.load(weights_only=True)``: no code
+        runs, and a pickle that asks for any class or function other than
+        tensors is refused (`preimage.model.files`); a checkpoint dict holding
+        its weights under ``"state_dict"`` is
         unwrapped. ``layers`` names the linear layers of G in order (e.g.
         ``["fc3", "fc4"]``: the decoder of a VAE); without it every 2-D
         ``*.weight`` of the file is taken, in file order, and they must chain
@@ -196,7 +212,8 @@ class Network:
         """
         state, names = files.read_state_dict(path, layers)
         return cls.from_state_dict(
-            state, names, activation=activation, negative_slope=negative_slope
+            state, names, activation=activation, negative_slope=negative_slope,
+            source=str(path),
         )
 
     @classmethod
@@ -251,7 +268,11 @@ def flatten_samples(value: object, shape: Sequence[int], name: str) -> object:
     is returned as it is.
     """
     shape = tuple(shape)
-    arr_shape = tuple(getattr(value, "shape", np.shape(value) if isinstance(value, list) else ()))
+    try:
+        arr_shape = tuple(getattr(value, "shape", np.shape(value) if isinstance(value, list)
+                                  else ()))
+    except ValueError:  # a ragged nested list: the validators say so
+        return value
     if len(shape) <= 1 or not arr_shape:
         return value
     n = int(np.prod(shape))

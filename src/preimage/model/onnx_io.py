@@ -48,23 +48,47 @@ def _attributes(node: Any) -> dict[str, Any]:
 def _load(path: str | Path) -> Any:
     import onnx
 
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"`path` must be a file path (str or Path); got {type(path).__name__}.")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an ONNX file.")
     if not path.is_file():
         raise FileNotFoundError(f"No model file at {path}.")
     try:
-        model = onnx.load(str(path))
+        # External data would be read from paths the file names: an untrusted file only
+        # gets its own bytes read (`layers_from_onnx` refuses tensors stored outside).
+        model = onnx.load(str(path), load_external_data=False)
         return onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # protobuf / checker errors: say which file and why
-        first = (str(exc).splitlines() or [""])[0]
+        first = (str(exc).splitlines() or [""])[0][:200]
         raise ValueError(f"{path} is not an ONNX model ({type(exc).__name__}: {first}).") from exc
 
 
 def layers_from_onnx(path: str | Path) -> tuple[list[Layer], str, Shape, Shape]:
-    """The layers of an ONNX chain, its weights' dtype and its input / output shapes."""
-    from onnx import numpy_helper
+    """The layers of an ONNX chain, its weights' dtype and its input / output shapes.
 
+    Any error names the file; a tensor kept in an external data file is refused.
+    """
     model = _load(path)
+    try:
+        return _read(model, Path(path))
+    except (ValueError, TypeError) as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
+
+
+def _read(model: Any, path: Path) -> tuple[list[Layer], str, Shape, Shape]:
+    from onnx import TensorProto, numpy_helper
+
     graph = model.graph
+    external = [t.name for t in graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    if external:
+        raise ValueError(
+            f"its tensor(s) {external[:3]} are stored in external data files, which preimage "
+            "does not read (save the model with its weights inside the .onnx file)."
+        )
     values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     dtypes = {str(v.dtype) for v in values.values() if v.dtype.kind == "f"}
     shapes: dict[str, Shape] = {}

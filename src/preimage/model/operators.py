@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from preimage.model.validation import to_float_array
+from preimage.model.validation import check_finite, to_float_array
 
 
 @runtime_checkable
@@ -73,8 +73,7 @@ def _dense_matrix(matrix: Any, name: str) -> np.ndarray:
     a = to_float_array(matrix, name)
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"`{name}` must be a non-empty 2-D array; got shape {a.shape}.")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"`{name}` contains NaN or inf.")
+    check_finite(a, name)
     a.setflags(write=False)
     return a
 
@@ -186,7 +185,15 @@ class Mask:
     """
 
     def __init__(self, observed: Any) -> None:
-        arr = np.asarray(observed)
+        if hasattr(observed, "detach"):  # a torch tensor
+            observed = observed.detach().cpu().numpy()
+        try:
+            arr = np.asarray(observed)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"`observe` must be a 1-D boolean mask; got a {type(observed).__name__} NumPy "
+                "cannot read as one array."
+            ) from exc
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(
                 f"`observe` must be a non-empty 1-D boolean mask; got an array of shape "

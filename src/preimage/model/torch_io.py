@@ -29,6 +29,7 @@ from preimage.model.activations import Activation
 from preimage.model.layer import Layer
 from preimage.model.operators import DenseOperator
 from preimage.model.structured import Conv2dOperator, UpsampleOperator
+from preimage.model.validation import check_finite, to_float_array
 
 Shape = tuple[int, ...]
 
@@ -40,11 +41,17 @@ def default_device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def tensor_to_numpy(t: Any) -> np.ndarray:
-    """A float64 NumPy copy of a tensor or array."""
-    if hasattr(t, "detach"):
-        t = t.detach().cpu().double().numpy()
-    return np.array(t, dtype=np.float64, copy=True)
+def tensor_to_numpy(t: Any, name: str = "tensor") -> np.ndarray:
+    """A float64 NumPy copy of a tensor or array of real numbers (else a TypeError
+    naming it, `preimage.model.validation.to_float_array`)."""
+    return to_float_array(t, name)
+
+
+def _finite(t: Any, name: str) -> np.ndarray:
+    """tensor_to_numpy, refusing NaN, inf and huge values by name."""
+    arr = tensor_to_numpy(t, name)
+    check_finite(arr, name)
+    return arr
 
 
 def tensor_dtype(t: Any) -> str:
@@ -61,7 +68,7 @@ def _activation_of_module(mod: Any) -> Activation | None:
     if isinstance(mod, nn.ReLU):
         return Activation("relu")
     if isinstance(mod, nn.LeakyReLU):
-        return Activation("leaky_relu", float(mod.negative_slope))
+        return _leaky(float(mod.negative_slope))
     if isinstance(mod, nn.ELU):
         return Activation("elu", alpha=float(mod.alpha))
     if isinstance(mod, nn.Softplus):
@@ -71,6 +78,11 @@ def _activation_of_module(mod: Any) -> Activation | None:
     if isinstance(mod, nn.Sigmoid):
         return Activation("sigmoid")
     return None
+
+
+def _leaky(slope: float) -> Activation:
+    """A LeakyReLU of this slope (0: a ReLU, which torch computes then)."""
+    return Activation("relu") if slope == 0 else Activation("leaky_relu", slope)
 
 
 def _activation_of_function(target: Any, args: tuple, kwargs: dict) -> Activation | None:
@@ -83,7 +95,7 @@ def _activation_of_function(target: Any, args: tuple, kwargs: dict) -> Activatio
     if target in (F.relu, torch.relu, "relu", "relu_"):
         return Activation("relu")
     if target in (F.leaky_relu, "leaky_relu"):
-        return Activation("leaky_relu", arg(1, "negative_slope", 0.01))
+        return _leaky(arg(1, "negative_slope", 0.01))
     if target in (F.elu, "elu"):
         return Activation("elu", alpha=arg(1, "alpha", 1.0))
     if target in (F.softplus, "softplus"):
@@ -114,7 +126,7 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
         if len(in_shape) != 1:
             raise TypeError(f"{where!r} (Linear) gets inputs of shape {in_shape}; preimage needs a "
                             "Linear layer on flat vectors (add nn.Flatten before it).")
-        bias = None if mod.bias is None else tensor_to_numpy(mod.bias)
+        bias = None if mod.bias is None else _finite(mod.bias, f"{where}.bias")
         return [chain.Linear(DenseOperator(tensor_to_numpy(mod.weight), name=f"{where}.weight"),
                              bias, where)]
     if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -129,7 +141,7 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
         if len(in_shape) != 3:
             raise TypeError(f"{where!r} ({kind}) gets inputs of shape {in_shape}, not (C, H, W).")
         extra = {"output_padding": mod.output_padding} if transposed else {}
-        op = Conv2dOperator(tensor_to_numpy(mod.weight), in_shape, stride=mod.stride,
+        op = Conv2dOperator(_finite(mod.weight, f"{where}.weight"), in_shape, stride=mod.stride,
                             padding=mod.padding, dilation=mod.dilation, transposed=transposed,
                             **extra)
         if tuple(op.out_shape) != tuple(out_shape):
@@ -137,17 +149,18 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
                             f"torch's {out_shape}.")
         bias = None
         if mod.bias is not None:
-            bias = np.repeat(tensor_to_numpy(mod.bias), op.out_shape[1] * op.out_shape[2])
+            bias = np.repeat(_finite(mod.bias, f"{where}.bias"), op.out_shape[1] * op.out_shape[2])
         return [chain.Linear(op, bias, where)]
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
         _check_eval(mod, where)
         if mod.running_mean is None:
             raise TypeError(f"{where!r} (BatchNorm) keeps no running statistics "
                             "(track_running_stats=False): its output depends on the batch.")
-        weight = tensor_to_numpy(mod.weight) if mod.affine else None
-        bias = tensor_to_numpy(mod.bias) if mod.affine else None
-        return [chain.batch_norm_affine(tensor_to_numpy(mod.running_mean),
-                                        tensor_to_numpy(mod.running_var), mod.eps, weight, bias,
+        weight = _finite(mod.weight, f"{where}.weight") if mod.affine else None
+        bias = _finite(mod.bias, f"{where}.bias") if mod.affine else None
+        return [chain.batch_norm_affine(_finite(mod.running_mean, f"{where}.running_mean"),
+                                        _finite(mod.running_var, f"{where}.running_var"),
+                                        mod.eps, weight, bias,
                                         in_shape, where)]
     if isinstance(mod, nn.Upsample):
         if len(in_shape) != 3:
@@ -165,7 +178,10 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
         return []
     if isinstance(mod, (nn.Flatten, nn.Unflatten)):
         return [chain.Reshape(tuple(out_shape), where)]
-    act = _activation_of_module(mod)
+    try:
+        act = _activation_of_module(mod)
+    except ValueError as exc:  # a setting preimage cannot invert (a negative slope)
+        raise ValueError(f"{where!r} ({type(mod).__name__}): {exc}") from exc
     if act is not None:
         return [chain.Act(act, where)]
     raise TypeError(
@@ -182,7 +198,9 @@ def _readable(mod: Any) -> bool:
     kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d,
              nn.Upsample, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
              nn.Flatten, nn.Unflatten)
-    return isinstance(mod, kinds) or _activation_of_module(mod) is not None
+    if isinstance(mod, (*kinds, nn.LeakyReLU)):  # (a bad slope is named when it is read)
+        return True
+    return _activation_of_module(mod) is not None
 
 
 _RESHAPES = ("view", "reshape", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze")
@@ -195,7 +213,10 @@ def _steps_of_function(
     import torch.nn.functional as F
 
     target = node.target
-    act = _activation_of_function(target, tuple(node.args), dict(node.kwargs))
+    try:
+        act = _activation_of_function(target, tuple(node.args), dict(node.kwargs))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{node.format_node()} ({where}): {exc}") from exc
     if act is not None:
         return [chain.Act(act, where)]
     if target in (operator.pos,) or target in _RESHAPES or target in (
@@ -275,7 +296,8 @@ def _traced_steps(
             _steps_of_module(submodules[node.target], where, (), ())  # raises, naming it
     shape, dtype = _example_input(module, input_shape, used)
     try:
-        ShapeProp(graph_module).propagate(torch.zeros((2, *shape), dtype=dtype))
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(torch.zeros((2, *shape), dtype=dtype))
     except Exception as exc:  # the module's own error on the example input
         raise TypeError(
             f"{type(module).__name__}.{entry} fails on codes of shape {shape} "
@@ -359,8 +381,22 @@ def layers_from_module(
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected a torch.nn.Module; got {type(module).__name__}.")
-    if not hasattr(module, entry):
-        raise TypeError(f"The module {type(module).__name__} has no method {entry!r}.")
+    if not isinstance(entry, str) or not hasattr(module, entry):
+        raise TypeError(f"The module {type(module).__name__} has no method {entry!r:.40}.")
+    # Before any forward pass (the shapes come from one): a batch norm in training mode
+    # would update its running statistics, changing the caller's module.
+    for where, mod in module.named_modules():
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Dropout1d,
+                            nn.Dropout2d, nn.AlphaDropout)):
+            _check_eval(mod, where)
+    if input_shape is not None and (
+        isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
+        or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in input_shape)
+    ):
+        raise TypeError(
+            f"`input_shape` must be the shape of one code, positive integers such as (20,) or "
+            f"(100, 1, 1); got {input_shape!r:.40}."
+        )
     try:
         steps, shape = _traced_steps(module, entry, input_shape)
     except TypeError:

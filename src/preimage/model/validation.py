@@ -6,29 +6,96 @@ then checks, and raises an error that names the argument and the rule.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+#: The largest magnitude accepted in data and weights. Beyond it the float64
+#: arithmetic of the solvers (squares in norms and Gram matrices, products of
+#: the layers' scales) overflows: 1e100 squared is 1e200, still finite.
+MAX_MAGNITUDE = 1e100
+
+#: NumPy dtype kinds that hold real numbers: bool, signed and unsigned int, float.
+_REAL_KINDS = "biuf"
+
 
 def to_float_array(value: Any, name: str) -> np.ndarray:
-    """`value` (array-like or torch tensor) as a new float64 array, or a TypeError naming it."""
+    """`value` (array-like or torch tensor of real numbers) as a new float64 array.
+
+    Booleans, integers and floats of any precision (float16, bfloat16 tensors)
+    convert; complex numbers, strings, None and other objects raise a TypeError
+    naming `name` (NumPy would drop the imaginary part or parse the strings).
+    The result never shares memory with `value`.
+    """
+    if value is None:
+        raise TypeError(f"`{name}` must be an array of real numbers; got None.")
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
-        value = value.detach().cpu().numpy()
+        value = _tensor_values(value, name)
     try:
-        arr = np.array(value, dtype=np.float64, copy=True)
+        arr = np.asarray(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(
-            f"`{name}` must be an array of real numbers; got {type(value).__name__}."
+            f"`{name}` must be an array of real numbers with one shape (a nested list of equal "
+            f"lengths); got a {type(value).__name__} NumPy cannot read as one "
+            f"({str(exc).splitlines()[0][:80]})."
         ) from exc
-    return arr
+    kind = arr.dtype.kind
+    if kind == "O":
+        for v in arr.flat:
+            if not _is_real_number(v):
+                raise TypeError(
+                    f"`{name}` must be an array of real numbers; it holds a {type(v).__name__} "
+                    f"({v!r:.40})."
+                )
+    elif kind not in _REAL_KINDS:
+        what = {"c": "complex numbers", "U": "strings", "S": "bytes", "M": "dates",
+                "m": "time spans", "V": "structured records"}.get(kind, f"dtype {arr.dtype}")
+        raise TypeError(
+            f"`{name}` must be an array of real numbers; got {what} (dtype {arr.dtype})."
+        )
+    return np.array(arr, dtype=np.float64, copy=True)
+
+
+def _tensor_values(t: Any, name: str) -> np.ndarray:
+    """A torch tensor's values as a NumPy array (bfloat16 and float16 widened first)."""
+    if t.is_complex():
+        raise TypeError(
+            f"`{name}` must be a tensor of real numbers; got complex numbers ({t.dtype})."
+        )
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.element_size() < 4:  # float16 / bfloat16 / float8
+        t = t.float()
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError) as exc:  # a dtype NumPy lacks (quantized, ...)
+        raise TypeError(
+            f"`{name}` must be a tensor of real numbers NumPy can hold; got {t.dtype}."
+        ) from exc
+
+
+def _is_real_number(v: Any) -> bool:
+    return isinstance(v, (numbers.Real, np.bool_))
 
 
 def input_precision(value: Any) -> str:
-    """"float32" when the caller's array is single (or half) precision, else "float64"."""
-    dtype = getattr(value, "dtype", None)
+    """The floating-point precision the caller's array holds: "float64" (also for
+    integers, lists and anything else), "float32", "float16" or "bfloat16"."""
+    return precision_of(getattr(value, "dtype", None))
+
+
+#: The floating-point precisions preimage tells apart, most precise first.
+PRECISIONS: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
+
+
+def precision_of(dtype: Any) -> str:
+    """"float32", "float16" or "bfloat16" for those dtypes (NumPy, torch or their
+    names), else "float64"."""
     name = str(dtype).replace("torch.", "") if dtype is not None else "float64"
-    return "float32" if name in ("float32", "float16", "bfloat16") else "float64"
+    aliases = {"half": "float16", "float": "float32", "single": "float32"}
+    name = aliases.get(name, name)
+    return name if name in ("float32", "float16", "bfloat16") else "float64"
 
 
 def _check_batch(arr: np.ndarray, width: int, name: str, what: str) -> tuple[np.ndarray, bool]:
@@ -46,12 +113,30 @@ def _check_batch(arr: np.ndarray, width: int, name: str, what: str) -> tuple[np.
             f"`{name}` has {batch.shape[1]} entries per sample but the network's {what} has "
             f"width {width}; expected shape ({width},) or (batch, {width})."
         )
-    bad = ~np.isfinite(batch)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])[:5].tolist()
-        kind = "NaN" if np.isnan(batch).any() else "inf"
-        raise ValueError(f"`{name}` contains {kind} (in sample(s) {rows}).")
+    check_finite(batch, name, rows="sample")
     return batch, single
+
+
+def check_finite(arr: np.ndarray, name: str, *, rows: str | None = None) -> None:
+    """A ValueError naming `name` where arr holds NaN, inf or magnitudes above MAX_MAGNITUDE.
+
+    ``rows``: what the first axis counts ("sample"), to say where.
+    """
+    bad = ~np.isfinite(arr)
+    large = np.abs(np.where(bad, 0.0, arr)) > MAX_MAGNITUDE
+    if not (bad.any() or large.any()):
+        return
+    where = ""
+    if rows is not None and arr.ndim >= 1:
+        hit = np.unique(np.nonzero(bad | large)[0])[:5].tolist()
+        where = f" (in {rows}(s) {hit})"
+    if bad.any():
+        kind = "NaN" if np.isnan(arr).any() else "inf"
+        raise ValueError(f"`{name}` contains {kind}{where}.")
+    raise ValueError(
+        f"`{name}` has entries of magnitude up to {float(np.max(np.abs(arr))):.3g}{where}; "
+        f"preimage accepts magnitudes up to {MAX_MAGNITUDE:g} (rescale the data)."
+    )
 
 
 def check_latent(z: Any, width: int, name: str = "z") -> tuple[np.ndarray, bool]:
@@ -66,12 +151,41 @@ def check_observation(x: Any, width: int, name: str = "x") -> tuple[np.ndarray, 
 
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
     """A finite positive float, or a ValueError saying so."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"`{name}` must be a number; got {type(value).__name__}.") from exc
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not real and not (isinstance(value, np.ndarray) and value.ndim == 0
+                         and value.dtype.kind in "iuf"):
+        raise TypeError(f"`{name}` must be a number; got {type(value).__name__} {value!r:.40}.")
+    v = float(value)
     ok = np.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
         rule = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"`{name}` must be a finite number {rule}; got {value!r}.")
     return v
+
+
+def check_count(value: Any, name: str, minimum: int = 0) -> int:
+    """An integer >= `minimum` (an int, a NumPy integer or a float with an integer
+    value), or a TypeError / ValueError naming `name` and the rule."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be an integer >= {minimum}; got {value!r:.40}.")
+    if not (np.isfinite(float(value)) and float(value) == int(value) and value >= minimum):
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r:.40}.")
+    return int(value)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], *, optional: bool = False) -> Any:
+    """`value` if it is one of the strings `choices` (or None when `optional`), else a
+    ValueError (TypeError for a non-string) naming `name` and listing them."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(
+            f"`{name}` must be one of {tuple(choices)}{' or None' if optional else ''}; got a "
+            f"{type(value).__name__}."
+        )
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {tuple(choices)}{' or None' if optional else ''}; got "
+            f"{value!r:.40}."
+        )
+    return value

@@ -207,20 +207,33 @@ def solve_milp(
 
 
 class RowLP:
-    """min cost^T u over lower <= u <= upper (default: u free), rows added with `add`."""
+    """min cost^T u over lower <= u <= upper (default: u free), rows added with `add`.
+
+    HiGHS's tolerances are absolute (feasibility 1e-7, and matrix entries below
+    1e-9 are dropped), so the LP is handed over equilibrated: u = scale v, each
+    row divided by the largest |entry| of its coefficients on v, the cost by its
+    own largest entry. ``scale`` is the magnitude of the answer expected
+    (`natural_scale`); with it the same LP at 1e-30 or 1e30 times the data is
+    the same problem for HiGHS. Points and values come back in u.
+    """
 
     def __init__(
-        self, cost: np.ndarray, lower: float = -np.inf, upper: float = np.inf
+        self, cost: np.ndarray, lower: float = -np.inf, upper: float = np.inf,
+        *, scale: float = 1.0,
     ) -> None:
         k = int(cost.size)
         self.k = k
         self.rows = 0
+        self.scale = float(scale) if np.isfinite(scale) and scale > 0 else 1.0
+        self._cost = np.asarray(cost, dtype=float)
+        cost_norm = float(np.max(np.abs(self._cost), initial=0.0))
         self._highs = _Highs()
         self._highs.setOptionValue("output_flag", False)
         self._highs.setOptionValue("presolve", "off")
         none = np.zeros(0, dtype=np.int32)
         self._highs.addCols(
-            k, np.asarray(cost, dtype=float), np.full(k, _bound(lower)), np.full(k, _bound(upper)),
+            k, self._cost / cost_norm if cost_norm > 0 else self._cost,
+            np.full(k, _bound(lower / self.scale)), np.full(k, _bound(upper / self.scale)),
             0, none, none, np.zeros(0),
         )
 
@@ -229,15 +242,20 @@ class RowLP:
         r = int(a.shape[0])
         if r == 0:
             return
-        low = np.full(r, -kHighsInf) if lower is None else np.asarray(lower, dtype=float)
+        coef = np.asarray(a, dtype=float) * self.scale
+        norm = np.max(np.abs(coef), axis=1, initial=0.0)
+        norm = np.where(norm > 0, norm, 1.0)[:, None]
+        up = np.asarray(upper, dtype=float)[:, None] / norm
+        low = (np.full((r, 1), -np.inf) if lower is None
+               else np.asarray(lower, dtype=float)[:, None] / norm)
         self._highs.addRows(
             r,
-            low,
-            np.asarray(upper, dtype=float),
+            np.where(np.isfinite(low[:, 0]), low[:, 0], -kHighsInf),
+            np.where(np.isfinite(up[:, 0]), up[:, 0], kHighsInf),
             r * self.k,
             np.arange(0, r * self.k, self.k, dtype=np.int32),
             np.tile(np.arange(self.k, dtype=np.int32), r),
-            np.ascontiguousarray(a, dtype=float).ravel(),
+            np.ascontiguousarray(coef / norm).ravel(),
         )
         self.rows += r
 
@@ -247,8 +265,8 @@ class RowLP:
         status = self._highs.getModelStatus()
         raw = self._highs.modelStatusToString(status)
         if status == HighsModelStatus.kOptimal:
-            x = np.array(self._highs.getSolution().col_value)
-            value = float(self._highs.getInfo().objective_function_value)
+            x = np.array(self._highs.getSolution().col_value) * self.scale
+            value = float(self._cost @ x)
             return LPSolution("optimal", x, value, f"HiGHS: {raw}", None, value)
         names = {
             HighsModelStatus.kInfeasible: "infeasible",
@@ -258,6 +276,19 @@ class RowLP:
             HighsModelStatus.kIterationLimit: "time_limit",
         }
         return LPSolution(names.get(status, "error"), None, np.inf, f"HiGHS: {raw}")
+
+
+def natural_scale(a: np.ndarray, b: np.ndarray, point: np.ndarray | None = None) -> float:
+    """The magnitude of points of {u : a u <= b}, for `RowLP`'s ``scale``: that of a
+    `point` of the problem's own (such as the least-norm solution of the equalities)
+    where it is nonzero, else the median of |b_r| / max_j |a_rj| (1e-300 at least)."""
+    size = 0.0 if point is None else float(np.max(np.abs(point), initial=0.0))
+    if size > 0:
+        return size
+    norms = np.max(np.abs(a), axis=1, initial=0.0) if a.size else np.zeros(0)
+    ratio = np.abs(b[norms > 0]) / norms[norms > 0]
+    ratio = ratio[ratio > 0]
+    return max(float(np.median(ratio)) if ratio.size else 0.0, 1e-300)
 
 
 def _bound(value: float) -> float:

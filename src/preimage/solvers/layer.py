@@ -38,10 +38,10 @@ import numpy as np
 from scipy.linalg import solve_triangular, svdvals
 from scipy.linalg.lapack import dgeqrf, dormqr
 
-from preimage.model.layer import Layer
-from preimage.results import LP_TOL, TIGHT_RTOL, LayerResult
+from preimage.model.layer import Layer, check_layer_input
+from preimage.results import LP_TOL, RANK_RTOL, TIGHT_RTOL, LayerResult
 from preimage.solvers.certificate import certify_unique
-from preimage.solvers.highs import RowLP, solve_lp
+from preimage.solvers.highs import RowLP, natural_scale, solve_lp
 
 #: `_polyhedron_lp` starts with the h >= 0 rows of the 2k + NONNEG_MARGIN smallest h0_j.
 NONNEG_MARGIN = 40
@@ -102,7 +102,8 @@ def _polyhedron_lp(
         smallest = np.argsort(h0)[: min(h0.size, 2 * k + NONNEG_MARGIN)]
         keep[w_ineq.shape[0] + smallest] = True
     slack_tol = VIOLATION_RTOL * max(float(np.max(np.abs(b_pool), initial=0.0)), 1e-300)
-    lp = RowLP(null_basis.sum(axis=0) if nonneg else np.zeros(k))
+    lp = RowLP(null_basis.sum(axis=0) if nonneg else np.zeros(k),
+               scale=natural_scale(a_pool, b_pool, h0))
     lp.add(a_pool[keep], b_pool[keep])
     for _ in range(a_pool.shape[0] + 1):  # every round but the last adds a row
         solution = lp.solve()
@@ -150,9 +151,11 @@ def _inner_point_lp(
     """
     k = null_basis.shape[1]
     a = w_ineq @ null_basis
-    depth = DEPTH_RTOL * max(float(np.linalg.norm(h0)), 1.0)
-    b = rhs_ineq - w_ineq @ h0 - np.linalg.norm(a, axis=1) * depth
-    lp = RowLP(np.eye(1, k + 1, k)[0])  # variables (u, s)
+    slack = rhs_ineq - w_ineq @ h0
+    size = natural_scale(a, slack, h0)  # (not 1: the same LP at every scale of the data)
+    depth = DEPTH_RTOL * max(float(np.linalg.norm(h0)), size)
+    b = slack - np.linalg.norm(a, axis=1) * depth
+    lp = RowLP(np.eye(1, k + 1, k)[0], scale=size)  # variables (u, s)
     lp.add(np.column_stack([a, np.zeros(a.shape[0])]), b)
     box = np.hstack([np.vstack([np.eye(k), -np.eye(k)]), -np.ones((2 * k, 1))])
     lp.add(box, np.zeros(2 * k))  # u_j - s <= 0 and -u_j - s <= 0
@@ -162,8 +165,8 @@ def _inner_point_lp(
 
 def _active_equalities(
     w_a: np.ndarray, r_a: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """The active equalities W_A h = r_A: (h0, N, rank, sigma_min).
+) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+    """The active equalities W_A h = r_A: (h0, N, rank, sigma_min, sigma_max).
 
     h0 (n,) is the least-norm (least-squares) solution, N (n, n - rank) an
     orthonormal basis of null(W_A), rank counts the singular values above
@@ -178,7 +181,7 @@ def _active_equalities(
     a, n = w_a.shape
     eps = float(np.finfo(float).eps)
     if a == 0:
-        return np.zeros(n), np.eye(n), 0, np.nan
+        return np.zeros(n), np.eye(n), 0, np.nan, np.nan
     if a < n:
         qr, tau, _, info = dgeqrf(np.asfortranarray(w_a.T))
         s = svdvals(np.triu(qr[:a]), check_finite=False) if info == 0 else np.zeros(1)
@@ -190,11 +193,12 @@ def _active_equalities(
             tail = np.zeros((n, n - a), order="F")
             tail[a:] = np.eye(n - a)
             null_basis = dormqr("L", "N", qr, tau, tail, lwork=lwork)[0]  # Q [0; I]
-            return h0, null_basis, a, float(s[-1])
+            return h0, null_basis, a, float(s[-1]), float(s[0])
     u_, s, vt = np.linalg.svd(w_a, full_matrices=a < n)
     rank = int(np.sum(s > s[0] * max(a, n) * eps))
     h0 = vt[:rank].T @ ((u_[:, :rank].T @ r_a) / s[:rank])
-    return h0, vt[rank:].T, rank, float(s[rank - 1]) if rank else np.nan
+    return (h0, vt[rank:].T, rank, float(s[rank - 1]) if rank else np.nan,
+            float(s[0]) if s.size else np.nan)
 
 
 def invert_layer(
@@ -218,6 +222,7 @@ def invert_layer(
     LayerResult
     """
     start = time.perf_counter()
+    y, rtol = check_layer_input(layer, y, nonneg, rtol)
     m, n = layer.weight.shape
     b = layer.bias_or_zero()
     active = np.ones(m, dtype=bool)
@@ -241,6 +246,12 @@ def invert_layer(
                     misfit=distance)
     active, target, tau, scale = cons.active, cons.target, cons.tau, cons.scale
     inactive = ~active
+    # The forward checks compare outputs: their scale is the targets' and the bias's plus,
+    # where a curved activation's rounding stretched `scale` (pre-activation units),
+    # the outputs' own size instead of that stretch.
+    unstretched = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)))
+    stretched = scale > unstretched
+    out_scale = unstretched + float(np.max(np.abs(y))) if stretched else scale
 
     def nearest(why: str, **kw: object) -> LayerResult | tuple[np.ndarray, str]:
         """The exact structure found no point: the nearest one within the data's tolerance
@@ -248,7 +259,7 @@ def invert_layer(
         h_near, distance, how = nearest_point(layer, y, cons, nonneg=nonneg)
         if h_near is None:
             return done(None, "failed", f"{why}; {how}", **kw)
-        size_near = scale + float(np.max(abs_product(layer, h_near)))
+        size_near = out_scale + float(np.max(abs_product(layer, h_near)))
         miss = float(np.max(np.abs(layer.forward(h_near[None])[0] - y)))
         if miss <= 10 * rtol * size_near:
             return h_near, (
@@ -257,13 +268,18 @@ def invert_layer(
             )
         if distance <= 10 * tau:  # the LP's point is near, but not near enough: nothing proved
             return done(None, "failed", f"{why}; {how}, and its point misses by {miss:.3g}", **kw)
+        if cons.saturated is not None and cons.saturated.any():
+            return done(None, "failed", (
+                f"{why}; {how}, but {int(cons.saturated.sum())} saturated output(s) were held "
+                "at a pre-activation their true one only bounds on one side: nothing proved"
+            ), **kw)
         return done(None, "infeasible", f"{why}; {how}" + _rounding_note(distance, rtol, y, b),
                     misfit=distance, **kw)
 
     # Equalities W_A h = y_A - b_A: least-norm solution, rank, null space.
     w_a = layer.weight.rows(np.flatnonzero(active))
     r_a = target[active] - b[active]
-    h0, null_basis, rank, sigma_min = _active_equalities(w_a, r_a)
+    h0, null_basis, rank, sigma_min, sigma_max = _active_equalities(w_a, r_a)
     info = {"rank": rank, "sigma_min": sigma_min}
 
     tol = rtol * (scale + float(np.max(abs_product(layer, h0))))
@@ -303,12 +319,13 @@ def invert_layer(
             h = np.maximum(h_lp, 0.0) if nonneg else h_lp
     if isinstance(found, LayerResult):
         return found
+    nearest_only = found is not None
     if found is not None:
         h, message = found
 
     # Rounding in w_i h + b_i is about eps * sum_j |w_ij h_j|: the checks scale with it.
     size = scale + float(np.max(abs_product(layer, h)))
-    check_tol = 10 * rtol * size
+    check_tol = 10 * rtol * (out_scale + float(np.max(abs_product(layer, h))))
     residual = float(np.max(np.abs(layer.forward(h[None])[0] - y)))
     if residual > check_tol:
         return done(
@@ -325,14 +342,50 @@ def invert_layer(
         layer, y, h, active, null_basis, nonneg=nonneg, tol=TIGHT_RTOL * size,
         check_tol=check_tol,
     )
+    verdict, note = cert.verdict, cert.message
+    if verdict == "unique" and cons.saturated is not None and cons.saturated.any():
+        verdict, note = _saturated_verdict(layer, cons.saturated, note)
+    # What the data resolve: singular values above RANK_RTOL rtol sigma_max, or, where a
+    # curved activation's rounding set the scale, above RANK_RTOL rtol size / |h|.
+    resolution = RANK_RTOL * rtol * (
+        size / max(float(np.linalg.norm(h)), 1e-300) if stretched else sigma_max
+    )
+    if verdict == "unique" and rank and sigma_min < resolution:
+        verdict, note = "feasible", (
+            f"{note}, but W_A's smallest singular value {sigma_min:.3g} is below what the data "
+            f"resolve ({resolution:.3g}): h is not fixed along it at this precision, so "
+            "uniqueness is unsettled"
+        )
+    if verdict == "unique" and nearest_only and rank < n:
+        # (with full column rank, resolved, every point within the tolerance is near h; with
+        # fewer the certificate leaned on inequalities at a point outside the structure)
+        verdict, note = "feasible", (
+            f"{note} for the structure of y, which no point fits exactly: its preimages "
+            "within the tolerance may differ, so uniqueness is unsettled"
+        )
     return done(
         h,
-        cert.verdict,
-        f"{message}; {cert.message}",
+        verdict,
+        f"{message}; {note}",
         used_lp=used_lp,
         witness=cert.witness,
         tol=check_tol,
+        stretched=stretched,
         **info,
+    )
+
+
+def _saturated_verdict(layer: Layer, saturated: np.ndarray, note: str) -> tuple[str, str]:
+    """"unique" stands where the unsaturated units alone fix h; else "feasible": a
+    saturated unit bounds its pre-activation on one side only."""
+    rows = layer.weight.rows(np.flatnonzero(~saturated))
+    n = layer.in_width
+    if rows.shape[0] >= n and np.linalg.matrix_rank(rows) == n:
+        return "unique", f"{note} (by the {rows.shape[0]} unsaturated units alone)"
+    return "feasible", (
+        f"{int(saturated.sum())} output(s) sit at an end of {layer.activation}'s range "
+        "(saturated: their pre-activations are bounded on one side only), so uniqueness is "
+        "unsettled"
     )
 
 
@@ -349,6 +402,14 @@ class ActiveSet:
     target: np.ndarray
     tau: float
     scale: float
+    #: bijective activations: the units whose output sits at an end of the range
+    #: (tanh(20) == 1.0 in float64), their targets clipped just inside (None: none)
+    saturated: np.ndarray | None = None
+
+
+#: A saturated unit's target: the pre-activation whose output is this far inside the
+#: range (relative to its width): within every tolerance of the saturated value.
+SATURATION_MARGIN = 1e-12
 
 
 def active_set(layer: Layer, y: np.ndarray, rtol: float) -> ActiveSet | str:
@@ -356,17 +417,34 @@ def active_set(layer: Layer, y: np.ndarray, rtol: float) -> ActiveSet | str:
 
     Bijective activations are undone elementwise (every unit active); a ReLU's
     output is its own target, its units active where y > tau = rtol scale,
-    scale = max(|target|_inf, |b|_inf).
+    scale = max(|target|_inf, |b|_inf). An output of a bijective activation at an
+    end of its range, within rtol max(|y|_inf, 1) (a saturated unit: its exact
+    preimage is a half-line), gets the target SATURATION_MARGIN inside; only
+    outputs beyond that are out of range.
     """
     b = layer.bias_or_zero()
     target = layer.activation.inverse(y) if layer.activation.is_bijective else y
+    saturated = None
     if not np.all(np.isfinite(target)):
-        bad = int(np.sum(~np.isfinite(target)))
-        return f"{bad} output(s) lie outside the range of {layer.activation}"
+        lo, hi = layer.activation.range
+        near = rtol * max(float(np.max(np.abs(y))), 1.0)
+        outside = ~np.isfinite(target)
+        at_end = outside & ((np.abs(y - lo) <= near) | (np.abs(y - hi) <= near))
+        if (outside & ~at_end).any():
+            bad = int(np.sum(outside & ~at_end))
+            return f"{bad} output(s) lie outside the range of {layer.activation}"
+        target[at_end] = layer.activation.clipped_inverse(y[at_end], SATURATION_MARGIN)
+        saturated = at_end
     scale = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)), 1e-300)
     tau = rtol * scale
     if layer.activation.is_bijective:
-        return ActiveSet(np.ones(layer.out_width, dtype=bool), target, tau, scale)
+        # a curved activation's outputs are known to rtol max|y|: their targets to that over
+        # the slope (sigmoid outputs at 0.5 to float64's last digit fix targets of 1e-16
+        # only to 4e-16); saturated units aside, they have their own rule
+        free = y if saturated is None else y[~saturated]
+        scale = max(scale, float(layer.activation.target_scale(free)) if free.size else 0.0)
+        return ActiveSet(np.ones(layer.out_width, dtype=bool), target, rtol * scale, scale,
+                         saturated)
     if np.any(y < -tau):
         return "a ReLU output is negative"
     return ActiveSet(y > tau, target, tau, scale)
@@ -435,7 +513,11 @@ def nearest_point(
         two = cons.active & (y > 10 * cons.tau)
         weight = np.ones_like(y)
     s = cons.scale
-    rows = sparse.diags(weight / s) @ sparse.csr_matrix(matrix)
+    # h = (s / omega) v: the rows' entries weight w_ij / omega and their bounds O(1) at
+    # every scale of the data and the weights (HiGHS drops entries below 1e-9).
+    omega = float(abs(matrix).max()) if np.prod(matrix.shape) else 1.0
+    h_scale = s / omega if omega > 0 else s
+    rows = sparse.diags(weight / s) @ sparse.csr_matrix(matrix) * h_scale
     rhs = weight * (np.where(two, cons.target, y) - b) / s
     on, off = np.flatnonzero(two), np.flatnonzero(~two)
 
@@ -450,7 +532,7 @@ def nearest_point(
     solution = solve_lp(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, tolerance=LP_TOL)
     if solution.x is None:
         return None, np.inf, f"the nearest-point LP ended {solution.status} ({solution.message})"
-    h = solution.x[:n]
+    h = solution.x[:n] * h_scale
     if nonneg:
         h = np.maximum(h, 0.0)
     distance = float(solution.value) * s

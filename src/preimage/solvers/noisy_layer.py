@@ -72,9 +72,10 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import minimize, nnls
 
-from preimage.model.layer import Layer
+from preimage.model.layer import Layer, check_layer_input
 from preimage.model.operators import dense
-from preimage.results import LP_TOL
+from preimage.model.validation import check_choice, check_positive
+from preimage.results import LP_TOL, NORMS
 from preimage.solvers.highs import solve_lp
 
 #: The tau ladder: first rung (times the data scale) when y shows no noise floor.
@@ -407,8 +408,11 @@ def invert_layer_noisy(
     NoisyLayerResult
     """
     start = time.perf_counter()
+    y, rtol = check_layer_input(layer, y, nonneg, rtol)
+    check_choice(norm, "norm", NORMS)
+    if tau is not None:
+        tau = check_positive(tau, "tau", allow_zero=True)
     n = layer.in_width
-    y = np.asarray(y, dtype=np.float64)
     scale = max(float(np.max(np.abs(y))), _TINY)
     if layer.activation.is_bijective:
         ladder = [0.0]

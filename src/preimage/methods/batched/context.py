@@ -64,9 +64,12 @@ _CACHES: dict[tuple[int, str], tuple[weakref.ref[Layer], LayerCache]] = {}
 class Context:
     """Device, thread pool and per-layer caches for one batched call."""
 
-    def __init__(self, device: Any, n_jobs: int) -> None:
+    def __init__(self, device: Any, n_jobs: int, resolution: float = 0.0) -> None:
         import torch
 
+        #: the smallest sigma_min / sigma_max of W_A the data resolve (RANK_RTOL rtol): the
+        #: batched certificates of full column rank must show at least that
+        self.resolution = float(resolution)
         self.torch = torch
         self.device = torch.device(device)
         self.n_jobs = max(1, int(n_jobs))

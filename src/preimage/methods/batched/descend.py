@@ -29,11 +29,19 @@ import numpy as np
 from preimage.methods.batched import context
 from preimage.methods.batched.checks import check
 from preimage.methods.batched.context import Context, LayerCache, chunk_size
-from preimage.methods.batched.gram import downdate_then_gram, gram_solve
+from preimage.methods.batched.gram import downdate_then_gram, gram_solve, needs_resolution
 from preimage.methods.batched.square import solve_square
 from preimage.model.layer import Layer
 from preimage.model.network import Network
-from preimage.results import REPORT_FIELDS, LayerReport, LayerResult, ProgressCallback
+from preimage.results import (
+    REPORT_FIELDS,
+    Deadline,
+    LayerReport,
+    LayerResult,
+    ProgressCallback,
+    SampleFailure,
+    isolated,
+)
 from preimage.solvers.layer import invert_layer
 
 #: The message of a layer solved by the batched path (the same as `invert_layer`'s).
@@ -90,6 +98,12 @@ def fast_layer(
         target = np.where(is_finite, target, 0.0)
     largest = np.maximum(np.max(target, axis=1), -np.min(target, axis=1))  # max |t_i|
     scale = np.maximum(np.maximum(largest, cache.bias_max), 1e-300)
+    if act.is_bijective:
+        # (`preimage.solvers.layer.active_set`: a curved activation's rounding, in targets;
+        # where it sets the scale the resolution check of `invert_layer` decides)
+        with np.errstate(all="ignore"):
+            stretched = act.target_scale(y)
+        finite &= ~(stretched > scale)
     tau = rtol * scale
     if act.is_bijective:
         active = np.ones((b, m), dtype=bool)
@@ -126,6 +140,8 @@ def _solve_full_rank(
     Returns h0 (b, n) and a (b,) mask of the samples certified and solved.
     """
     n = cache.w_np.shape[1]
+    if needs_resolution(ctx, n):  # low-precision data: certified at its resolution
+        return gram_solve(cache, target, active, ctx)
     if n < context.SQUARE_MIN_WIDTH:
         return downdate_then_gram(cache, target, active, ctx)
     h0, solved = solve_square(cache, target, active, ctx)
@@ -145,20 +161,27 @@ def descend_batch(
     *,
     batch_size: int | None = None,
     progress: ProgressCallback | None = None,
+    deadline: Deadline | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[LayerArrays]]:
     """Invert every layer, top down, for a batch xb (B, n_d).
 
     Returns z (B, k) (NaN rows where a layer had no preimage), reached (B,)
     (whether the sample got through every layer) and one LayerArrays per layer
     (index 0 = latent side). Samples the batched step cannot settle go through
-    `invert_layer`, whose LayerResult is kept for the verdict.
+    `invert_layer`, whose LayerResult is kept for the verdict (a failed one,
+    with the error, where it raised). Past `deadline` no new chunk starts (its
+    samples stay "not_reached" at every layer) and `invert_layer` starts no new
+    sample (a failed LayerResult saying so).
     """
+    deadline = deadline or Deadline()
     batch = xb.shape[0]
     layers = [LayerArrays.empty(i, batch) for i in range(len(net.layers))]
     z = np.full((batch, net.latent_dim), np.nan)
     reached = np.zeros(batch, dtype=bool)
     step = chunk_size(net, batch, batch_size)
     for start in range(0, batch, step):
+        if deadline.expired():
+            break
         idx = np.arange(start, min(batch, start + step))
         h = xb[start : start + idx.size]  # a view: the layers only read it
         alive = np.ones(idx.size, dtype=bool)
@@ -166,7 +189,7 @@ def descend_batch(
             live = np.flatnonzero(alive)
             if live.size == 0:
                 break
-            h = _layer_step(net, i, h, live, alive, idx, rtol, ctx, layers[i])
+            h = _layer_step(net, i, h, live, alive, idx, rtol, ctx, layers[i], deadline)
         if alive.any():  # then h holds the inputs of layer 0
             reached[idx[alive]] = True
             z[idx[alive]] = h[alive]
@@ -185,13 +208,18 @@ def _layer_step(
     rtol: float,
     ctx: Context,
     arrays: LayerArrays,
+    deadline: Deadline,
 ) -> np.ndarray:
     """Layer i for the live samples of a chunk; returns their inputs (NaN where stopped)."""
     layer = net.layers[i]
     nonneg = net.input_nonnegative(i)
     start = time.perf_counter()
-    fast = fast_layer(layer, h if live.size == h.shape[0] else h[live], nonneg=nonneg,
-                      rtol=rtol, ctx=ctx)
+    y = h if live.size == h.shape[0] else h[live]
+    try:
+        fast = fast_layer(layer, y, nonneg=nonneg, rtol=rtol, ctx=ctx)
+    except Exception:  # the batched step broke on this chunk: each sample goes alone instead
+        fast = FastLayer(np.zeros(live.size, dtype=bool), np.zeros((live.size, layer.in_width)),
+                         np.zeros(live.size, dtype=int), np.full(live.size, np.nan))
     share = (time.perf_counter() - start) / live.size
     new_h = np.full((h.shape[0], layer.in_width), np.nan)
     good = live[fast.ok]
@@ -207,9 +235,13 @@ def _layer_step(
     slow = live[~fast.ok]
 
     def one(j: int) -> LayerResult:
+        if deadline.expired():
+            return LayerResult.failed(layer.in_width, f"{deadline.note()} before this layer")
         return invert_layer(layer, h[j], nonneg=nonneg, rtol=rtol)
 
-    for j, res in zip(slow, ctx.map(one, list(slow)), strict=True):
+    for j, res in zip(slow, ctx.map(isolated(one), list(slow)), strict=True):
+        if isinstance(res, SampleFailure):
+            res = LayerResult.failed(layer.in_width, res.message)
         arrays.record(int(idx[j]), res)
         if res.status in ("infeasible", "failed"):
             alive[j] = False

@@ -266,7 +266,8 @@ def _gram_solve_cpu(
             from scipy.linalg.lapack import dpptrf, dpptrs
 
             g = mask @ packed  # (p, n (n + 1) / 2): the packed upper triangles (column-major)
-            g[:, diag_packed] -= _shift(g[:, diag_packed].sum(axis=1, keepdims=True), n)
+            g[:, diag_packed] -= _shift(g[:, diag_packed].sum(axis=1, keepdims=True), n,
+                                        shift_floor(ctx))
             ok = np.zeros(p, dtype=bool)
             for k in range(p):
                 ok[k] = dpptrf(n, g[k], lower=0, overwrite_ap=1)[1] == 0
@@ -288,7 +289,7 @@ def _gram_solve_cpu(
                 dense = np.matmul(w_a.transpose(0, 2, 1), w_a)
             diag = np.arange(n)
             trace = dense[:, diag, diag].sum(axis=1)
-            dense[:, diag, diag] -= _shift(trace, n)[:, None]
+            dense[:, diag, diag] -= _shift(trace, n, shift_floor(ctx))[:, None]
             chol, ok = _cholesky_batch(dense)
             chol[~ok] = np.eye(n)
             lower = torch.from_numpy(chol)
@@ -348,9 +349,25 @@ def gram_solve(
     return h_all, ok_all
 
 
-def _shift(trace: Any, n: int) -> Any:
-    """delta: Cholesky of G - delta I succeeds only if lambda_min(G) > delta - O(n eps tr G) > 0."""
-    return GRAM_SHIFT * n * float(np.finfo(np.float64).eps) * trace
+def _shift(trace: Any, n: int, floor: float = 0.0) -> Any:
+    """delta: Cholesky of G - delta I succeeds only if lambda_min(G) > delta - O(n eps tr G) > 0.
+
+    ``floor``: delta is at least floor tr(G) (the resolution of low-precision data:
+    then sigma_min(W_A)^2 > floor tr(G) >= floor sigma_max(W_A)^2, `shift_floor`).
+    """
+    return max(GRAM_SHIFT * n * float(np.finfo(np.float64).eps), floor) * trace
+
+
+def shift_floor(ctx: Context) -> float:
+    """The relative shift the data's resolution asks of the Cholesky certificate."""
+    return ctx.resolution**2
+
+
+def needs_resolution(ctx: Context, n: int) -> bool:
+    """Whether the data's resolution is coarser than the certificates' own float64 margin
+    (float32 or half-precision data): then only the shifted Cholesky certificate of the
+    normal equations (`gram_solve`) is used, the one that can show it."""
+    return shift_floor(ctx) > GRAM_SHIFT * n * float(np.finfo(np.float64).eps)
 
 
 def _factor_dense(cache: LayerCache, mask: Any, ctx: Context) -> tuple[Any, Callable[[Any], Any]]:
@@ -362,7 +379,7 @@ def _factor_dense(cache: LayerCache, mask: Any, ctx: Context) -> tuple[Any, Call
     n = cache.w_np.shape[1]
     g = _gram(cache, mask, ctx)  # lower triangle only
     diag = torch.diagonal(g, dim1=1, dim2=2)
-    diag -= _shift(diag.sum(dim=1, keepdim=True), n)
+    diag -= _shift(diag.sum(dim=1, keepdim=True), n, shift_floor(ctx))
     chol, info = torch.linalg.cholesky_ex(g + torch.tril(g, diagonal=-1).mT)
     ok = info == 0
     if not bool(ok.all()):

@@ -1,0 +1,58 @@
+"""Honest verdicts under numerical stress and a small soak (issue 15).
+
+`benchmarks/stress.py` generates networks with layer scales from 1e-6 to 1e6,
+duplicated and near-zero rows, units exactly at their threshold, float32 and
+float64, and checks every verdict (its module docstring); `benchmarks/soak.py`
+runs millions of samples through the batched path in chunks. Here a few cases
+of each: the closing note of issue 15 has the full runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    path = BENCHMARKS / f"{name}.py"
+    if not path.exists():
+        pytest.skip(f"{path} is not beside the tests")
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look themselves up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stressed_networks_get_honest_verdicts() -> None:
+    """40 networks, 160 codes: no "infeasible" for x = G(z), no "unique" with a wrong z,
+    every answer and witness a preimage."""
+    report = _load("stress").run(40, first_seed=0)
+    assert report["violations"] == 0, report["problems"]
+    assert report["codes"] == 160
+    assert set(report["networks_by_precision"]) == {"float64", "float32"}
+    assert report["statuses"].get("unique", 0) >= 80  # (verdicts are still given)
+    assert min(report["recipes"].values()) > 0
+
+
+@pytest.mark.slow
+def test_more_stressed_networks() -> None:
+    report = _load("stress").run(150, first_seed=1000)
+    assert report["violations"] == 0, report["problems"]
+
+
+def test_a_small_soak_loses_and_misreports_nothing() -> None:
+    """8 chunks of 1,500 samples of 20-100-500: every sample answered, memory flat."""
+    report = _load("soak").soak(12_000, 1_500)
+    assert report["samples"] == 12_000 and report["chunks"] == 8
+    assert report["lost"] == 0 and report["misreported"] == 0, report["examples"]
+    assert sum(report["statuses"].values()) == 12_000
+    assert report["statuses"].get("unique", 0) >= 11_000
+    assert report["growth_after_warmup_mb"] < 64, report["resident_mb"]
