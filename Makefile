@@ -28,7 +28,7 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
 
-# The figures and CSVs of docs/results.md (about an hour on 2 cores). Resumable:
+# The figures and CSVs of docs/results.md (about two hours on 2 cores). Resumable:
 # runs already in docs/figures/NAME.csv are skipped.
 AUTHORS := ../shared/models/invertgan_lp
 figures: $(STAMP)
@@ -37,5 +37,6 @@ figures: $(STAMP)
 	$(BIN)/preimage experiment partial --runs 30 --out docs/figures
 	$(BIN)/preimage experiment mnist-decoder --runs 30 --out docs/figures \
 		$(if $(wildcard $(AUTHORS)),--model $(AUTHORS),)
+	$(BIN)/preimage experiment projection --runs 100 --out docs/figures
 	$(BIN)/preimage demo --out docs/figures
 	$(BIN)/python examples/nonconvex_preimage.py --out docs/figures

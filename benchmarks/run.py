@@ -19,6 +19,22 @@ It prints a table and appends one JSON line to ``benchmarks/results.jsonl``
 
     python benchmarks/run.py            # the full run (7-9 minutes on 2 cores)
     python benchmarks/run.py --quick    # a smoke run (seconds)
+
+Two more suites, each one JSON line of its own ("suite"):
+
+    python benchmarks/run.py --parallel       # 2 worker processes vs 2 threads (3-5 min)
+    python benchmarks/run.py --stream 1000000 # a million samples from a .npy (5-10 min)
+
+``--parallel``: the same batch inverted by one process with 2 threads
+(``invert(n_jobs=2)``), by one thread, and by a Dask ``LocalCluster`` of 2
+single-threaded worker processes (`preimage.jobs.invert_stream`, chunks as
+tasks, results written to a folder), on 100-500-784 and the shipped MNIST
+decoder: samples/s of each and the ratio processes / threads.
+``--stream N``: N samples of 20-100-500 written to a ``.npy``, then (each in a
+process of its own, for its own peak RSS) `invert_stream` over the file,
+memory-mapped chunk by chunk, and in-memory `invert` on batches of the same
+size (the stream's chunks) for the yardstick, measured before and after the
+stream: the stream's peak RSS and its throughput as a fraction of in-memory.
 """
 
 from __future__ import annotations
@@ -183,6 +199,208 @@ def measure(name: str, method: str, batch: int, threads: int, steps: int,
     return row
 
 
+# --- parallel: worker processes vs threads ---------------------------------------------
+
+#: name -> (batch, chunk size of the process version)
+PARALLEL: dict[str, tuple[int, int]] = {
+    "100-500-784": (120, 10),
+    "mnist-relu-20-60-784": (3000, 250),
+}
+
+
+def parallel_measure(name: str, how: str, batch: int, chunk: int, out: str) -> dict[str, Any]:
+    """One batch of `name` inverted by `how`: "threads-2", "threads-1" or "processes-2"."""
+    import torch
+
+    import preimage
+
+    net = load_network(name)
+    z, x = data(net, batch, seed=1)
+    _, warm_x = data(net, 8, seed=2)
+    row: dict[str, Any] = {"config": name, "method": how, "batch": batch}
+    if how.startswith("threads"):
+        threads = int(how.split("-")[1])
+        torch.set_num_threads(threads)
+        preimage.invert(net, warm_x, n_jobs=threads)
+        start = time.perf_counter()
+        result = preimage.invert(net, x, n_jobs=threads)
+        elapsed = time.perf_counter() - start
+    else:
+        from distributed import Client, LocalCluster
+
+        from preimage.jobs import invert_stream, load_results
+
+        torch.set_num_threads(1)
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        with Client(cluster) as client:
+            # warm: both workers import preimage and torch, and see the network once
+            invert_stream(net, np.concatenate([warm_x] * 2), Path(out) / "warm",
+                          executor=client, chunk_size=8)
+            start = time.perf_counter()
+            invert_stream(net, x, Path(out) / "run", executor=client, chunk_size=chunk)
+            elapsed = time.perf_counter() - start
+        cluster.close()
+        result = load_results(Path(out) / "run")
+        row["chunk_size"] = chunk
+    row.update(
+        counts=result.counts(),
+        samples_with_lp=int(np.any([rep.used_lp for rep in result.layers], axis=0).sum()),
+        seconds=elapsed, samples_per_s=batch / elapsed,
+        exact_recovery=recovery(result.z, z)[0],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    return row
+
+
+def parallel_table(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r.get("config"), r.get("method")): r for r in rows if "error" not in r}
+    out = ["| config | method | batch | samples/s | x threads-2 | samples with an LP |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r.get('config')} | {r.get('method')} | | | | {r['error'][:60]} |")
+            continue
+        ref = by.get((r["config"], "threads-2"))
+        ratio = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" if ref else ""
+        how = r["method"] + (f" (chunks of {r['chunk_size']})" if "chunk_size" in r else "")
+        out.append(f"| {r['config']} | {how} | {r['batch']} | {_rate(r['samples_per_s'])} | "
+                   f"{ratio} | {r['samples_with_lp']} |")
+    return out
+
+
+# --- stream: a dataset beyond memory --------------------------------------------------
+
+STREAM_NET = "20-100-500"
+#: Chunks of in-memory `invert` timed for the yardstick, before and after the stream.
+YARDSTICK_CHUNKS = 24
+
+
+def stream_data(n: int, path: str) -> dict[str, Any]:
+    """x = G(z) of n codes, written block by block to a .npy (never whole in memory)."""
+    net = load_network(STREAM_NET)
+    rng = np.random.default_rng(1)
+    block = 50_000
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_2_0(
+            fh, {"descr": "<f8", "fortran_order": False, "shape": (n, net.output_dim)})
+        for lo in range(0, n, block):
+            fh.write(net.forward(rng.standard_normal((min(block, n - lo), net.latent_dim)))
+                     .tobytes())
+    return {"samples": n, "bytes": os.path.getsize(path)}
+
+
+def stream_measure(how: str, path: str, out: str, threads: int) -> dict[str, Any]:
+    """"stream": `invert_stream` over the file; "in-memory": `invert` on chunks in memory."""
+    import torch
+
+    import preimage
+    from preimage.jobs import ResultsFolder, invert_stream
+    from preimage.methods.batched.context import chunk_size
+
+    torch.set_num_threads(threads)
+    net = load_network(STREAM_NET)
+    x = np.load(path, mmap_mode="r")
+    n = x.shape[0]
+    chunk = chunk_size(net, n, None)
+    preimage.invert(net, np.array(x[:8]))  # warm
+    row: dict[str, Any] = {"config": STREAM_NET, "method": how, "samples": n,
+                           "chunk_size": chunk, "threads": threads}
+    if how == "stream":
+        del x
+        start = time.perf_counter()
+        report = invert_stream(net, path, out)
+        elapsed = time.perf_counter() - start
+        row.update(samples_done=report.computed_samples, counts=report.counts,
+                   complete=report.complete,
+                   result_bytes=sum(p.stat().st_size for p in ResultsFolder(out).chunks.iterdir()))
+    else:
+        count = min(YARDSTICK_CHUNKS, -(-n // chunk))
+        batches = [np.array(x[i * chunk : (i + 1) * chunk]) for i in range(count)]
+        del x
+        start = time.perf_counter()
+        for batch in batches:
+            preimage.invert(net, batch)
+        elapsed = time.perf_counter() - start
+        row.update(samples_done=sum(b.shape[0] for b in batches))
+    row.update(seconds=elapsed, samples_per_s=row["samples_done"] / elapsed,
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def run_task(task: str, **kwargs: Any) -> dict[str, Any]:
+    """`TASKS[task](**kwargs)` in a child process (its own peak RSS); its JSON row."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--task", task, json.dumps(kwargs)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+TASKS = {"parallel": parallel_measure, "stream-data": stream_data, "stream": stream_measure}
+
+
+def run_parallel(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    rows = []
+    plan = {k: PARALLEL[k] for k in args.configs.split(",")} if args.configs else PARALLEL
+    for name, (batch, chunk) in plan.items():
+        for how in ("threads-1", "threads-2", "processes-2"):
+            with tempfile.TemporaryDirectory() as tmp:
+                row = run_task("parallel", name=name, how=how, batch=batch, chunk=chunk, out=tmp)
+            row.setdefault("config", name)
+            row.setdefault("method", how)
+            rows.append(row)
+            rate = row.get("samples_per_s")
+            print(f"  {name:>22} {how:>11} B={batch:<6} "
+                  + (f"{rate:12,.1f} samples/s" if rate else row.get("error", "")), flush=True)
+    print()
+    print("\n".join(parallel_table(rows)))
+    return {"suite": "parallel", "results": rows}
+
+
+def run_stream(args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="preimage-stream-", dir=args.scratch))
+    try:
+        path, out = str(tmp / "x.npy"), str(tmp / "results")
+        made = run_task("stream-data", n=args.stream, path=path)
+        print(f"  data: {made}", flush=True)
+        rows = []
+        for how in ("in-memory", "stream", "in-memory"):
+            row = run_task("stream", how=how, path=path, out=out, threads=args.threads)
+            rows.append(row)
+            print(f"  {how:>9}: " + (f"{row['samples_per_s']:,.0f} samples/s, peak RSS "
+                                    f"{row['peak_rss_mb']:,.0f} MB" if "error" not in row
+                                    else row["error"]), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ok = [r for r in rows if "error" not in r]
+    summary: dict[str, Any] = {}
+    streamed = [r for r in ok if r["method"] == "stream"]
+    yard = [r["samples_per_s"] for r in ok if r["method"] == "in-memory"]
+    if streamed and yard:
+        summary = {
+            "samples": args.stream,
+            "stream_samples_per_s": streamed[0]["samples_per_s"],
+            "in_memory_samples_per_s": float(np.mean(yard)),
+            "throughput_vs_in_memory": streamed[0]["samples_per_s"] / float(np.mean(yard)),
+            "stream_peak_rss_mb": streamed[0]["peak_rss_mb"],
+            "complete": streamed[0]["complete"],
+        }
+        print(f"\nstream: {summary['stream_samples_per_s']:,.0f} samples/s = "
+              f"{summary['throughput_vs_in_memory']:.0%} of in-memory invert on chunks of "
+              f"{streamed[0]['chunk_size']} ({summary['in_memory_samples_per_s']:,.0f}/s); "
+              f"peak RSS {summary['stream_peak_rss_mb']:,.0f} MB")
+    return {"suite": "stream", "summary": summary, "results": rows}
+
+
 # --- the driver -----------------------------------------------------------------------
 
 
@@ -285,9 +503,39 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of: " + ", ".join(FULL))
     parser.add_argument("--table", action="store_true",
                         help="only print the table of the last run recorded in --results")
+    parser.add_argument("--parallel", action="store_true",
+                        help="2 worker processes vs 2 threads (suite 'parallel')")
+    parser.add_argument("--stream", type=int, default=None, metavar="N",
+                        help="stream N samples from a .npy (suite 'stream')")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="folder for --stream's data and results (default: the temp dir)")
     parser.add_argument("--child", nargs=6, metavar=("CONFIG", "METHOD", "BATCH", "THREADS",
                                                      "STEPS", "LIMIT"), help=argparse.SUPPRESS)
+    parser.add_argument("--task", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.task:
+        print(json.dumps(TASKS[args.task[0]](**json.loads(args.task[1]))))
+        return 0
+    if args.parallel or args.stream is not None:
+        info = machine()
+        started = time.perf_counter()
+        print(f"machine: {info['cpu']}, {info['cpus']} CPUs, load {info['load_average']}",
+              flush=True)
+        record = run_parallel(args) if args.parallel else run_stream(args)
+        record = {
+            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **record,
+            "quick": False,
+            "threads": args.threads,
+            "machine": info,
+            "load_average_after": [round(v, 2) for v in os.getloadavg()],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        with args.results.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(f"\nappended to {args.results}")
+        return 0
     if args.child:
         name, method, batch, threads, steps, limit = args.child
         row = measure(name, method, int(batch), int(threads), int(steps), float(limit))
@@ -296,7 +544,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.table:
         last = json.loads(args.results.read_text().splitlines()[-1])
-        print("\n".join(table(last["results"])))
+        show = parallel_table if last.get("suite") == "parallel" else table
+        if last.get("suite") == "stream":
+            print(json.dumps(last["summary"], indent=1))
+        else:
+            print("\n".join(show(last["results"])))
         return 0
     plan = QUICK if args.quick else FULL
     if args.configs:

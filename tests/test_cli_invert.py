@@ -118,3 +118,37 @@ def test_from_file_reads_the_shipped_safetensors() -> None:
     np.testing.assert_allclose(net.forward(z), ref.forward(z), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="do not form one chain"):
         Network.from_file(str(path))  # encoder and decoder layers together
+
+
+def test_invert_into_a_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out DIR: chunks written as they finish, a rerun resumes, another model is refused."""
+    from preimage.jobs import load_results
+
+    net = random_network([6, 30, 80], seed=3)
+    _save_state(net, tmp_path / "g.pt", ["fc1", "fc2"])
+    _save_state(random_network([6, 30, 80], seed=5), tmp_path / "h.pt", ["fc1", "fc2"])
+    z = np.random.default_rng(1).standard_normal((10, 6))
+    np.save(tmp_path / "x.npy", net.forward(z))
+    out = tmp_path / "res"
+    args = ["invert", str(tmp_path / "g.pt"), str(tmp_path / "x.npy"), "--out", str(out),
+            "--chunk-size", "4"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "3 chunks of 4 samples, on this process" in text
+    assert "answers (z with its checks passed): 10/10" in text
+    assert np.all(_rel(load_results(out).z, z) < 1e-8)
+    assert main(args) == 0
+    assert "resumed: 3 of 3 chunks were already done (10 samples), skipped" in \
+        capsys.readouterr().out
+    args[1] = str(tmp_path / "h.pt")
+    assert main(args) == 2
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("preimage invert: ") and "another model" in last
+    assert main(["invert", str(tmp_path / "g.pt"), "--codes", "5", "--out",
+                 str(tmp_path / "codes")]) == 0
+    assert "recovered the true code (relative error < 1e-6): 5/5" in capsys.readouterr().out
+    assert (tmp_path / "codes" / "z_true.npy").exists()
+    if Path("/sys").is_dir():
+        assert main(["invert", str(tmp_path / "g.pt"), str(tmp_path / "x.npy"), "--out",
+                     "/sys/preimage-results"]) == 2
+        assert "cannot write the results folder" in capsys.readouterr().err

@@ -109,6 +109,23 @@ def test_linf_descent_against_the_milps_global_minimum(rng: np.random.Generator)
     assert seeded.value <= res.misfit[0] * (1 + 1e-6)
 
 
+def test_a_milp_stopped_before_any_bound_reports_a_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    # HiGHS out of time before its root node leaves scipy's mip_dual_bound None.
+    import scipy.optimize
+
+    from preimage.solvers import highs
+
+    def stopped(*args: object, **kwargs: object) -> scipy.optimize.OptimizeResult:
+        return scipy.optimize.OptimizeResult(status=1, x=None, fun=None, message="time limit",
+                                             mip_dual_bound=None)
+
+    monkeypatch.setattr(highs, "milp", stopped)
+    net = random_network([3, 8, 12], seed=1)
+    found = milp_projection(net, np.ones(12), norm="linf", time_limit=1.0)
+    assert found.z is None and found.value == np.inf and found.bound == -np.inf
+    assert found.status != "optimal"
+
+
 def test_bad_starts_encoders_and_networks_are_refused() -> None:
     net = random_network([4, 12, 30], seed=0)
     x = net.forward(np.ones((2, 4)))

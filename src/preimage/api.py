@@ -98,6 +98,20 @@ def _route(method: str, noise: str | None, observe: Any, A: Any, net: Network) -
     return "partial" if observe is not None else "exact"
 
 
+def route_arguments(
+    net: Network, *, method: str = "exact", noise: str | None = None, observe: Any = None,
+    A: Any = None,
+) -> frozenset[str]:
+    """The shared arguments (`SHARED`) that `invert` takes with these settings.
+
+    E.g. whether ``batch_size`` sets the chunks of the batched exact method
+    (`preimage.jobs` streams in chunks of that size).
+    """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+    return ROUTES[_route(method, noise, observe, A, net)].takes
+
+
 def _call(route: str, label: str, shared: dict[str, Any], options: Mapping[str, Any],
           *args: Any, **kwargs: Any) -> InversionResult:
     """The route's function on args, with the shared arguments it takes and ``options``.
@@ -201,7 +215,8 @@ def invert(
         ``batch_size`` (samples per chunk; default: a 128 MiB working-memory
         budget), ``device`` (torch device; default CUDA when available; also
         the gradient and hybrid routes) and ``n_jobs`` (threads for the LPs and
-        CPU solves; default the CPUs this process may use).
+        CPU solves; default the CPUs this process may use; the answers do not
+        depend on it).
     noise : "linf", "l1" or "l2", optional
         x = G(z) + e: fit in this norm instead of solving G(z) = x exactly.
         Noisy results are estimates: "feasible" or "failed", never "unique".

@@ -8,11 +8,14 @@
 - the one residual (`relative_residual`) and the one result builder
   (`build_result`), used by every method, so every result reports the same
   fields with the same types: arrays of shape (B,) (or (B, k)) when the caller
-  passed a batch, scalars (or (k,)) when one sample.
+  passed a batch, scalars (or (k,)) when one sample;
+- `combine_results`: the result over consecutive batches from theirs (the
+  chunks of a streamed job, `preimage.jobs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import traceback
@@ -499,6 +502,7 @@ def build_result(
     steps: np.ndarray | None = None,
     distance: np.ndarray | None = None,
     pool_map: PoolMap | None = None,
+    chunk: int | None = None,
 ) -> InversionResult:
     """The `InversionResult` of every method, from per-sample arrays of length B.
 
@@ -511,6 +515,11 @@ def build_result(
     statuses, or a rule ``status(residual, misfit) -> statuses`` applied to the
     measured answers (the estimating methods). `distance`: the misfit of the
     samples without z (a proved distance from the range), inf by default.
+    `chunk`: the pieces never straddle a multiple of it, so each chunk of that
+    many samples is measured exactly as if it had been inverted alone (the
+    rounding of a matrix product depends on its rows: the batched methods
+    invert a batch chunk by chunk, and `combine_results` of their chunks is
+    then bit for bit the result of the whole batch).
     """
     batch = z.shape[0]
     residual = np.full(batch, np.nan)
@@ -524,7 +533,11 @@ def build_result(
         residual[part] = relative_residual(pred, observed[part])
         misfit[part] = vector_norm(pred - observed[part], noise)
 
-    parts = [done[lo : lo + RESIDUAL_ROWS] for lo in range(0, done.size, RESIDUAL_ROWS)]
+    step = batch if chunk is None else max(1, int(chunk))
+    parts = []
+    for first in range(0, batch, step):
+        lo, hi = np.searchsorted(done, [first, first + step])
+        parts += [done[a : min(hi, a + RESIDUAL_ROWS)] for a in range(lo, hi, RESIDUAL_ROWS)]
     if pool_map is None:
         for part in parts:
             measure_part(part)
@@ -548,4 +561,62 @@ def build_result(
     return InversionResult(
         z, status, success, residual, witness, message, layers, method, rtol, elapsed,
         misfit=misfit, z_error_bound=bound, steps=steps, noise=noise,
+    )
+
+
+#: The fields of an `InversionResult` that describe the whole call, not one sample.
+RUN_FIELDS: tuple[str, ...] = ("layers", "method", "rtol", "time", "noise")
+
+
+def _concatenate(name: str, values: Sequence[Any]) -> Any:
+    """One per-sample field over consecutive batches: None in all of them, or arrays."""
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        raise ValueError(f"`{name}` is set in some of the results and not in others.")
+    arrays = [np.asarray(v) for v in values]
+    if any(a.ndim == 0 for a in arrays):
+        raise ValueError(
+            f"`{name}` is a scalar: only results over batches (x of shape (B, n)) combine."
+        )
+    return np.concatenate(arrays, axis=0)
+
+
+def combine_results(parts: Sequence[InversionResult]) -> InversionResult:
+    """The result over consecutive batches x_1, ..., x_c, from their results in order.
+
+    Per-sample fields (arrays over each batch) are concatenated, as are the
+    per-layer fields of `layers`; ``method``, ``rtol`` and ``noise`` must agree;
+    ``time`` is the sum of the parts' (the compute time). Where every part is
+    a chunk of the batched exact method (``batch_size`` samples each, the last
+    one shorter), the combined result is that of the whole batch, bit for bit
+    in every field but the timings (`build_result`'s ``chunk``).
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("`parts` must hold at least one InversionResult.")
+    first = parts[0]
+    for name in ("method", "rtol", "noise"):
+        values = {getattr(p, name) for p in parts}
+        if len(values) > 1:
+            raise ValueError(f"The results differ in `{name}` ({sorted(map(str, values))}).")
+    if len({len(p.layers) for p in parts}) > 1:
+        raise ValueError("The results have different numbers of layers.")
+    layers = []
+    for i, report in enumerate(first.layers):
+        reports = [p.layers[i] for p in parts]
+        if len({r.index for r in reports}) > 1:
+            raise ValueError(f"The results' layer {i} reports are of different layers.")
+        columns = {
+            f.name: _concatenate(f"layers[{i}].{f.name}", [getattr(r, f.name) for r in reports])
+            for f in dataclasses.fields(LayerReport) if f.name != "index"
+        }
+        layers.append(LayerReport(index=report.index, **columns))
+    samples = {
+        f.name: _concatenate(f.name, [getattr(p, f.name) for p in parts])
+        for f in dataclasses.fields(InversionResult) if f.name not in RUN_FIELDS
+    }
+    return InversionResult(
+        layers=tuple(layers), method=first.method, rtol=first.rtol,
+        time=float(sum(p.time for p in parts)), noise=first.noise, **samples,
     )

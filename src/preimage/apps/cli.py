@@ -1,6 +1,7 @@
 """The `preimage` command. All printing lives here; the library prints nothing.
 
     preimage invert MODEL [X.npy] [--codes N]       invert observations (or random codes)
+        [--out DIR] [--workers N | --scheduler ADDRESS]   chunk by chunk, resumable, on Dask
     preimage demo [--out DIR]                       the MNIST decoder, exact LP vs Adam
     preimage experiment NAME --runs N --out DIR     a CSV of every run and a PNG figure
     preimage train-mnist --out DIR                  retrain the two shipped VAEs
@@ -29,11 +30,23 @@ from preimage.model.network import Network
 from preimage.results import NORMS, STATUS_MEANING
 
 
-def _bar(desc: str, total: int | None = None, unit: str = "it") -> tuple[tqdm, Callable]:
-    """A tqdm bar on stderr and a ``progress(done, total)`` callback that moves it."""
+def _bar(desc: str, total: int | None = None, unit: str = "it",
+         resumed: bool = False) -> tuple[tqdm, Callable]:
+    """A tqdm bar on stderr and a ``progress(done, total)`` callback that moves it.
+
+    `resumed`: the first call's `done` is work of earlier runs, where the bar
+    starts (it does not count towards the rate).
+    """
     bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+    first = [resumed]
 
     def update(done: int, of: int) -> None:
+        if first[0]:
+            first[0] = False
+            bar.reset(total=of)
+            bar.initial = bar.n = bar.last_print_n = done
+            bar.refresh()
+            return
         if bar.total != of:
             bar.total = of
             bar.refresh()
@@ -104,6 +117,23 @@ def _load_array(path: str, what: str) -> Any:
         raise ValueError(f"cannot read {what} from {path}: {exc}") from exc
 
 
+def _streaming(args: argparse.Namespace) -> bool:
+    """Whether the results go to a folder, chunk by chunk (else one .npz at the end)."""
+    return args.out is not None and not str(args.out).endswith(".npz")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `invert` that the options ask for."""
+    kwargs: dict[str, Any] = {"method": args.method, "rtol": args.rtol}
+    if args.noise is not None:
+        kwargs.update(noise=args.noise, noise_level=args.noise_level)
+    elif args.noise_level is not None:
+        raise ValueError("--noise-level needs --noise (linf, l1 or l2)")
+    if args.mask is not None:
+        kwargs["observe"] = _load_array(args.mask, "the mask")
+    return kwargs
+
+
 def cmd_invert(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -112,24 +142,26 @@ def cmd_invert(args: argparse.Namespace) -> int:
         z_true = None
         if (args.x is None) == (args.codes is None):
             raise ValueError("give either an observation file X.npy or --codes N")
+        if (args.workers is not None or args.scheduler is not None) and not _streaming(args):
+            raise ValueError("--workers and --scheduler write a results folder: give --out DIR")
+        if args.workers is not None and args.scheduler is not None:
+            raise ValueError("give either --workers N (a local cluster) or --scheduler ADDRESS")
         if args.codes is not None:
             if args.codes < 1:
                 raise ValueError(f"--codes must be >= 1; got {args.codes}")
             z_true = np.random.default_rng(args.seed).standard_normal(
                 (args.codes, net.latent_dim)
             )
-            x = net.forward(z_true)
+            x: Any = net.forward(z_true)
+        elif _streaming(args):
+            x = args.x  # read chunk by chunk, memory-mapped
         else:
             x = _load_array(args.x, "the observations")
             if x.ndim == 1 or tuple(x.shape) == net.output_shape:
                 x = x[None]  # one sample: a batch of one, so every result field is an array
-        kwargs: dict[str, Any] = {"method": args.method, "rtol": args.rtol}
-        if args.noise is not None:
-            kwargs.update(noise=args.noise, noise_level=args.noise_level)
-        elif args.noise_level is not None:
-            raise ValueError("--noise-level needs --noise (linf, l1 or l2)")
-        if args.mask is not None:
-            kwargs["observe"] = _load_array(args.mask, "the mask")
+        kwargs = _settings(args)
+        if _streaming(args):
+            return _invert_to_folder(args, net, x, z_true, kwargs)
         bar, update = _bar("inverting", unit="sample")
         try:
             with _threads(args.threads):
@@ -137,39 +169,18 @@ def cmd_invert(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"preimage invert: {message}", file=sys.stderr)
-        return 2
+        return _fail(exc)
 
-    status, success, residual, z = result.status, result.success, result.residual, result.z
-    print(f"G: {net}")
-    if z_true is not None:
-        source = f"{args.codes} codes z ~ N(0, I) (seed {args.seed}), x = G(z)"
-    else:
-        source = str(args.x)
-    print(f"x: {source}; {status.size} sample(s); method {result.method!r}"
-          + (f", noise {result.noise} <= {args.noise_level}" if result.noise else ""))
-    print()
-    rows = [[s, int(np.sum(status == s)), STATUS_MEANING.get(s, "")]
-            for s in dict.fromkeys(status.tolist())]
-    print_table(["status", "samples", "meaning"], rows)
-    print()
-    print(f"answers (z with its checks passed): {int(success.sum())}/{status.size}")
-    if success.any():
-        print(f"relative misfit |G(z) - x|_inf / |x|_inf of the answers: median "
-              f"{np.median(residual[success]):.2e}, max {np.max(residual[success]):.2e}")
-    if z_true is not None:
-        err = np.linalg.norm(z - z_true, axis=1) / np.linalg.norm(z_true, axis=1)
-        err = np.where(np.isfinite(err), err, np.inf)
-        print(f"recovered the true code (relative error < 1e-6): "
-              f"{int(np.sum(err < 1e-6))}/{status.size}")
-    print(f"time: {result.time:.2f} s ({result.time / status.size * 1e3:.1f} ms per sample)")
+    _summary(args, net, z_true, result.method, result.noise, result.status, result.success,
+             result.residual, result.z)
+    n = result.status.size
+    print(f"time: {result.time:.2f} s ({result.time / n * 1e3:.1f} ms per sample)")
     if args.out is not None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {
-            "z": z, "status": status.astype(str), "success": success, "residual": residual,
-            "witness": result.witness,
+            "z": result.z, "status": result.status.astype(str), "success": result.success,
+            "residual": result.residual, "witness": result.witness,
         }
         if args.noise_level is not None:
             arrays["z_error_bound"] = result.z_error_bound
@@ -178,6 +189,97 @@ def cmd_invert(args: argparse.Namespace) -> int:
         np.savez(out, **arrays)
         print(f"saved: {out.resolve()} ({', '.join(arrays)})")
     return 0
+
+
+def _fail(exc: BaseException) -> int:
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    print(f"preimage invert: {message}", file=sys.stderr)
+    return 2
+
+
+def _invert_to_folder(args: argparse.Namespace, net: Network, x: Any, z_true: Any,
+                      kwargs: dict[str, Any]) -> int:
+    """`preimage.jobs.invert_stream` into the folder --out, here or on a Dask cluster."""
+    import numpy as np
+
+    from preimage.jobs import ResultsFolder, dask_client, invert_stream
+
+    bar, update = _bar("inverting", unit="sample", resumed=True)
+    options = {"chunk_size": args.chunk_size, "retries": args.retries, "progress": update}
+    try:
+        try:
+            if args.workers is None and args.scheduler is None:
+                with _threads(args.threads):
+                    report = invert_stream(net, x, args.out, **options, **kwargs)
+            else:
+                cluster = ({"workers": args.workers} if args.workers is not None
+                           else {"scheduler": args.scheduler, "timeout": args.connect_timeout})
+                with dask_client(**cluster) as client:
+                    report = invert_stream(net, x, args.out, executor=client, **options,
+                                           **kwargs)
+        finally:
+            bar.close()  # before any message: the bar's line is erased
+    except (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
+            ConnectionError) as exc:
+        return _fail(exc)
+    folder = ResultsFolder(report.folder)
+    if z_true is not None:
+        np.save(folder.path / "z_true.npy", z_true)
+    where = (f"{args.workers} local worker processes" if args.workers is not None
+             else f"the cluster at {args.scheduler}" if args.scheduler is not None
+             else "this process")
+    print(f"results: {folder.path.resolve()} ({report.chunks} chunks of {report.chunk_size} "
+          f"samples, on {where})")
+    if report.skipped:
+        print(f"resumed: {report.skipped} of {report.chunks} chunks were already done "
+              f"({report.skipped_samples} samples), skipped")
+    status = folder.read_field("status")
+    rows = [folder.read_field(name) for name in ("success", "residual", "z")]
+    method = folder.read_chunk(min(folder.done())).method if folder.done() else args.method
+    _summary(args, net, z_true if report.complete else None, method,
+             kwargs.get("noise"), status, *rows)
+    rate = (f" ({report.computed_samples / report.seconds:.1f} samples/s)"
+            if report.computed else "")
+    print(f"time: {report.seconds:.2f} s for {report.computed} chunks{rate}")
+    for chunk, error in report.failed.items():
+        lo, hi = report.rows(chunk)
+        print(f"chunk {chunk} (samples {lo}..{hi - 1}) failed after {args.retries} retries: "
+              f"{error}", file=sys.stderr)
+    if not report.complete:
+        print(f"{report.chunks - report.skipped - report.computed} chunks not done: rerun the "
+              "same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _summary(args: argparse.Namespace, net: Network, z_true: Any, method: str,
+             noise: str | None, status: Any, success: Any, residual: Any, z: Any) -> None:
+    """The table of statuses, the answers' misfits and, for --codes, the codes recovered."""
+    import numpy as np
+
+    print(f"G: {net}")
+    if z_true is not None:
+        source = f"{args.codes} codes z ~ N(0, I) (seed {args.seed}), x = G(z)"
+    else:
+        source = str(args.x)
+    print(f"x: {source}; {status.size} sample(s); method {method!r}"
+          + (f", noise {noise} <= {args.noise_level}" if noise else ""))
+    print()
+    rows = [[s, int(np.sum(status == s)), STATUS_MEANING.get(s, "")]
+            for s in dict.fromkeys(status.tolist())]
+    print_table(["status", "samples", "meaning"], rows)
+    print()
+    success = success.astype(bool)
+    print(f"answers (z with its checks passed): {int(success.sum())}/{status.size}")
+    if success.any():
+        print(f"relative misfit |G(z) - x|_inf / |x|_inf of the answers: median "
+              f"{np.median(residual[success]):.2e}, max {np.max(residual[success]):.2e}")
+    if z_true is not None:
+        z = z.reshape(z.shape[0], -1)
+        err = np.linalg.norm(z - z_true, axis=1) / np.linalg.norm(z_true, axis=1)
+        err = np.where(np.isfinite(err), err, np.inf)
+        print(f"recovered the true code (relative error < 1e-6): "
+              f"{int(np.sum(err < 1e-6))}/{status.size}")
 
 
 # ------------------------------------------------------------------------------- demo
@@ -265,10 +367,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     stats = sorted(ex.summarize(rows, by), key=lambda s: tuple(_order(s[b]) for b in by))
     print_table(
         [*by, "runs", f"error < {ex.SUCCESS_RTOL:g}", "G(z_hat) = x", "median error",
-         "median misfit", "time/run"],
+         "median misfit", "p90 misfit", "time/run"],
         [
             [*(s[b] for b in by), s["runs"], _pct(s["success"]), _pct(s["in_range"]),
-             _sci(s["median_error"]), _sci(s["median_misfit"]), f"{s['time'] * 1e3:.1f} ms"]
+             _sci(s["median_error"]), _sci(s["median_misfit"]), _sci(s["p90_misfit"]),
+             f"{s['time'] * 1e3:.1f} ms"]
             for s in stats
         ],
     )
@@ -346,7 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--mask", default=None,
                      help=".npy of booleans, shape (n,): which entries of x are observed")
     inv.add_argument("--rtol", type=float, default=None, help="relative tolerance")
-    inv.add_argument("--out", default=None, help="save z, status, witness, ... to this .npz")
+    inv.add_argument("--out", default=None,
+                     help="a results folder, written chunk by chunk as they finish and resumed "
+                     "when the command is rerun (X.npy is read memory-mapped); or FILE.npz: "
+                     "z, status, witness, ... in one file at the end")
+    inv.add_argument("--workers", type=int, default=None,
+                     help="run the chunks on a local Dask cluster of N single-threaded processes")
+    inv.add_argument("--scheduler", default=None,
+                     help="run the chunks on the Dask cluster whose scheduler is at ADDRESS "
+                     "(tcp://host:8786; see `dask scheduler`, `dask worker`)")
+    inv.add_argument("--chunk-size", type=int, default=None,
+                     help="samples per chunk (default: the exact method's working chunk)")
+    inv.add_argument("--retries", type=int, default=2,
+                     help="reruns of a chunk that raised before it is recorded failed (default 2)")
+    inv.add_argument("--connect-timeout", type=float, default=10.0,
+                     help="seconds to wait for --scheduler (default 10)")
     threads(inv, 2)
     inv.set_defaults(func=cmd_invert)
 

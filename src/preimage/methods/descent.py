@@ -50,6 +50,9 @@ from preimage.results import (
 )
 from preimage.solvers.cell import piecewise_linear
 
+#: Adam's step size for the kicks out of a corner (the CSGM runs' 0.01 jumps cells away).
+KICK_LR = 1e-3
+
 
 def _given_starts(net: Network, starts: Any, batch: int) -> np.ndarray:
     """Starts (S, B, k) from None, (B, k), (S, B, k) or (B, *input_shape), checked."""
@@ -98,11 +101,13 @@ def project(
     A: Any = None,
     starts: Any = None,
     encoder: Callable[[np.ndarray], Any] | None = None,
-    adam_steps: int = 300,
-    restarts: int = 4,
+    adam_steps: int = 500,
+    restarts: int = 10,
     layerwise_start: bool = True,
     descents: int = 2,
     max_lps: int = 150,
+    kicks: int = 2,
+    kick_steps: int = 50,
     seconds: float = np.inf,
     success_rtol: float = 1e-6,
     seed: int | None = 0,
@@ -136,6 +141,10 @@ def project(
         How many of the best starts of each sample are descended.
     max_lps : int
         LP / QP budget of each descent.
+    kicks, kick_steps : int
+        Samples whose descent ends without a certificate (at a corner of several
+        cells) take ``kick_steps`` Adam steps (lr `KICK_LR`) from there and descend
+        again, up to ``kicks`` times; the lower end is kept.
     seconds : float
         Time budget per sample for its descents (a sample out of time keeps its
         best point, and its message says so).
@@ -157,7 +166,8 @@ def project(
         )
     deadline = Deadline.of(time_limit)
     for name, value in (("adam_steps", adam_steps), ("restarts", restarts),
-                        ("descents", descents), ("max_lps", max_lps)):
+                        ("descents", descents), ("max_lps", max_lps), ("kicks", kicks),
+                        ("kick_steps", kick_steps)):
         check_count(value, name, 1 if name == "descents" else 0)
     seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
     yb, single, meas = observations(net, x, A)
@@ -188,42 +198,59 @@ def project(
     tau = 2.0 * np.maximum(-np.min(yb, axis=1), 0.0)
 
     scores = np.stack([_misfits(net, meas, c, yb, norm) for c in pool])  # (S, B)
-    z = np.empty((batch, k))
+    order = np.argsort(scores, axis=0)
+    z = pool[order[0], np.arange(batch)].copy()
+    best = scores[order[0], np.arange(batch)].copy()
     local = np.zeros(batch, dtype=bool)
     tight = np.full(batch, -1)
     lps = np.zeros(batch, dtype=int)
-    messages = []
-    best_starts = np.argmin(scores, axis=0)
-    z[:] = pool[best_starts, np.arange(batch)]
+    messages = ["the best start"] * batch
+    out_of_time = np.zeros(batch, dtype=bool)
 
-    def one(b: int) -> str:
-        """Sample b's descents (z[b], local, tight, lps filled in); its message."""
+    def descend(b: int, z0: np.ndarray, until: float) -> None:
+        """Walk sample b from z0 until `until`; keep the end if its misfit is no higher."""
+        fit = cell_walk(net, yb[b], z0, A=a_mat, norm=norm, max_lps=int(max_lps),
+                        deadline=until, output_cell=exact_misfit, tau=float(tau[b]))
+        lps[b] += fit.n_lps
+        if not np.all(np.isfinite(fit.z)):
+            return
+        misfit = float(_misfits(net, meas, fit.z[None], yb[b : b + 1], norm)[0])
+        if misfit <= best[b]:
+            z[b], best[b] = fit.z, misfit
+            local[b], tight[b] = fit.local_minimum, fit.n_tight
+            messages[b] = fit.message
+
+    def one(b: int) -> None:
+        """Sample b's descents from its best starts (z[b], best[b], ... filled in)."""
         until = deadline.within(seconds)
-        order = np.argsort(scores[:, b])
-        best_misfit = float(scores[order[0], b])
-        note = "the best start"
-        for s in order[:descents]:
+        for s in order[:descents, b]:
             if time.perf_counter() >= until:
-                note += (f" ({deadline.note()})" if deadline.expired() else
-                         f" ({OUT_OF_TIME}: its {seconds:g} s per sample ran out)")
+                out_of_time[b] = True
                 break
-            fit = cell_walk(net, yb[b], pool[s, b], A=a_mat, norm=norm, max_lps=int(max_lps),
-                            deadline=until, output_cell=exact_misfit, tau=float(tau[b]))
-            lps[b] += fit.n_lps
-            if not np.all(np.isfinite(fit.z)):
-                continue
-            misfit = float(_misfits(net, meas, fit.z[None], yb[b : b + 1], norm)[0])
-            if misfit <= best_misfit:
-                z[b], best_misfit = fit.z, misfit
-                local[b], tight[b] = fit.local_minimum, fit.n_tight
-                note = fit.message
-        return note
+            descend(b, pool[s, b], until)
 
-    for note in per_sample(one, batch, progress=progress):
-        # (a sample whose descent raised keeps its best start)
-        messages.append(f"{note.message}; z is the best point found before it"
-                        if isinstance(note, SampleFailure)
-                        else note)
+    failures = per_sample(one, batch, progress=progress)
+    kicked = 0
+    for _ in range(int(kicks)):
+        # A walk can stop at a corner of several cells where no single flip and no flip
+        # of all its pushing walls lowers the misfit (no certificate). A few small Adam
+        # steps from there cross into one of the cells around it; walk again from there.
+        stuck = np.flatnonzero(~local & ~out_of_time & np.isfinite(best))
+        if stuck.size == 0 or kick_steps == 0 or deadline.expired():
+            break
+        run = latent_descent(net, yb[stuck], meas=meas, starts=z[stuck][None],
+                             steps=int(kick_steps), restarts=1, lr=KICK_LR, seed=seed,
+                             device=device, deadline=deadline)
+        kicked += int(kick_steps)
+        per_sample(lambda i, run=run, stuck=stuck: descend(int(stuck[i]), run.z[0, i],
+                                                           deadline.within(seconds)),
+                   stuck.size)
+    for b, failure in enumerate(failures):
+        if isinstance(failure, SampleFailure):  # (its descent raised: it keeps its best point)
+            messages[b] = f"{failure.message}; z is the best point found before it"
+        elif out_of_time[b]:
+            messages[b] += (f" ({deadline.note()})" if deadline.expired() else
+                            f" ({OUT_OF_TIME}: its {seconds:g} s per sample ran out)")
     bounds = None
     if level is not None and meas is None:
         bounds = np.array([error_bound(net, yb[b], z[b], norm, level) for b in range(batch)])
@@ -231,7 +258,7 @@ def project(
         net, yb, z, estimate_rule(yb, norm, level, success_rtol), messages, method="descent",
         rtol=success_rtol, elapsed=time.perf_counter() - start, single=single,
         measure=None if meas is None else meas.apply, noise=norm, z_error_bound=bounds,
-        steps=lps + (int(adam_steps) * int(restarts) if restarts else 0),
+        steps=lps + (int(adam_steps) * int(restarts) if restarts else 0) + kicked,
     )
     result.local_minimum = bool(local[0]) if single else local
     result.tight_walls = int(tight[0]) if single else tight

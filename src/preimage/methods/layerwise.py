@@ -361,8 +361,9 @@ def _invert_batched(
             z, reached, arrays = descend_batch(
                 net, xb, rtol, ctx, batch_size=batch_size, progress=progress, deadline=deadline
             )
+            chunk = batched_context.chunk_size(net, xb.shape[0], batch_size)
             return _verdicts(
-                net, xb, z, reached, arrays, single, rtol, start, settings, deadline, ctx.map
+                net, xb, z, reached, arrays, single, rtol, start, settings, deadline, ctx.map, chunk
             )
         finally:
             ctx.close()
@@ -380,11 +381,13 @@ def _verdicts(
     settings: GlobalSettings,
     deadline: Deadline,
     pool_map: PoolMap,
+    chunk: int,
 ) -> InversionResult:
     """Each sample's verdict from the batched descent (`_compose`), searches where asked.
 
     A sample no layer reached was in a chunk the deadline kept from starting.
-    pool_map runs the final residuals' pieces (`_assemble`) over the batch's threads.
+    pool_map runs the final residuals' pieces (`_assemble`) over the batch's threads;
+    `chunk`: the descent's chunk size (`_assemble` keeps to its chunks).
     """
     batch = xb.shape[0]
     status = np.empty(batch, dtype=object)
@@ -440,7 +443,7 @@ def _verdicts(
     reports = tuple(arr.report for arr in arrays)
     return _assemble(
         net, xb, z, status, witness, messages, reports, single, rtol,
-        time.perf_counter() - start, distance, pool_map=pool_map,
+        time.perf_counter() - start, distance, pool_map=pool_map, chunk=chunk,
     )
 
 
@@ -491,6 +494,7 @@ def _assemble(
     elapsed: float,
     distance: np.ndarray,
     pool_map: PoolMap | None = None,
+    chunk: int | None = None,
 ) -> InversionResult:
     """The exact method's InversionResult (``steps``: the LPs its layers solved).
 
@@ -504,19 +508,15 @@ def _assemble(
     LeakyReLU decoder as a float32 module: relative residual 9e-5 -> 5e-7,
     the true code's own). Verdicts are unchanged: they rest on the layers'
     structure, and the polished z is a preimage in the same cell.
+
+    `chunk` (the batched descent's chunk size): the polish and the residuals run
+    chunk by chunk, so that each chunk's answers are those of inverting it alone.
     """
     if rtol >= POLISH_RTOL and piecewise_linear(net, output=False):
-        ok = np.flatnonzero(np.isin(np.asarray(status), SUCCESS) & np.all(np.isfinite(z), axis=1))
-        scale = np.maximum(np.max(np.abs(xb[ok]), axis=1), 1e-300)
-        before = relative_residual(net.forward(z[ok]), xb[ok]) if ok.size else ok
-        for _ in range(POLISH_STEPS):  # Gauss-Newton over cells: each step a cell's fit
-            if ok.size == 0:
-                break
-            z_new, _ = cell_least_squares(net, xb[ok], z[ok], rtol * scale)
-            after = relative_residual(net.forward(z_new), xb[ok])
-            better = after < before
-            z[ok[better]] = z_new[better]
-            ok, scale, before = ok[better], scale[better], after[better]
+        good = np.isin(np.asarray(status), SUCCESS) & np.all(np.isfinite(z), axis=1)
+        step = z.shape[0] if chunk is None else chunk
+        for first in range(0, z.shape[0], step):
+            _polish(net, xb, z, first + np.flatnonzero(good[first : first + step]), rtol)
     lps = np.sum([report.used_lp for report in reports], axis=0) if reports else None
     status = np.array(status, dtype=object)
     messages = list(messages)
@@ -541,5 +541,21 @@ def _assemble(
     return build_result(
         net, xb, z, verified, messages, method="exact", rtol=rtol, elapsed=elapsed,
         single=single, layers=reports, witness=witness, steps=lps, distance=distance,
-        pool_map=pool_map,
+        pool_map=pool_map, chunk=chunk,
     )
+
+
+def _polish(net: Network, xb: np.ndarray, z: np.ndarray, ok: np.ndarray, rtol: float) -> None:
+    """`_assemble`'s polish of the answers z[ok] (in place), POLISH_STEPS cells' fits."""
+    if ok.size == 0:
+        return
+    scale = np.maximum(np.max(np.abs(xb[ok]), axis=1), 1e-300)
+    before = relative_residual(net.forward(z[ok]), xb[ok])
+    for _ in range(POLISH_STEPS):  # Gauss-Newton over cells: each step a cell's fit
+        if ok.size == 0:
+            break
+        z_new, _ = cell_least_squares(net, xb[ok], z[ok], rtol * scale)
+        after = relative_residual(net.forward(z_new), xb[ok])
+        better = after < before
+        z[ok[better]] = z_new[better]
+        ok, scale, before = ok[better], scale[better], after[better]

@@ -197,7 +197,8 @@ def solve_milp(
     status = _SCIPY_STATUS.get(int(res.status), "error")
     x = None if res.x is None else np.asarray(res.x)
     value = np.inf if x is None else float(res.fun)
-    bound = float(getattr(res, "mip_dual_bound", np.nan))
+    raw = getattr(res, "mip_dual_bound", None)  # None when HiGHS stopped before any bound
+    bound = np.nan if raw is None else float(raw)
     if status == "optimal":
         bound = value
     elif not np.isfinite(bound):

@@ -27,6 +27,7 @@ from preimage.methods.search import GlobalSettings
 from preimage.model.mnist import authors_decoders, load_mnist_digits, load_vae, shipped_decoder
 from preimage.model.network import Network, random_network
 from preimage.model.operators import Mask
+from preimage.results import InversionResult
 
 
 def _invert_solver(net: Network, **kwargs: Any) -> Solver:
@@ -313,6 +314,10 @@ PROJECTION_MEASUREMENTS: tuple[int, ...] = (100, 200)
 PROJECTION_NETS: tuple[tuple[int, ...], ...] = ((5, 20, 50), (10, 30, 100))
 #: Relative noise that puts the small nets' x off their range.
 PROJECTION_OFF_RANGE = 0.3
+#: Runs of the noisy codes and of the small nets (their MILP runs up to 10 s a sample).
+PROJECTION_MAX_RUNS = 50
+#: The MILP's time limit per sample (quick: 5 s).
+MILP_SECONDS = 10.0
 
 
 def _digits(config: Config) -> np.ndarray:
@@ -356,14 +361,19 @@ def _projection_solvers(net: Network, config: Config, key: str, vae: Any = None,
         return outcome_of(invert(net, seen(batch), noise="l2", A=A, progress=step,
                                  options=descent_options), len(batch.runs))
 
+    adam_runs: dict[tuple[int, ...], InversionResult] = {}  # Adam's answers, for the polish
+
+    def adam_of(batch: Batch, step: StepCallback | None = None) -> InversionResult:
+        if batch.runs not in adam_runs:
+            adam_runs[batch.runs] = invert(net, seen(batch), method="adam", noise="l2", A=A,
+                                           progress=step, options={**_csgm(config), "seed": seed})
+        return adam_runs[batch.runs]
+
     def adam(batch: Batch, step: StepCallback) -> Outcome:
-        return outcome_of(invert(net, seen(batch), method="adam", noise="l2", A=A,
-                                 progress=step, options={**_csgm(config), "seed": seed}),
-                          len(batch.runs))
+        return outcome_of(adam_of(batch, step), len(batch.runs))
 
     def polished(batch: Batch, step: StepCallback) -> Outcome:
-        first = invert(net, seen(batch), method="adam", noise="l2", A=A,
-                       options={**_csgm(config), "seed": seed})
+        first = adam_of(batch)  # the same answers as the "adam" rows (computed once)
         then = project(net, seen(batch), A=A, starts=first.z, restarts=0,
                        layerwise_start=False, descents=1, progress=step)
         n = len(batch.runs)
@@ -415,7 +425,8 @@ def projection_settings(config: Config) -> list[Setting]:
 
         settings.append(Setting({"part": "noisy-codes", "network": "shipped-relu",
                                  "level": level, "m": 0}, relu, draw_noisy,
-                                _projection_solvers(relu, config, f"noisy-{level!r}")))
+                                _projection_solvers(relu, config, f"noisy-{level!r}"),
+                                max_runs=PROJECTION_MAX_RUNS))
     for m in PROJECTION_MEASUREMENTS[:1] if config.quick else PROJECTION_MEASUREMENTS:
         A = GaussianMatrix(m, relu.output_dim, seed=keyed_rng(config.seed, "projection-A", m))
         settings.append(Setting({"part": "sensing", "network": "shipped-relu", "level": 0.0,
@@ -435,7 +446,8 @@ def projection_settings(config: Config) -> list[Setting]:
             return Batch(tuple(runs), clean + e, None)
 
         settings.append(Setting({"part": "small-nets", "network": name, **empty}, net,
-                                draw_off, _milp_solvers(net, config), norm="linf"))
+                                draw_off, _milp_solvers(net, config), norm="linf",
+                                max_runs=PROJECTION_MAX_RUNS))
     return settings
 
 
@@ -456,7 +468,7 @@ def _milp_solvers(net: Network, config: Config) -> dict[str, Solver]:
         status = np.empty(n, dtype=object)
         for i in range(n):
             found = milp_projection(net, batch.x[i], norm="linf", below=float(first.misfit[i]),
-                                    time_limit=5.0 if config.quick else 30.0)
+                                    time_limit=5.0 if config.quick else MILP_SECONDS)
             if found.z is not None and found.value < first.misfit[i]:
                 z[i] = found.z
             status[i] = "optimal" if found.status in ("optimal", "infeasible") else "gap"

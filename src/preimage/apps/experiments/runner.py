@@ -34,6 +34,9 @@ from preimage.apps.experiments.spec import (
 from preimage.model.network import Network
 from preimage.results import vector_norm
 
+#: Runs of one (setting, method) solved together and written at once.
+RUNS_PER_PIECE = 25
+
 
 def _row_values(
     net: Network, batch: Batch, outcome: Outcome, norm: str = "l2"
@@ -115,11 +118,13 @@ def run_experiment(
     for setting in settings:
         for method in setting.solvers:
             base = {"experiment": name, **setting.params, "method": method, "seed": config.seed}
+            n_runs = min(config.runs, setting.max_runs or config.runs)
             runs = [
-                r for r in range(config.runs) if row_key(experiment, {**base, "run": r}) not in done
+                r for r in range(n_runs) if row_key(experiment, {**base, "run": r}) not in done
             ]
-            if runs:
-                todo.append((setting, method, runs))
+            # in pieces, so that an interrupted experiment loses at most one piece
+            todo += [(setting, method, runs[i : i + RUNS_PER_PIECE])
+                     for i in range(0, len(runs), RUNS_PER_PIECE)]
     total = sum(len(runs) for _, _, runs in todo)
     finished = 0
     if progress is not None:

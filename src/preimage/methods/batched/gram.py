@@ -63,6 +63,10 @@ DOWNDATE_PIECE_MIN = 64
 #: Bytes of one piece of Gram matrices on the CPU, but at least GRAM_PIECE_MIN samples.
 GRAM_MEMORY = 4 * 2**20
 GRAM_PIECE_MIN = 32
+#: A slice of samples is cut into at least this many pieces, so that up to as many
+#: threads share a small batch. A constant, not the thread count: the pieces fix the
+#: rounding of each sample's answer, which then does not depend on `n_jobs`.
+PARALLEL_PIECES = 4
 #: Gather a piece's active rows for its Gram matrices (|A| n^2 flops per sample)
 #: when GATHER_COST |A| n^2 < m n (n + 1) / 2, the flops of the packed product (small
 #: products of gathered rows were measured at about half the speed of one large one).
@@ -175,7 +179,7 @@ def _downdate_solve(
     for e in np.unique(padded):
         lo, hi = np.searchsorted(padded, e), np.searchsorted(padded, e, side="right")
         fits = max(DOWNDATE_PIECE_MIN, DOWNDATE_MEMORY // (8 * max(int(e), 1) ** 2))
-        step = max(1, min(fits, -(-(hi - lo) // ctx.n_jobs)))  # one piece per worker at least
+        step = max(1, min(fits, -(-(hi - lo) // PARALLEL_PIECES)))
         pieces += [(a, min(hi, a + step), int(e)) for a in range(lo, hi, step)]
 
     def run(piece: tuple[int, int, int]) -> None:
@@ -246,7 +250,7 @@ def _gram_solve_cpu(
     order = np.argsort(count, kind="stable")
     per_sample = 8 * (2 * n * n + 6 * m + int(count.max(initial=0)) * n)  # gathered W_A too
     step = max(GRAM_PIECE_MIN, GRAM_MEMORY // per_sample)
-    step = max(1, min(step, -(-b // ctx.n_jobs)))  # one piece per worker at least
+    step = max(1, min(step, -(-b // PARALLEL_PIECES)))
     diag_packed = np.arange(n) * (np.arange(n) + 3) // 2  # where G_jj sits in a packed row
     lower_flat = np.flatnonzero(np.tri(n, dtype=bool))
 
