@@ -3,8 +3,8 @@
 One ReLU layer has a convex preimage (a polyhedron), but composing two layers
 can bend it: the set {z : G(z) = x} below is a piecewise-linear curve for a
 small random network G: R^2 -> R^6 -> R^1 (ReLU after both layers, with bias).
-`preimage.invert` finds a preimage z_hat and, with the MILP search
-(``GlobalSettings(milp=True)``), a second one (the "non_unique" witness), and
+`preimage.invert(..., method="global")` finds a preimage z_hat and, with its
+branch and bound over the ReLU units, a second one (the "non_unique" witness), and
 the midpoint of the two is *not* a preimage: G((z_hat + z') / 2) != x.
 
 Run it (writes ``nonconvex_preimage.png`` into ``--out``, default here):
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from preimage import GlobalSettings, Network, invert, random_network
+from preimage import Network, invert, random_network
 
 #: The example's network: widths [2, 6, 1], ReLU, Gaussian bias, this seed.
 WIDTHS = [2, 6, 1]
@@ -37,7 +37,7 @@ def build() -> tuple[Network, np.ndarray, np.ndarray]:
 def analyse() -> dict[str, Any]:
     """Invert x, check the two preimages and their midpoint; returns what was found."""
     net, z_true, x = build()
-    result = invert(net, x, fallback=GlobalSettings(milp=True))
+    result = invert(net, x, method="global")
     if result.status != "non_unique":
         raise RuntimeError(f"expected a 'non_unique' verdict, got {result!r}: {result.message}")
     z1, z2 = result.z, result.witness
