@@ -90,7 +90,9 @@ def settle_exact(
     relax: Relaxation,
     accept: Callable[[np.ndarray], np.ndarray | None],
     null_directions: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    leaf_fit: Callable[[np.ndarray], tuple[float, np.ndarray]],
     *,
+    leaf_tol: float,
     z_known: np.ndarray | None,
     separation: float,
     deadline: float,
@@ -102,6 +104,8 @@ def settle_exact(
     accept : z (k,) -> a checked preimage near it (refined in its cell), or None
     null_directions : (z*, on (n_units,)) -> (k, m) directions along which the cell of
         pattern `on` leaves the active rows unchanged (m = 0: full column rank)
+    leaf_fit : on (n_units,) -> (misfit, z): the best fit to y inside the cell of `on`
+        (`preimage.solvers.cell.cell_lp`); above ``leaf_tol`` the cell holds no preimage
     z_known : a checked preimage already found (the layer-wise method's), or None
     separation : two preimages farther apart than this (l_inf) are distinct
     deadline : time.perf_counter() value
@@ -146,20 +150,23 @@ def settle_exact(
             stack += _children(decisions, g, bool(u[relax.a_col[g]] > 0))
             continue
         # A leaf: every unit decided, the LP is the cell's own preimage set Q.
-        if z_star is None:
-            unresolved += 1  # a point of Q that does not refine to a checked preimage
-            continue
-        if distinct(z_lp):
-            # far from z*, in a convex Q that may also hold z*: try the midpoint too
-            for z_try in (z_lp, (z_lp + z_star) / 2):
-                found = accept(z_try)
-                if found is not None and distinct(found):
-                    return outcome("non_unique", f"a second preimage in leaf {nodes}", found)
-            unresolved += 1
-            continue
         on = np.where(relax.stable >= 0, relax.stable, relax.fixed) == 1
         negligible = (relax.stable < 0) & (relax.fixed < 0)
         on[negligible] = relax.upper[negligible] > -relax.lower[negligible]
+        if z_star is None or distinct(z_lp):
+            # the cell's own LP (scaled, tight tolerances) decides: the relaxation's point
+            # is feasible only to HiGHS's tolerance
+            misfit, z_cell = leaf_fit(on)
+            if misfit > leaf_tol:
+                continue  # no preimage in this cell
+            found = accept(z_cell)
+            if found is None:
+                unresolved += 1
+                continue
+            if z_star is None:
+                z_star = found
+            elif distinct(found):
+                return outcome("non_unique", f"a second preimage in leaf {nodes}", found)
         directions = null_directions(z_star, on)
         far = None
         for v in directions.T:

@@ -140,8 +140,12 @@ def settle(
     def directions(z_star: np.ndarray, on: np.ndarray) -> np.ndarray:
         return null_directions(upper, relax.patterns(on), cons.active)
 
-    found = settle_exact(relax, accept, directions, z_known=known, separation=separation,
-                         deadline=deadline)
+    def leaf_fit(on: np.ndarray) -> tuple[float, np.ndarray]:
+        fit = cell_lp(upper, y, relax.patterns(on), tau=cons.tau)
+        return fit.misfit, fit.z
+
+    found = settle_exact(relax, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
+                         z_known=known, separation=separation, deadline=deadline)
     tail = f" ({found.nodes} nodes, {found.lps} LPs, {time.perf_counter() - start:.2f} s)"
     if found.status == "unique":
         return Settled("unique", found.z, None, f"the only preimage of {where}" + tail, where,
