@@ -197,7 +197,8 @@ def solve_milp(
     status = _SCIPY_STATUS.get(int(res.status), "error")
     x = None if res.x is None else np.asarray(res.x)
     value = np.inf if x is None else float(res.fun)
-    bound = float(getattr(res, "mip_dual_bound", np.nan))
+    raw_bound = getattr(res, "mip_dual_bound", None)  # (None where HiGHS proved infeasibility)
+    bound = np.nan if raw_bound is None else float(raw_bound)
     if status == "optimal":
         bound = value
     elif not np.isfinite(bound):

@@ -73,6 +73,8 @@ class Domain:
     boxed : ndarray of bool (k,)
         Coordinates bounded only by the box |z_j| <= box (Z is unbounded along them).
     box : float
+        The box's half-width: on a boxed coordinate, its unbounded side is at -box or +box
+        (moved out by box beyond the other side where that side lies past it).
     """
 
     z_lower: np.ndarray
@@ -276,9 +278,10 @@ def data_bounds(
     if status != "optimal":
         return status
     boxed = ~(np.isfinite(z_lo) & np.isfinite(z_hi))
-    z_lo = np.where(np.isfinite(z_lo), np.maximum(z_lo - _margin(z_lo), -box), -box)
-    z_hi = np.where(np.isfinite(z_hi), np.minimum(z_hi + _margin(z_hi), box), box)
-    z_lo = np.minimum(z_lo, z_hi)
+    # the data's bounds as they are (even beyond the box); the box only on an unbounded side
+    lo_fin, hi_fin = np.isfinite(z_lo), np.isfinite(z_hi)
+    z_lo = np.where(lo_fin, z_lo - _margin(z_lo), np.minimum(-box, np.where(hi_fin, z_hi, 0) - box))
+    z_hi = np.where(hi_fin, z_hi + _margin(z_hi), np.maximum(box, np.where(lo_fin, z_lo, 0) + box))
     # interval arithmetic up the layers, intersected with the data's bounds
     lo, hi = z_lo, z_hi
     for i, layer in enumerate(layers):
