@@ -107,8 +107,9 @@ def offrange(args: argparse.Namespace) -> None:
           f"{sum('every z' in d for d in res.proof_domain)}")
     descent = invert(net, x, noise="linf")
     worse = descent.misfit > res.misfit * (1 + 1e-6)
+    excess = np.median(descent.misfit[worse] / res.misfit[worse]) - 1 if worse.any() else 0.0
     print(f"  the cell descent alone ended above the global minimum for {int(worse.sum())}/"
-          f"{args.codes} (median excess {np.median(descent.misfit[worse] / res.misfit[worse]) - 1 if worse.any() else 0:.2%})")
+          f"{args.codes} (median excess {excess:.2%})")
 
 
 def engines(args: argparse.Namespace) -> None:

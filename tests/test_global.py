@@ -88,7 +88,7 @@ def test_a_point_off_the_range_but_on_the_output_layers_range_is_proved_infeasib
 
 
 def test_out_of_time_samples_say_so_and_the_others_keep_their_answers(shallow) -> None:
-    net, z, x = shallow
+    net, _, x = shallow
     todo = _left_open(net, x)[:3]
     batch = np.concatenate([x[:5], x[todo]])
     before = invert(net, x[:5], rtol=1e-9, fallback=GlobalSettings(enabled=False))
