@@ -33,6 +33,7 @@ from preimage import GlobalSettings, Network, invert, random_network  # noqa: E4
 AUTHORS = (Path(__file__).resolve().parents[2] / "shared" / "models" / "invertgan_lp"
            / "trained_vae_20_60_784_nobias.pth")
 SETTLED = ("unique", "non_unique")
+args_verbose = True
 
 
 def authors_net() -> Network:
@@ -63,7 +64,11 @@ def _unsettled_run(net: Network, z: np.ndarray, seconds: float, label: str) -> N
         one = invert(net, x[b], rtol=1e-9, fallback=GlobalSettings(seconds=seconds))
         times.append(time.perf_counter() - t0)
         status[b] = one.status + (" (out of time)" if one.out_of_time else "")
-        boxed += "every z" not in one.proof_domain
+        boxed += not one.proof_domain.startswith("every z")
+        if args_verbose:
+            print(f"  sample {b}: {alone.status[b]} -> {status[b]} in {times[-1]:.2f} s "
+                  f"({'box' if not one.proof_domain.startswith('every z') else 'every z'})",
+                  flush=True)
         if one.status == "non_unique":
             witness = net.forward(one.witness[None])[0]
             witnesses_ok &= bool(np.max(np.abs(witness - x[b])) <= 1e-8 * np.max(np.abs(x[b])))

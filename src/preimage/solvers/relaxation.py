@@ -486,6 +486,8 @@ class Relaxation:
             if units.size == 0:
                 return "optimal"
             before = float(np.sum(self.upper[units] - self.lower[units]))
+            # nearest to stable first: those decide most per LP when time is short
+            units = units[np.argsort(np.minimum(self.upper[units], -self.lower[units]))]
             for g in units:
                 for sign in (1.0, -1.0):
                     if self.stable[g] >= 0:
