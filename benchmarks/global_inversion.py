@@ -33,7 +33,8 @@ from preimage import GlobalSettings, Network, invert, random_network  # noqa: E4
 AUTHORS = (Path(__file__).resolve().parents[2] / "shared" / "models" / "invertgan_lp"
            / "trained_vae_20_60_784_nobias.pth")
 SETTLED = ("unique", "non_unique")
-args_verbose = True
+#: Print one line per sample left to the global search.
+VERBOSE = True
 
 
 def authors_net() -> Network:
@@ -65,7 +66,7 @@ def _unsettled_run(net: Network, z: np.ndarray, seconds: float, label: str) -> N
         times.append(time.perf_counter() - t0)
         status[b] = one.status + (" (out of time)" if one.out_of_time else "")
         boxed += not one.proof_domain.startswith("every z")
-        if args_verbose:
+        if VERBOSE:
             print(f"  sample {b}: {alone.status[b]} -> {status[b]} in {times[-1]:.2f} s "
                   f"({'box' if not one.proof_domain.startswith('every z') else 'every z'})",
                   flush=True)

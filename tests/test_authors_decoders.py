@@ -80,7 +80,8 @@ def test_float32_torch_observations() -> None:
     z = np.random.default_rng(2).standard_normal((20, 20))
     with torch.no_grad():
         x32 = module(torch.as_tensor(z, dtype=torch.float32))
-    result = invert(net, x32)  # a float32 tensor: rtol 1e-5
+    # a float32 tensor: rtol 1e-5 (the cell search below non-unique layers, as before)
+    result = invert(net, x32, fallback=GlobalSettings(search="cells"))
     assert result.rtol == pytest.approx(1e-5)
     assert not np.any(result.status == "infeasible")
     ok = result.status == "unique"
@@ -108,7 +109,7 @@ def test_the_relu_decoder_as_a_float32_module_300_codes() -> None:
         x32 = module(torch.as_tensor(z, dtype=torch.float32))
     results = []
     for x in (x32, x32.double().numpy()):
-        res = invert(net, x)
+        res = invert(net, x, fallback=GlobalSettings(search="cells"))
         assert res.rtol == pytest.approx(1e-5)
         assert not np.any(res.status == "infeasible")
         in_range = res.success & (res.residual <= 10 * res.rtol)
