@@ -3,8 +3,8 @@
 One ReLU layer has a convex preimage (a polyhedron), but composing two layers
 can bend it: the set {z : G(z) = x} below is a piecewise-linear curve for a
 small random network G: R^2 -> R^6 -> R^1 (ReLU after both layers, with bias).
-`preimage.invert` finds a preimage z_hat and, with the MILP search
-(``GlobalSettings(milp=True)``), a second one (the "non_unique" witness), and
+`preimage.invert(..., method="global")` finds a preimage z_hat and, with its
+branch and bound over the ReLU units, a second one (the "non_unique" witness), and
 the midpoint of the two is *not* a preimage: G((z_hat + z') / 2) != x.
 
 Run it (writes ``nonconvex_preimage.png`` into ``--out``, default here):
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from preimage import GlobalSettings, Network, invert, random_network
+from preimage import Network, invert, random_network
 
 #: The example's network: widths [2, 6, 1], ReLU, Gaussian bias, this seed.
 WIDTHS = [2, 6, 1]
@@ -37,18 +37,27 @@ def build() -> tuple[Network, np.ndarray, np.ndarray]:
 def analyse() -> dict[str, Any]:
     """Invert x, check the two preimages and their midpoint; returns what was found."""
     net, z_true, x = build()
-    result = invert(net, x, fallback=GlobalSettings(milp=True))
+    result = invert(net, x, method="global")
     if result.status != "non_unique":
         raise RuntimeError(f"expected a 'non_unique' verdict, got {result!r}: {result.message}")
-    z1, z2 = result.z, result.witness
-    mid = (z1 + z2) / 2
     scale = float(np.max(np.abs(x)))
+
+    def misfit(z: np.ndarray) -> float:
+        return float(np.max(np.abs(net.forward(z) - x)) / scale)
+
+    # Three preimages: invert's two and the code that made x. The witness may lie on the
+    # same straight piece of the curve as z_hat; the pair whose midpoint is farthest from
+    # a preimage shows the non-convexity.
+    z1 = result.z
+    z2 = max((result.witness, z_true), key=lambda z: misfit((z1 + z) / 2))
+    mid = (z1 + z2) / 2
     return {
         "net": net,
         "z_true": z_true,
         "x": x,
         "z1": z1,
         "z2": z2,
+        "witness": result.witness,
         "mid": mid,
         "misfit1": float(np.max(np.abs(net.forward(z1) - x)) / scale),
         "misfit2": float(np.max(np.abs(net.forward(z2) - x)) / scale),
@@ -63,7 +72,7 @@ def draw(found: dict[str, Any], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     net, x = found["net"], found["x"]
-    points = np.stack([found["z_true"], found["z1"], found["z2"], found["mid"]])
+    points = np.stack([found["z_true"], found["z1"], found["witness"], found["mid"]])
     half = max(3.0, float(np.max(np.abs(points))) + 1.0)
     grid = np.linspace(-half, half, 601)
     zz1, zz2 = np.meshgrid(grid, grid)
@@ -81,7 +90,7 @@ def draw(found: dict[str, Any], path: Path) -> Path:
     z1, z2, mid = found["z1"], found["z2"], found["mid"]
     ax.plot([z1[0], z2[0]], [z1[1], z2[1]], "--", color="C0", lw=1)
     ax.plot(*z1, "o", color="C0", ms=9, label="z_hat (invert)")
-    ax.plot(*z2, "s", color="C0", ms=9, label="witness z' (a second preimage)")
+    ax.plot(*found["witness"], "s", color="C0", ms=9, label="witness z' (a second preimage)")
     ax.plot(*mid, "X", color="C1", ms=12,
             label=f"midpoint: |G - x|/|x| = {found['misfit_mid']:.2f}")
     ax.plot(*found["z_true"], "+", color="C2", ms=12, mew=2, label="z that made x")
@@ -104,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"x = {found['x']}  (made from z = {np.round(found['z_true'], 4)})")
     print(f"invert: non_unique ({found['message']})")
     print(f"  z_hat = {np.round(found['z1'], 4)}   |G(z_hat) - x| / |x| = {found['misfit1']:.1e}")
-    print(f"  z'    = {np.round(found['z2'], 4)}   |G(z') - x| / |x|    = {found['misfit2']:.1e}")
-    print(f"  midpoint {np.round(found['mid'], 4)}: |G - x| / |x| = {found['misfit_mid']:.3f}"
+    print(f"  z'    = {np.round(found['witness'], 4)}   (the witness)")
+    print(f"  z2    = {np.round(found['z2'], 4)}   |G(z2) - x| / |x|    = {found['misfit2']:.1e}")
+    print(f"  midpoint of z_hat and z2 {np.round(found['mid'], 4)}: |G - x| / |x| = "
+          f"{found['misfit_mid']:.3f}"
           " -> not a preimage: the preimage set is not convex")
     path = draw(found, args.out / "nonconvex_preimage.png")
     print(f"figure: {path.resolve()}")

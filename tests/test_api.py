@@ -30,31 +30,46 @@ def failing() -> tuple[preimage.Network, np.ndarray]:
 
 def test_the_search_keeps_to_its_time_budget(failing: tuple) -> None:
     net, x = failing
-    found = invert(net, x)
-    assert set(found.status) == {"feasible"} and found.success.all()
-    assert np.all(found.residual < 1e-8)
+    found = invert(net, x)  # the global search settles them
+    assert set(found.status) == {"unique"} and found.success.all()
+    assert np.all(found.residual < 1e-8) and not found.out_of_time.any()
+    assert all(d for d in found.proof_domain)  # each says which z its proof covers
     out_of_time = invert(net, x, fallback=GlobalSettings(seconds=0.0))
-    assert set(out_of_time.status) == {"failed"}
-    assert all("ran out of its 0 s after 0 of" in m for m in out_of_time.message)
+    assert set(out_of_time.status) == {"failed"} and out_of_time.out_of_time.all()
+    assert all("out of time" in m for m in out_of_time.message)
     reference = invert(net, x, batched=False, fallback=GlobalSettings(seconds=0.0))
     assert list(reference.status) == list(out_of_time.status)
+    cells = invert(net, x, fallback=GlobalSettings(search="cells", cell_seconds=0.0))
+    assert set(cells.status) == {"failed"}
+    assert all("ran out of its 0 s after 0 of" in m for m in cells.message)
 
 
-def test_a_milp_without_answer_keeps_the_cell_search_preimage(
+def test_a_sample_whose_search_breaks_costs_no_other(
     failing: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     net, x = failing
+    real = search.settle
     calls: list[int] = []
 
-    def timed_out(*args: object, **kwargs: object) -> SearchOutcome:
+    def first_breaks(*args: object, **kwargs: object) -> object:
         calls.append(1)
-        return SearchOutcome(None, "none", None, "MILP gave no point: time limit reached")
+        if len(calls) == 1:
+            raise RuntimeError("forced")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(search, "milp_search", timed_out)
-    res = invert(net, x, fallback=GlobalSettings(milp=True))
-    assert calls  # the MILP ran ...
-    assert set(res.status) == {"feasible"} and np.all(res.residual < 1e-8)  # ... and lost nothing
-    assert all("time limit" in m for m in res.message)
+    monkeypatch.setattr(search, "settle", first_breaks)
+    res = invert(net, x, batched=False)
+    assert res.status[0] == "failed" and "RuntimeError: forced" in res.message[0]
+    assert set(res.status[1:]) == {"unique"} and np.all(res.residual[1:] < 1e-8)
+
+
+def test_global_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="`search` must be one of"):
+        GlobalSettings(search="fast")
+    with pytest.raises(ValueError, match="`seconds` must be a number of seconds >= 0"):
+        GlobalSettings(seconds=-1)
+    with pytest.raises(ValueError, match="`latent_bound` must be > 0"):
+        GlobalSettings(latent_bound=0)
 
 
 @pytest.mark.parametrize(

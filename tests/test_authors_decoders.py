@@ -21,8 +21,10 @@ def test_relu_decoder_200_codes(capsys: pytest.CaptureFixture[str]) -> None:
     z = np.random.default_rng(0).standard_normal((200, 20))
     x = net.forward(z)
     # float64-exact data: its own tolerance (the float32 weights' default, 1e-5, would
-    # also accept points that reproduce x to 1e-4 only)
-    result = invert(net, x, rtol=1e-9)
+    # also accept points that reproduce x to 1e-4 only). The cell search below non-unique
+    # layers (2 s a sample); the global search's 200-code run is
+    # benchmarks/global_inversion.py (minutes), a few of its samples below.
+    result = invert(net, x, rtol=1e-9, fallback=GlobalSettings(search="cells"))
     status = result.status
     # x = G(z) is in the range: never "infeasible", and every answer reproduces x.
     assert not np.any(status == "infeasible")
@@ -39,6 +41,21 @@ def test_relu_decoder_200_codes(capsys: pytest.CaptureFixture[str]) -> None:
               f"G(z_hat) = x for {int(ok.sum())}/200")
     assert counts.get("unique", 0) >= 150
     assert ok.sum() >= 165  # 160 unique + what the time-boxed pattern search finds
+
+
+def test_the_global_search_settles_samples_the_layer_wise_method_leaves_open() -> None:
+    net = Network.from_state_dict(
+        authors_state_dict("trained_vae_20_60_784_nobias.pth"), ["fc3", "fc4"]
+    )
+    z = np.random.default_rng(0).standard_normal((200, 20))
+    x = net.forward(z)
+    picked = np.array([13, 43, 60, 77])  # four of the 40 settled in about a second each
+    alone = invert(net, x[picked], rtol=1e-9, fallback=GlobalSettings(enabled=False))
+    assert list(alone.status) == ["feasible", "feasible", "failed", "failed"]
+    res = invert(net, x[picked], rtol=1e-9, method="global")
+    assert list(res.status) == ["unique"] * 4, list(res.message)
+    assert np.all(rel(res.z, z[picked]) < 1e-12)
+    assert not res.out_of_time.any()
 
 
 def test_leaky_decoder_is_inverted_exactly() -> None:
@@ -63,7 +80,8 @@ def test_float32_torch_observations() -> None:
     z = np.random.default_rng(2).standard_normal((20, 20))
     with torch.no_grad():
         x32 = module(torch.as_tensor(z, dtype=torch.float32))
-    result = invert(net, x32)  # a float32 tensor: rtol 1e-5
+    # a float32 tensor: rtol 1e-5 (the cell search below non-unique layers, as before)
+    result = invert(net, x32, fallback=GlobalSettings(search="cells"))
     assert result.rtol == pytest.approx(1e-5)
     assert not np.any(result.status == "infeasible")
     ok = result.status == "unique"
@@ -93,7 +111,7 @@ def test_the_relu_decoder_as_a_float32_module_300_codes() -> None:
     # The 38 samples the layer-wise method leaves "failed" go to the cell search; its
     # default budget is 2 s of wall clock each, so on a loaded machine the two runs
     # could find different ones. A budget in LPs only: the same answers every run.
-    search = GlobalSettings(seconds=np.inf)
+    search = GlobalSettings(search="cells", cell_seconds=np.inf)
     for x in (x32, x32.double().numpy()):
         res = invert(net, x, fallback=search)
         assert res.rtol == pytest.approx(1e-5)

@@ -70,6 +70,7 @@ ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
     "descent": ("exact", {"noise": "l2", "options": {"adam_steps": 5, "restarts": 1,
                                                      "max_lps": 10}}),
     "noisy": ("layerwise", {"noise": "linf", "noise_level": 1e-3}),
+    "global": ("global", {"fallback": GlobalSettings(seconds=1.0)}),
     "partial": ("exact", {"observe": "half", "options": {"restarts": 1, "steps": 5,
                                                          "max_lps": 5}}),
 }

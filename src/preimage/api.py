@@ -15,6 +15,7 @@ nothing is silently ignored.
 | pgd | "exact" with ``A``, no noise | `sensing.pgd_invert` |
 | gradient | "adam", "clipping", "negation" | `gradient.gradient_invert` |
 | hybrid | "hybrid" | `hybrid.hybrid_invert` |
+| global | "global" (exact data, or ``noise`` "linf" / "l1") | `global_search.invert_global` |
 
 (functions of `preimage.methods`)
 
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from preimage.methods.descent import project
+from preimage.methods.global_search import invert_global
 from preimage.methods.gradient import VARIANTS, gradient_invert
 from preimage.methods.hybrid import hybrid_invert
 from preimage.methods.layerwise import invert_exact, layerwise_obstacle
@@ -57,7 +59,7 @@ from preimage.results import (
 from preimage.solvers.cell import piecewise_linear
 
 #: The methods `invert` accepts.
-METHODS: tuple[str, ...] = ("exact", "layerwise", *VARIANTS, "hybrid")
+METHODS: tuple[str, ...] = ("exact", "layerwise", *VARIANTS, "hybrid", "global")
 
 #: The arguments of `invert` that some routes take and others do not.
 SHARED: tuple[str, ...] = (
@@ -81,14 +83,15 @@ ROUTES: dict[str, Route] = {
     "pgd": Route(pgd_invert, frozenset({"rtol", "time_limit"})),
     "gradient": Route(gradient_invert, frozenset({"device", "time_limit"})),
     "hybrid": Route(hybrid_invert, frozenset({"rtol", "fallback", "device", "time_limit"})),
+    "global": Route(invert_global, frozenset({"rtol", "fallback"})),
 }
 
 
 def _route(method: str, noise: str | None, observe: Any, A: Any, net: Network) -> str:
     if method in VARIANTS:
         return "gradient"
-    if method == "hybrid":
-        return "hybrid"
+    if method in ("hybrid", "global"):
+        return method
     if noise is not None and method == "exact" and piecewise_linear(net, output=True):
         return "descent"  # the projection onto the range, end to end
     if A is not None:
@@ -178,7 +181,7 @@ def invert(
         Observations (NumPy array or torch tensor; never modified). With
         ``observe``: the full output (unobserved entries ignored, may be NaN)
         or the observed entries only; with ``A``: the m measurements.
-    method : "exact", "layerwise", "adam", "clipping", "negation" or "hybrid"
+    method : "exact", "layerwise", "adam", "clipping", "negation", "hybrid" or "global"
         "exact": the layer-wise LP method of Lei et al. (2019); with ``noise``:
         the projection onto the range by the cell descent, end to end
         (`preimage.methods.descent`); with ``A`` and no noise: projected
@@ -186,7 +189,10 @@ def invert(
         (`preimage.methods.sensing`). "layerwise" with ``noise``: the paper's
         error-bounded per-layer noisy LPs (`preimage.methods.noisy`). The
         others are the gradient baselines of `preimage.methods.gradient` and
-        the hybrid of `preimage.methods.hybrid`.
+        the hybrid of `preimage.methods.hybrid`. "global": every sample settled for
+        certain on small ReLU networks (`preimage.methods.global_search`): unique,
+        a second preimage, or none; with ``noise`` "linf" / "l1" the proved global
+        minimum of the misfit (``misfit_bound``); ``fallback.seconds`` per sample.
     rtol : float, optional
         Relative tolerance for the activation threshold and the checks (see
         `preimage.solvers.layer`). Default by the less precise of x and the
@@ -197,9 +203,13 @@ def invert(
         Exact, noisy, partial, PGD and hybrid routes.
     fallback : GlobalSettings, optional
         The search below the first non-unique layer for samples the layer-wise
-        method leaves "failed" (`preimage.methods.search`): the cell search by
-        default, the MILP too with ``GlobalSettings(milp=True)``, nothing with
-        ``GlobalSettings(enabled=False)``. Exact, partial and hybrid routes.
+        method leaves "failed" or "feasible" (`preimage.methods.search`): by
+        default the global search of `preimage.solvers.exhaustive` (ReLU layers
+        below, at most ``max_binaries`` units: unique / non_unique / infeasible,
+        proved; ``seconds`` per sample), the cell search with
+        ``GlobalSettings(search="cells")`` or where the global one cannot run,
+        nothing with ``GlobalSettings(enabled=False)``. Exact, partial, hybrid
+        and global routes.
     progress : callable(done, total), optional
         Called as samples finish (after each chunk when batched, after each
         sample otherwise; the gradient methods report the batch's share of

@@ -352,13 +352,18 @@ class SearchOutcome:
     """What a search below a non-unique layer found for one sample.
 
     z: a checked preimage or None; verdict: "unique" / "non_unique" / "feasible"
-    (with z) or "none"; witness: a second preimage where non_unique.
+    (with z), "infeasible" (proved: none in the domain) or "none"; witness: a
+    second preimage where non_unique.
     """
 
     z: np.ndarray | None
     verdict: str
     witness: np.ndarray | None
     message: str
+    #: the z a global search's proof covers (`preimage.solvers.relaxation.Domain.describe`)
+    domain: str | None = None
+    #: the search ran out of its time budget
+    out_of_time: bool = False
 
 
 @dataclass
@@ -451,6 +456,16 @@ class InversionResult:
         whose flip does not improve). None for the other methods.
     tight_walls : ndarray of int (B,), or int, or None
         The cell descent: walls tight with a positive multiplier at z.
+    proof_domain : ndarray of str (B,), or str, or None
+        The global search (`preimage.solvers.exhaustive`): the z its verdict holds for
+        ("every z" where the data bound the domain; a box |z_j| <= R on the coordinates
+        they do not bound); "" for samples it did not run on. None for other methods.
+    out_of_time : ndarray of bool (B,), or bool, or None
+        The global search ran out of its time budget on the sample (which keeps its best
+        z and, for a projection, the bound reached).
+    misfit_bound : ndarray (B,), or float, or None
+        The global projection: a proved lower bound of min_z ||G(z) - x|| (the gap is
+        misfit - misfit_bound).
     """
 
     z: np.ndarray
@@ -469,6 +484,9 @@ class InversionResult:
     noise: str | None = None
     local_minimum: Any = None
     tight_walls: Any = None
+    proof_domain: Any = None
+    out_of_time: Any = None
+    misfit_bound: Any = None
 
     def counts(self) -> dict[str, int]:
         """How many samples ended in each status."""

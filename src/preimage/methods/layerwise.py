@@ -61,13 +61,18 @@ class _SampleOutcome:
     message: str
     witness: np.ndarray
     layers: list[LayerResult | None]
+    #: the global search's proof domain ("" where it did not run) and whether it ran out of time
+    domain: str = ""
+    out_of_time: bool = False
 
     @property
     def distance(self) -> float:
-        """Where "infeasible": the distance from the range that its layer measured."""
+        """Where "infeasible": the distance from the range that its layer measured (NaN
+        where the global search proved it)."""
         if self.status != "infeasible":
             return np.nan
-        return next(r.misfit for r in self.layers if r is not None and r.status == "infeasible")
+        return next((r.misfit for r in self.layers if r is not None and r.status == "infeasible"),
+                    np.nan)
 
 
 def _descend(
@@ -227,21 +232,32 @@ def _settle_globally(
         y, j = layer_result.h, j - 1
     if j < 1 or outcome.layers[j] is None:
         return outcome
-    if outcome.status == "feasible" and not settings.milp:
-        return outcome  # only the MILP can add a verdict to a checked preimage
-    found = invert_below(net, j, y, rtol=rtol, settings=settings, start=outcome.z,
-                         deadline=deadline)
+    if outcome.status == "feasible" and settings.search == "cells":
+        return outcome  # only the global search can add a verdict to a checked preimage
+    try:
+        found = invert_below(net, j, y, rtol=rtol, settings=settings, start=outcome.z,
+                             deadline=deadline)
+    except Exception as err:  # one sample's solver failure must not cost the batch
+        note = f"; the global search below layer {j} failed: {type(err).__name__}: {err}"
+        return _SampleOutcome(outcome.z, outcome.status, outcome.message + note,
+                              outcome.witness, outcome.layers)
     nan = np.full(net.latent_dim, np.nan)
+    extra = {"domain": found.domain or "", "out_of_time": found.out_of_time}
+    if found.verdict == "infeasible":
+        return _SampleOutcome(nan, "infeasible", f"x is not in the range of G: {found.message}",
+                              nan, outcome.layers, **extra)
     if found.z is None:
-        note = f"; global search below layer {j}: {found.message}"
+        note = f"; {found.message}"
         return _SampleOutcome(
-            outcome.z, outcome.status, outcome.message + note, outcome.witness, outcome.layers
+            outcome.z, outcome.status, outcome.message + note, outcome.witness, outcome.layers,
+            **extra,
         )
     if found.verdict == "non_unique" and found.witness is not None:
-        return _SampleOutcome(found.z, "non_unique", found.message, found.witness, outcome.layers)
+        return _SampleOutcome(found.z, "non_unique", found.message, found.witness,
+                              outcome.layers, **extra)
     if found.verdict == "unique":
-        return _SampleOutcome(found.z, "unique", found.message, nan, outcome.layers)
-    return _SampleOutcome(found.z, "feasible", found.message, nan, outcome.layers)
+        return _SampleOutcome(found.z, "unique", found.message, nan, outcome.layers, **extra)
+    return _SampleOutcome(found.z, "feasible", found.message, nan, outcome.layers, **extra)
 
 
 #: Every answer must reproduce x end to end within this many rtol (relative), and a
@@ -293,8 +309,8 @@ def invert_exact(
 ) -> InversionResult:
     """The layer-wise method on validated observations xb (B, n); see `preimage.invert`.
 
-    Samples the layer-wise method leaves "failed" (and, with ``fallback.milp``,
-    "feasible") go to the search below their first non-unique layer
+    Samples the layer-wise method leaves "failed" or "feasible" (the latter unless
+    ``fallback.search`` is "cells") go to the search below their first non-unique layer
     (`preimage.methods.search.invert_below`). A sample whose solver raises ends
     "failed" with the error in its message; past ``time_limit`` (seconds, or a
     `Deadline`) no new sample (batched: chunk) starts, those not started end
@@ -330,7 +346,8 @@ def _failed_if(net: Network, outcome: _SampleOutcome | SampleFailure) -> _Sample
 
 def _searched(status: str, settings: GlobalSettings) -> bool:
     """Whether the search below a non-unique layer runs for a sample of this status."""
-    return settings.enabled and (status == "failed" or (status == "feasible" and settings.milp))
+    return settings.enabled and (
+        status == "failed" or (status == "feasible" and settings.search != "cells"))
 
 
 def _invert_batched(
@@ -393,6 +410,8 @@ def _verdicts(
     status = np.empty(batch, dtype=object)
     witness = np.full_like(z, np.nan)
     distance = np.full(batch, np.nan)
+    domains = np.full(batch, "", dtype=object)
+    timed = np.zeros(batch, dtype=bool)
     messages: list[str] = [""] * batch
     # Samples solved in batch at every layer all get the same verdict: compose it once.
     in_batch = reached.copy()
@@ -425,7 +444,7 @@ def _verdicts(
         if _searched(outcome.status, settings):
             # The search needs every layer's point, which the batch did not keep:
             # redo this sample through the reference path first (only where the
-            # search will run: a "feasible" sample is searched by the MILP alone).
+            # search will run: a "feasible" sample is searched only by the global search).
             if reference is None and not deadline.expired():
                 reference = _invert_one(net, xb[b], rtol)
             outcome = _settle_globally(net, xb[b], reference or outcome, rtol, settings,
@@ -440,10 +459,12 @@ def _verdicts(
         witness[b] = outcome.witness
         messages[b] = outcome.message
         distance[b] = outcome.distance
+        domains[b], timed[b] = outcome.domain, outcome.out_of_time
     reports = tuple(arr.report for arr in arrays)
     return _assemble(
         net, xb, z, status, witness, messages, reports, single, rtol,
         time.perf_counter() - start, distance, pool_map=pool_map, chunk=chunk,
+        domains=domains, timed=timed,
     )
 
 
@@ -478,6 +499,8 @@ def _collect(
     return _assemble(
         net, xb, z, [o.status for o in outcomes], witness, [o.message for o in outcomes],
         reports, single, rtol, elapsed, np.array([o.distance for o in outcomes]),
+        domains=np.array([o.domain for o in outcomes], dtype=object),
+        timed=np.array([o.out_of_time for o in outcomes], dtype=bool),
     )
 
 
@@ -495,8 +518,11 @@ def _assemble(
     distance: np.ndarray,
     pool_map: PoolMap | None = None,
     chunk: int | None = None,
+    domains: np.ndarray | None = None,
+    timed: np.ndarray | None = None,
 ) -> InversionResult:
-    """The exact method's InversionResult (``steps``: the LPs its layers solved).
+    """The exact method's InversionResult (``steps``: the LPs its layers solved;
+    ``proof_domain`` and ``out_of_time`` from the global search, `domains`, `timed`).
 
     For data of low precision (rtol >= POLISH_RTOL: float32 data or networks), each
     answer is first polished end to end: the least-squares fit inside its own
@@ -538,11 +564,17 @@ def _assemble(
                             f"{ANSWER_RTOL:g} rtol: nothing proved")
         return np.where(off, "failed", status).astype(object)
 
-    return build_result(
+    result = build_result(
         net, xb, z, verified, messages, method="exact", rtol=rtol, elapsed=elapsed,
         single=single, layers=reports, witness=witness, steps=lps, distance=distance,
         pool_map=pool_map, chunk=chunk,
     )
+    batch = xb.shape[0]
+    domains = np.full(batch, "", dtype=object) if domains is None else domains
+    timed = np.zeros(batch, dtype=bool) if timed is None else timed
+    result.proof_domain = str(domains[0]) if single else domains
+    result.out_of_time = bool(timed[0]) if single else timed
+    return result
 
 
 def _polish(net: Network, xb: np.ndarray, z: np.ndarray, ok: np.ndarray, rtol: float) -> None:

@@ -23,8 +23,9 @@ Local search from a start z, in two stages, each one never raising the misfit
 
 `cell_search` runs both from several starts within a time budget and returns
 the first z that a forward pass confirms; it finds preimages and never proves
-their absence. `invert_below` adds the MILP (`preimage.solvers.milp`, complete
-within a latent box) when `GlobalSettings.milp` asks for it.
+their absence. `invert_below` runs the global search instead where the layers
+below are small ReLU layers (`preimage.solvers.exhaustive`: a branch and bound
+that proves uniqueness, finds a second preimage, or proves there is none).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ import numpy as np
 from preimage.model.network import Network
 from preimage.results import Deadline, SearchOutcome
 from preimage.solvers.cell import CellFit, activation_pattern, cell_lp
+from preimage.solvers.exhaustive import settle
 from preimage.solvers.layer import active_set
-from preimage.solvers.milp import milp_search, reproduces
+from preimage.solvers.milp import reproduces
 
 
 @dataclass(frozen=True)
@@ -47,30 +49,51 @@ class GlobalSettings:
 
     Attributes
     ----------
-    enabled : run it on "failed" samples (and on "feasible" ones with `milp`)
+    enabled : run it on the "failed" and "feasible" samples
+    search : "branch" (default): the global search of `preimage.solvers.exhaustive` with its
+        own branch and bound over ReLU units (proofs: unique / non_unique / infeasible);
+        "milp": the same model through HiGHS's MILP solver; "cells": the cell search only
+        (finds preimages, proves nothing; the one search for networks with smooth layers
+        below or more than ``max_binaries`` ReLU units, whatever this says)
+    seconds : time budget of the global search per sample (the sample says when it ran out)
+    latent_bound : R; |z_j| <= R only along coordinates the data leave unbounded (the result's
+        ``proof_domain`` says where that was needed)
+    tighten : optimisation-based bound tightening before the branch and bound
+    max_binaries : the cell search instead where the layers below have more ReLU units
     starts : random starts z ~ N(0, I) of the cell search (after the layer-wise
         estimate, when there is one)
     iterations : SLP iterations per start
     walk_lps : LP budget of the cell walk after the SLP, per start
-    seconds : time budget of the cell search per sample
-    milp : also run the MILP (slow: seconds to minutes per sample) to settle
-        uniqueness or search exhaustively
-    latent_bound : R; the MILP covers |z|_inf <= R (its verdicts hold within it)
-    time_limit : seconds per MILP solve
-    max_binaries : skip the MILP when the layers below have more ReLU units
+    cell_seconds : time budget of the cell search per sample
     seed : seed of the random starts
     """
 
     enabled: bool = True
+    search: str = "branch"
+    seconds: float = 10.0
+    latent_bound: float = 10.0
+    tighten: bool = False
+    max_binaries: int = 400
     starts: int = 6
     iterations: int = 40
     walk_lps: int = 10
-    seconds: float = 2.0
-    milp: bool = False
-    latent_bound: float = 10.0
-    time_limit: float = 20.0
-    max_binaries: int = 400
+    cell_seconds: float = 2.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCHES:
+            raise ValueError(
+                f"`search` must be one of {SEARCHES}; got {self.search!r}.")
+        for name in ("seconds", "cell_seconds"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"`{name}` must be a number of seconds >= 0; got {value!r}.")
+        if not (isinstance(self.latent_bound, (int, float)) and self.latent_bound > 0):
+            raise ValueError(f"`latent_bound` must be > 0; got {self.latent_bound!r}.")
+
+
+#: GlobalSettings.search values.
+SEARCHES: tuple[str, ...] = ("branch", "milp", "cells")
 
 
 def cell_walk(
@@ -330,56 +353,51 @@ def invert_below(
     y : ndarray of shape (n_top,)
     rtol : the inversion's relative tolerance
     settings : GlobalSettings
-    start : an estimate of z to start the cell search from
+    start : an estimate of z (a preimage the layer-wise method found, or its estimate)
     deadline : the call's time limit (`preimage.results.Deadline`): each search
         stops at the earlier of it and its own budget, and says so
 
-    The cell search (`cell_search`, within ``settings.seconds``) runs first;
-    with ``settings.milp`` the MILP then tries to settle the sample, and where
-    it finds nothing (or runs out of time) the cell search's preimage is kept.
+    The global search (`preimage.solvers.exhaustive.settle`, ``settings.search``
+    "branch" or "milp") where the layers below are ReLU and small enough; the cell
+    search (`cell_search`) otherwise.
     """
     deadline = deadline or Deadline()
-    seconds = min(settings.seconds, deadline.remaining())
+    cut = f" ({deadline.note()})" if deadline.expired() else ""
     if top < 1 or not all(layer.activation.kind == "relu" for layer in net.layers[:top]):
         return SearchOutcome(None, "none", None, "the search needs ReLU layers below")
     cons = active_set(net.layers[top], y, rtol)
     if isinstance(cons, str):
         return SearchOutcome(None, "none", None, cons)
+    n_units = sum(layer.out_width for layer in net.layers[:top])
+    if settings.search != "cells" and n_units <= settings.max_binaries:
+        known = start if start is not None and reproduces(net, top, y, start, rtol) else None
+        found = settle(net, top, y, rtol=rtol, z_known=known,
+                       seconds=min(settings.seconds, deadline.remaining()),
+                       box=settings.latent_bound, tighten=settings.tighten,
+                       engine="branch" if settings.search == "branch" else "milp")
+        verdict = {"unique": "unique", "non_unique": "non_unique", "feasible": "feasible",
+                   "infeasible": "infeasible"}.get(found.status, "none")
+        return SearchOutcome(found.z, verdict, found.witness,
+                             f"global search below layer {top}: {found.message}"
+                             + (f" ({deadline.note()})" if deadline.expired() else ""),
+                             domain=found.domain, out_of_time=found.out_of_time)
     rng = np.random.default_rng(settings.seed)
     starts = [rng.standard_normal(net.latent_dim) for _ in range(settings.starts)]
     if start is not None and np.all(np.isfinite(start)):
         starts.insert(0, np.asarray(start, dtype=float))
     upper = net.below(top + 1)
-    found = cell_search(
+    found_cells = cell_search(
         upper, y, starts, tau=cons.tau, tolerance=10 * rtol * cons.scale,
         target=min(rtol, 1e-9) * cons.scale, slp_iterations=settings.iterations,
-        walk_lps=settings.walk_lps, seconds=seconds,
+        walk_lps=settings.walk_lps, seconds=min(settings.cell_seconds, deadline.remaining()),
     )
-    z = found.z
+    z = found_cells.z
     if z is not None and not reproduces(net, top, y, z, rtol):
         z = None
-    cut = f" ({deadline.note()})" if deadline.expired() else ""
-    n_units = sum(layer.out_width for layer in net.layers[:top])
-    if settings.milp and n_units <= settings.max_binaries and deadline.expired():
-        cut = f" (no MILP: {deadline.note()})"
-    elif settings.milp and n_units <= settings.max_binaries:
-        milp_seconds = min(settings.time_limit, deadline.remaining())
-        exhaustive = milp_search(
-            net, top, y, rtol=rtol, latent_bound=settings.latent_bound, time_limit=milp_seconds,
-        )
-        if milp_seconds < settings.time_limit and deadline.expired():
-            exhaustive = SearchOutcome(exhaustive.z, exhaustive.verdict, exhaustive.witness,
-                                       f"{exhaustive.message} ({deadline.note()})")
-        if exhaustive.z is not None or z is None:
-            return exhaustive
-        return SearchOutcome(
-            z, "feasible", None,
-            f"{found.message}; uniqueness unsettled ({exhaustive.message})",
-        )
     if z is None:
-        return SearchOutcome(None, "none", None, found.message + cut)
+        return SearchOutcome(None, "none", None, found_cells.message + cut)
+    cut = f" ({deadline.note()})" if deadline.expired() else ""
     return SearchOutcome(
         z, "feasible", None,
-        f"{found.message}, below the first non-unique layer; uniqueness unsettled"
-        + ("" if settings.milp else " (GlobalSettings(milp=True) may settle it)") + cut,
+        f"{found_cells.message}, below the first non-unique layer; uniqueness unsettled{cut}",
     )

@@ -464,3 +464,51 @@ def cell_least_squares(
         same &= np.all((pre > 0) == on, axis=1)
         h = layer.activation(pre)
     return np.where(same[:, None], z_new, zb), same
+
+
+def active_jacobian(
+    net: Network, patterns: list[np.ndarray], rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P, q) of the last layer's pre-activations on the rows `rows` (bool (n,)) in the cell
+    of `patterns` (hidden layers): pre[rows] = P z + q there."""
+    p, q = affine_chain(net, patterns, len(net.layers))[-1]
+    return p[rows], q[rows]
+
+
+def newton_refine(
+    net: Network, target: np.ndarray, rows: np.ndarray, z: np.ndarray, *, steps: int = 3
+) -> np.ndarray:
+    """Gauss-Newton on pre[rows](z) = target[rows], each step in the cell of the current z.
+
+    Inside a cell the last layer's pre-activations are affine, pre = P z + q, so
+    one least-squares step (minimum norm: P may have a null space) lands on the
+    cell's set {P z + q = target} exactly when z's cell is the right one; a
+    point an LP found to 1e-7 is refined to rounding level. Returns the last z
+    (the caller checks it by a forward pass).
+    """
+    z = np.asarray(z, dtype=np.float64).copy()
+    depth = len(net.layers) - 1
+    for _ in range(steps):
+        p, q = active_jacobian(net, activation_pattern(net, z, depth), rows)
+        r = target[rows] - (p @ z + q)
+        if not np.all(np.isfinite(r)):
+            break
+        step = np.linalg.lstsq(p, r, rcond=None)[0]
+        z = z + step
+        if float(np.max(np.abs(step), initial=0.0)) <= 1e-15 * (1.0 + float(np.max(np.abs(z)))):
+            break
+    return z
+
+
+def null_directions(
+    net: Network, patterns: list[np.ndarray], rows: np.ndarray, *, rtol: float = 1e-10
+) -> np.ndarray:
+    """An orthonormal basis (k, m) of the directions that keep the last layer's `rows`
+    unchanged in the cell of `patterns` (m = 0: the rows fix z in the cell)."""
+    p, _ = active_jacobian(net, patterns, rows)
+    k = net.latent_dim
+    if p.shape[0] == 0:
+        return np.eye(k)
+    _, s, vt = np.linalg.svd(p, full_matrices=True)
+    rank = int(np.sum(s > rtol * max(float(s[0]) if s.size else 0.0, 1e-300) * max(p.shape)))
+    return vt[rank:].T

@@ -206,6 +206,98 @@ def solve_milp(
     return LPSolution(status, x, value, str(res.message), None, bound)
 
 
+class LiveLP:
+    """An LP kept alive in one HiGHS instance, changed in place between solves.
+
+        minimise c^T u   subject to   row_lo <= A u <= row_hi,   col_lo <= u <= col_hi.
+
+    Bounds, costs and coefficients change without rebuilding the model, and
+    each `solve` restarts the simplex from the last optimal basis: a branch and
+    bound (`preimage.solvers.branch`) or a round of bound tightening changes a
+    few bounds or one cost between solves and pays a few pivots for it.
+    Presolve is off (it would discard the basis, and on these small dense LPs
+    it removes little).
+    """
+
+    def __init__(self, cost: np.ndarray, lower: Any = -np.inf, upper: Any = np.inf) -> None:
+        k = int(np.size(cost))
+        self.k = k
+        self.rows = 0
+        self._highs = _Highs()
+        self._highs.setOptionValue("output_flag", False)
+        self._highs.setOptionValue("presolve", "off")
+        none = np.zeros(0, dtype=np.int32)
+        self._highs.addCols(
+            k, np.asarray(cost, dtype=float), _bounds(lower, k), _bounds(upper, k),
+            0, none, none, np.zeros(0),
+        )
+
+    def add_rows(self, a: Any, lower: Any, upper: Any) -> None:
+        """Add the rows lower <= a u <= upper (a dense or sparse (r, k); bounds (r,) or scalars)."""
+        from scipy import sparse
+
+        rows = sparse.csr_matrix(a)
+        r = rows.shape[0]
+        if r == 0:
+            return
+        self._highs.addRows(
+            r, _bounds(lower, r), _bounds(upper, r), rows.nnz,
+            rows.indptr[:-1].astype(np.int32), rows.indices.astype(np.int32),
+            rows.data.astype(float),
+        )
+        self.rows += r
+
+    def set_cost(self, cost: np.ndarray) -> None:
+        """Replace the whole objective (minimised)."""
+        self._highs.changeColsCost(self.k, np.arange(self.k, dtype=np.int32),
+                                   np.asarray(cost, dtype=float))
+
+    def set_bounds(self, cols: Any, lower: Any, upper: Any) -> None:
+        """Set col_lo, col_hi of the columns `cols` (indices; bounds per column or scalars)."""
+        cols = np.atleast_1d(np.asarray(cols, dtype=np.int32))
+        if cols.size:
+            self._highs.changeColsBounds(cols.size, cols, _bounds(lower, cols.size),
+                                         _bounds(upper, cols.size))
+
+    def set_coefficient(self, row: int, col: int, value: float) -> None:
+        self._highs.changeCoeff(int(row), int(col), float(value))
+
+    def set_row_bounds(self, row: int, lower: float, upper: float) -> None:
+        self._highs.changeRowBounds(int(row), _bound(lower), _bound(upper))
+
+    def set_time_limit(self, seconds: float) -> None:
+        """At most `seconds` more (HiGHS's limit counts the instance's whole run time)."""
+        spent = float(self._highs.getRunTime())
+        self._highs.setOptionValue("time_limit", spent + max(float(seconds), 1e-3))
+
+    def set_tolerance(self, tolerance: float) -> None:
+        """HiGHS's primal and dual feasibility tolerance (absolute)."""
+        self._highs.setOptionValue("primal_feasibility_tolerance", float(tolerance))
+        self._highs.setOptionValue("dual_feasibility_tolerance", float(tolerance))
+
+    def model(self) -> Any:
+        """HiGHS's copy of the LP (``HighsLp``: a_matrix_, row_lower_, col_upper_, ...)."""
+        return self._highs.getLp()
+
+    def solve(self) -> LPSolution:
+        """Solve (warm from the last basis); the status is one of LP_STATUSES."""
+        self._highs.run()
+        status = self._highs.getModelStatus()
+        raw = self._highs.modelStatusToString(status)
+        if status == HighsModelStatus.kOptimal:
+            x = np.array(self._highs.getSolution().col_value)
+            value = float(self._highs.getInfo().objective_function_value)
+            return LPSolution("optimal", x, value, f"HiGHS: {raw}", None, value)
+        names = {
+            HighsModelStatus.kInfeasible: "infeasible",
+            HighsModelStatus.kUnbounded: "unbounded",
+            HighsModelStatus.kUnboundedOrInfeasible: "infeasible_or_unbounded",
+            HighsModelStatus.kTimeLimit: "time_limit",
+            HighsModelStatus.kIterationLimit: "time_limit",
+        }
+        return LPSolution(names.get(status, "error"), None, np.inf, f"HiGHS: {raw}")
+
+
 class RowLP:
     """min cost^T u over lower <= u <= upper (default: u free), rows added with `add`.
 
@@ -296,3 +388,9 @@ def _bound(value: float) -> float:
     if np.isinf(value):
         return kHighsInf if value > 0 else -kHighsInf
     return float(value)
+
+
+def _bounds(values: Any, n: int) -> np.ndarray:
+    """n bounds (a scalar broadcast, or an array) with HiGHS's infinity for infinite ones."""
+    arr = np.broadcast_to(np.asarray(values, dtype=float), (n,))
+    return np.clip(arr, -kHighsInf, kHighsInf)

@@ -1,0 +1,267 @@
+"""Branch and bound over the ReLU units, on one live HiGHS LP (`preimage.solvers.relaxation`).
+
+A node is a set of decisions (unit g on: d_g = 1, off: d_g = 0); its LP is
+the relaxation with those bounds, warm-started from the last basis (dual
+simplex after a bound change: a few pivots). Depth first for the exact
+problem, best bound first for the misfit. A unit is branched on where the
+relaxation is most violated (r_g - max(a_g, 0) largest at the LP point);
+where no unit is violated the LP point is a true point of the network and
+the widest undecided unit is split instead (only needed to prove uniqueness).
+
+Exact observation (`settle_exact`): find z with G(z) = y, then prove it is
+the only one, or find a second one. Every LP point is refined in its own
+activation cell and checked by a forward pass (``accept``); a point far from
+the first preimage z* that passes is a second preimage (the witness). The
+search ends when every node is pruned: infeasible, or a leaf (every unit
+decided: the LP is then the cell's own preimage set Q) whose Q is {z*}:
+z* in Q and the cell's active rows of full column rank, or, with a null
+space, no point of Q farther than ``separation`` from z* along it (two LPs per
+null direction). With no preimage and every node infeasible, y has none in
+the domain (proved).
+
+Misfit (`minimise_misfit`): min t over the relaxation is a lower bound of the
+misfit in each node; the incumbent is the best true misfit at the LP points
+(refined in their cells by ``evaluate``). The search ends when the lowest
+open bound is within the gap tolerance of the incumbent: the incumbent is
+then the global minimum over the domain, to that gap.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from preimage.solvers.relaxation import Relaxation
+
+#: A unit counts as violated at an LP point when r - max(a, 0) exceeds this (relative to
+#: 1 + its U).
+VIOLATION = 1e-7
+
+
+@dataclass
+class BranchOutcome:
+    """What the branch and bound found.
+
+    status : exact: "unique", "non_unique", "infeasible" (proved), "found" (a preimage,
+        the proof unfinished: out of time or an unresolved leaf), "none" (nothing found,
+        nothing proved); misfit: "optimal" (gap closed) or "time_limit"
+    z : the preimage / best point, or None
+    witness : a second preimage ("non_unique")
+    value, bound : misfit: the incumbent's misfit and the proved lower bound
+    nodes, lps : nodes processed, LPs solved
+    unresolved : leaves or nodes that could be neither pruned nor turned into a witness
+    """
+
+    status: str
+    z: np.ndarray | None
+    witness: np.ndarray | None = None
+    value: float = np.inf
+    bound: float = -np.inf
+    nodes: int = 0
+    lps: int = 0
+    unresolved: int = 0
+    message: str = ""
+
+
+def _branch_unit(relax: Relaxation, u: np.ndarray, undecided: np.ndarray) -> tuple[int, bool]:
+    """(unit, violated): the undecided unit most violated at the LP point u, else the
+    widest (min(U, -L) largest)."""
+    a, r = u[relax.a_col[undecided]], u[relax.r_col[undecided]]
+    violation = (r - np.maximum(a, 0.0)) / (1.0 + relax.upper[undecided])
+    j = int(np.argmax(violation))
+    if violation[j] > VIOLATION:
+        return int(undecided[j]), True
+    width = np.minimum(relax.upper[undecided], -relax.lower[undecided])
+    return int(undecided[int(np.argmax(width))]), False
+
+
+def _children(decisions: np.ndarray, g: int, prefer_on: bool) -> list[np.ndarray]:
+    """The two children, the preferred one last (popped first from a stack)."""
+    on, off = decisions.copy(), decisions.copy()
+    on[g], off[g] = 1, 0
+    return [off, on] if prefer_on else [on, off]
+
+
+def settle_exact(
+    relax: Relaxation,
+    accept: Callable[[np.ndarray], np.ndarray | None],
+    null_directions: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    leaf_fit: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    *,
+    leaf_tol: float,
+    z_known: np.ndarray | None,
+    separation: float,
+    deadline: float,
+) -> BranchOutcome:
+    """The exact problem (module docstring) on `relax` (an exact top).
+
+    Parameters
+    ----------
+    accept : z (k,) -> a checked preimage near it (refined in its cell), or None
+    null_directions : (z*, on (n_units,)) -> (k, m) directions along which the cell of
+        pattern `on` leaves the active rows unchanged (m = 0: full column rank)
+    leaf_fit : on (n_units,) -> (misfit, z): the best fit to y inside the cell of `on`
+        (`preimage.solvers.cell.cell_lp`); above ``leaf_tol`` the cell holds no preimage
+    z_known : a checked preimage already found (the layer-wise method's), or None
+    separation : two preimages farther apart than this (l_inf) are distinct
+    deadline : time.perf_counter() value
+    """
+    k = relax.k
+    z_star = z_known
+    stack = [np.full(relax.n_units, -1, dtype=np.int8)]
+    nodes = unresolved = 0
+
+    def distinct(z: np.ndarray) -> bool:
+        return z_star is not None and float(np.max(np.abs(z - z_star))) > separation
+
+    def outcome(status: str, message: str, witness: np.ndarray | None = None) -> BranchOutcome:
+        return BranchOutcome(status, z_star, witness, nodes=nodes, lps=relax.n_lps,
+                             unresolved=unresolved, message=message)
+
+    while stack:
+        if time.perf_counter() > deadline:
+            return outcome("found" if z_star is not None else "none",
+                           f"out of time after {nodes} nodes ({len(stack)} open)")
+        decisions = stack.pop()
+        relax.fix(decisions)
+        sol = relax.solve()
+        nodes += 1
+        if sol.status == "infeasible":
+            continue
+        if not sol.optimal or sol.x is None:
+            unresolved += 1  # HiGHS gave no answer: this subtree stays open
+            continue
+        u = sol.x
+        z_lp = u[:k]
+        if z_star is None or distinct(z_lp):
+            found = accept(z_lp)
+            if found is not None:
+                if z_star is None:
+                    z_star = found
+                elif distinct(found):
+                    return outcome("non_unique", f"a second preimage at node {nodes}", found)
+        undecided = relax.undecided()
+        if undecided.size:
+            g, _ = _branch_unit(relax, u, undecided)
+            stack += _children(decisions, g, bool(u[relax.a_col[g]] > 0))
+            continue
+        # A leaf: every unit decided, the LP is the cell's own preimage set Q.
+        on = np.where(relax.stable >= 0, relax.stable, relax.fixed) == 1
+        negligible = (relax.stable < 0) & (relax.fixed < 0)
+        on[negligible] = relax.upper[negligible] > -relax.lower[negligible]
+        if z_star is None or distinct(z_lp):
+            # the cell's own LP (scaled, tight tolerances) decides: the relaxation's point
+            # is feasible only to HiGHS's tolerance
+            misfit, z_cell = leaf_fit(on)
+            if misfit > leaf_tol:
+                continue  # no preimage in this cell
+            found = accept(z_cell)
+            if found is None:
+                unresolved += 1
+                continue
+            if z_star is None:
+                z_star = found
+            elif distinct(found):
+                return outcome("non_unique", f"a second preimage in leaf {nodes}", found)
+        directions = null_directions(z_star, on)
+        far = None
+        for v in directions.T:
+            for sign in (1.0, -1.0):
+                cost = np.zeros(relax.n_cols)
+                cost[:k] = -sign * v
+                extreme = relax.solve(cost)
+                if extreme.optimal and extreme.x is not None and distinct(extreme.x[:k]):
+                    far = extreme.x[:k]
+                    break
+            if far is not None:
+                break
+        if far is None:
+            continue  # Q = {z*}
+        for z_try in (far, (far + z_star) / 2, (far + 3 * z_star) / 4):
+            found = accept(z_try)
+            if found is not None and distinct(found):
+                return outcome("non_unique", f"a second preimage in the cell of z* (leaf {nodes})",
+                               found)
+        unresolved += 1
+    if z_star is None:
+        if unresolved:
+            return outcome("none", f"no preimage found; {unresolved} node(s) unresolved")
+        return outcome("infeasible", f"no preimage: all {nodes} nodes infeasible")
+    if unresolved:
+        return outcome("found", f"a preimage; {unresolved} node(s) unresolved, uniqueness open")
+    return outcome("unique", f"the only preimage: {nodes} nodes, every other one infeasible")
+
+
+def minimise_misfit(
+    relax: Relaxation,
+    evaluate: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    *,
+    start: np.ndarray,
+    start_value: float,
+    deadline: float,
+    rel_gap: float,
+    abs_gap: float,
+) -> BranchOutcome:
+    """The misfit problem (module docstring) on `relax` (a misfit top), best bound first.
+
+    ``evaluate(z)`` -> (true misfit, point) of a point at least as good as z (refined in
+    its cell); ``start``, ``start_value``: an incumbent (a local search's answer), whose
+    value is also the cutoff of the relaxation.
+    """
+    best_z, best = np.asarray(start, dtype=float), float(start_value)
+    relax.set_cutoff(best)
+    cost = relax.misfit_cost()
+    heap: list[tuple[float, int, np.ndarray]] = [(-np.inf, 0, np.full(relax.n_units, -1,
+                                                                       dtype=np.int8))]
+    counter, nodes = 1, 0
+    stuck: list[float] = []  # bounds of nodes HiGHS could not solve: never pruned
+
+    def closed(bound: float) -> bool:
+        return best - bound <= max(abs_gap, rel_gap * best)
+
+    def lowest() -> float:
+        return min(([heap[0][0]] if heap else []) + stuck, default=best)
+
+    while heap:
+        bound = heap[0][0]
+        if closed(min([bound, *stuck])):
+            break
+        if time.perf_counter() > deadline:
+            low = min(max(lowest(), 0.0), best)
+            return BranchOutcome("time_limit", best_z, value=best, bound=low,
+                                 nodes=nodes, lps=relax.n_lps,
+                                 message=f"out of time after {nodes} nodes ({len(heap)} open)")
+        parent, _, decisions = heapq.heappop(heap)
+        relax.fix(decisions)
+        sol = relax.solve(cost)
+        nodes += 1
+        if sol.status == "infeasible":
+            continue  # no point of this node beats the cutoff (the incumbent)
+        if not sol.optimal or sol.x is None:
+            stuck.append(parent)
+            continue
+        if closed(sol.value):
+            continue
+        value, z = evaluate(sol.x[: relax.k])
+        if value < best:
+            best_z, best = z, value
+            relax.set_cutoff(best)
+            if closed(sol.value):
+                continue
+        undecided = relax.undecided()
+        if undecided.size == 0:
+            continue  # a leaf: its LP is exact, evaluate gave its optimum
+        g, violated = _branch_unit(relax, sol.x, undecided)
+        if not violated:
+            continue  # the LP point is a true point: its misfit is this node's minimum
+        for child in _children(decisions, g, bool(sol.x[relax.a_col[g]] > 0)):
+            heapq.heappush(heap, (sol.value, counter, child))
+            counter += 1
+    bound = min(max(lowest(), 0.0), best)
+    status = "optimal" if closed(bound) else "time_limit"
+    return BranchOutcome(status, best_z, value=best, bound=bound, nodes=nodes, lps=relax.n_lps,
+                         message=f"{nodes} nodes, gap {best - bound:.3g}")

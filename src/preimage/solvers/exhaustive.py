@@ -1,0 +1,307 @@
+"""Global inversion of small ReLU networks: one sample, settled or bounded for certain.
+
+`settle` takes an exact observation y of layer `top` (the layers below it
+ReLU) and proves one of: z is the only preimage, here is a second one, there
+is none. `global_projection` takes any x and proves the smallest l_inf or l_1
+misfit min_z ||G(z) - x||. Both:
+
+1. derive the domain of z from the data (`preimage.solvers.relaxation.data_bounds`:
+   the output layer's preimage polyhedron, or the incumbent's misfit, bounds
+   every unit), with a box |z_j| <= ``box`` only along coordinates the data
+   leave unbounded; the answer says which (``domain``);
+2. optionally tighten every unstable unit's bounds over the LP relaxation
+   (``tighten``: optimisation-based bound tightening);
+3. search: ``engine="branch"`` the branch and bound over units on one live
+   HiGHS LP (`preimage.solvers.branch`), ``engine="milp"`` the same model as a
+   MILP through HiGHS's own branch and cut (`scipy.optimize.milp`; uniqueness
+   by a second MILP with a no-good cut on the first answer's pattern).
+
+Every preimage is refined in its activation cell (Gauss-Newton on the active
+rows, `preimage.solvers.cell.newton_refine`) and checked by a forward pass
+(`preimage.solvers.milp.reproduces`) before it counts; a witness is a checked
+preimage farther than ``separation`` from the first.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint
+
+from preimage.model.network import Network
+from preimage.solvers.branch import minimise_misfit, settle_exact
+from preimage.solvers.cell import activation_pattern, cell_lp, newton_refine, null_directions
+from preimage.solvers.highs import solve_milp
+from preimage.solvers.layer import active_set
+from preimage.solvers.milp import reproduces
+from preimage.solvers.relaxation import Domain, Relaxation, Top, data_bounds, exact_top
+
+#: The search engines.
+ENGINES: tuple[str, ...] = ("branch", "milp")
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The global verdict on one sample.
+
+    status : "unique", "non_unique", "infeasible" (proved), "feasible" (a checked preimage,
+        uniqueness unsettled), "failed" (none found); projection: "optimal" or "time_limit"
+    z, witness : the preimage (best point) and a second preimage
+    value, bound : projection: the misfit of z and a proved lower bound of the minimum
+    domain : the z a proof covers (`Domain.describe`)
+    boxed : whether that needed a box
+    out_of_time : the budget ran out before the proof was complete
+    nodes, lps : branch-and-bound nodes and LPs
+    """
+
+    status: str
+    z: np.ndarray | None
+    witness: np.ndarray | None
+    message: str
+    domain: str
+    boxed: bool = False
+    out_of_time: bool = False
+    value: float = np.inf
+    bound: float = -np.inf
+    nodes: int = 0
+    lps: int = 0
+
+
+def _relu_below(net: Network, depth: int) -> bool:
+    return all(layer.activation.kind == "relu" for layer in net.layers[:depth])
+
+
+def settle(
+    net: Network,
+    top: int,
+    y: np.ndarray,
+    *,
+    rtol: float,
+    z_known: np.ndarray | None = None,
+    seconds: float = 10.0,
+    box: float = 10.0,
+    tighten: bool = False,
+    engine: str = "branch",
+) -> Settled:
+    """Is there a z with layers 0..top of net mapping it to y, and is it the only one?
+
+    Parameters
+    ----------
+    net : Network; layers 0..top-1 ReLU
+    top : the layer y is an exact observation of (its own activation any kind)
+    y : ndarray (n_top,)
+    rtol : the inversion's tolerance (`preimage.solvers.layer.active_set`, the checks)
+    z_known : a preimage found already (checked again here)
+    seconds : time budget
+    box : |z_j| <= box along coordinates the data leave unbounded
+    tighten : optimisation-based bound tightening before the search
+    engine : "branch" or "milp" (module docstring)
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"`engine` must be one of {ENGINES}; got {engine!r}.")
+    if top < 1 or not _relu_below(net, top):
+        raise ValueError("The global search needs ReLU layers below the observed layer.")
+    start = time.perf_counter()
+    deadline = start + seconds
+    cons = active_set(net.layers[top], y, rtol)
+    if isinstance(cons, str):
+        return Settled("infeasible", None, None, f"y is out of range: {cons}", "every z")
+    # float64 data: equalities (a band narrower than HiGHS's tolerance only stalls its
+    # simplex); lower precision: the data's own band
+    band = 0.0 if rtol < 1e-7 else rtol * cons.scale
+    top_block = exact_top(net, top, cons.target, cons.active, cons.tau, band)
+    domain = data_bounds(net, top, top_block, box=box, deadline=deadline)
+    upper = net.below(top + 1)
+
+    def accept(z: np.ndarray) -> np.ndarray | None:
+        if not np.all(np.isfinite(z)):
+            return None
+        refined = newton_refine(upper, cons.target, cons.active, z)
+        return refined if reproduces(net, top, y, refined, rtol) else None
+
+    known = accept(z_known) if z_known is not None else None
+    if isinstance(domain, str):
+        if domain == "infeasible":
+            return Settled("infeasible", None, None,
+                           "no z satisfies the bounds the data imply", "every z")
+        return _timed_out(known, "while deriving the domain", "none derived yet")
+    where = domain.describe()
+    relax = Relaxation(net, top, domain, top_block)
+    relax.deadline = deadline
+    if tighten and relax.tighten(deadline=deadline) == "infeasible":
+        return _no_preimage(domain, where, "bound tightening")
+    scale = 1.0 if known is None else max(1.0, float(np.max(np.abs(known))))
+    separation = 1e-6 * scale
+    if engine == "milp":
+        return _settle_milp(relax, accept, known, domain, where, deadline, separation)
+
+    def directions(z_star: np.ndarray, on: np.ndarray) -> np.ndarray:
+        return null_directions(upper, relax.patterns(on), cons.active)
+
+    def leaf_fit(on: np.ndarray) -> tuple[float, np.ndarray]:
+        fit = cell_lp(upper, y, relax.patterns(on), tau=cons.tau)
+        return fit.misfit, fit.z
+
+    found = settle_exact(relax, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
+                         z_known=known, separation=separation, deadline=deadline)
+    tail = f" ({found.nodes} nodes, {found.lps} LPs, {time.perf_counter() - start:.2f} s)"
+    if found.status == "unique":
+        return Settled("unique", found.z, None, f"the only preimage of {where}" + tail, where,
+                       bool(domain.boxed.any()), nodes=found.nodes, lps=found.lps)
+    if found.status == "non_unique":
+        return Settled("non_unique", found.z, found.witness,
+                       "a second preimage found by the branch and bound" + tail, where,
+                       bool(domain.boxed.any()), nodes=found.nodes, lps=found.lps)
+    if found.status == "infeasible":
+        return _no_preimage(domain, where, f"the branch and bound{tail}")
+    timed = time.perf_counter() > deadline
+    status = "feasible" if found.z is not None else "failed"
+    what = "uniqueness unsettled" if found.z is not None else "no preimage found"
+    return Settled(status, found.z, None,
+                   f"{what}: {found.message}" + (f"; out of its {seconds:g} s" if timed else ""),
+                   where, bool(domain.boxed.any()), out_of_time=timed, nodes=found.nodes,
+                   lps=found.lps)
+
+
+def _timed_out(z: np.ndarray | None, when: str, where: str) -> Settled:
+    status = "feasible" if z is not None else "failed"
+    return Settled(status, z, None, f"out of time {when}", where, out_of_time=True)
+
+
+def _no_preimage(domain: Domain, where: str, how: str) -> Settled:
+    if domain.boxed.any():
+        # no preimage in the box: proved for the box only, not "not in the range"
+        return Settled("failed", None, None, f"no preimage among {where} ({how})", where, True)
+    return Settled("infeasible", None, None, f"no preimage: {how} proves none exists", where)
+
+
+def _settle_milp(relax: Relaxation, accept, known, domain: Domain, where: str,
+                 deadline: float, separation: float) -> Settled:
+    """The same model through HiGHS's MILP: a preimage, then a no-good cut on its pattern."""
+    m, row_lo, row_hi, col_lo, col_hi, integrality = relax.milp_arrays()
+    cost = np.zeros(relax.n_cols)
+    cuts: list[LinearConstraint] = []
+    boxed = bool(domain.boxed.any())
+    free = relax.d_col[relax.stable < 0]
+    z_star = known
+    for _ in range(4):  # a few cuts: ambiguous units at z* may admit z* in several patterns
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        sol = solve_milp(cost, integrality=integrality, bounds=Bounds(col_lo, col_hi),
+                         constraints=[LinearConstraint(m, row_lo, row_hi), *cuts],
+                         time_limit=left)
+        if sol.status == "infeasible":
+            if z_star is None:
+                return _no_preimage(domain, where, "the MILP")
+            return Settled("unique", z_star, None, f"the only preimage of {where} (MILP)",
+                           where, boxed)
+        if sol.x is None:
+            break
+        z = accept(sol.x[: relax.k])
+        if z is None:
+            break
+        if z_star is None:
+            z_star = z
+        elif float(np.max(np.abs(z - z_star))) > separation:
+            return Settled("non_unique", z_star, z, "a second preimage (MILP)", where, boxed)
+        # exclude this answer's pattern: some unstable unit must change state
+        on = sol.x[free] > 0.5
+        row = np.zeros(relax.n_cols)
+        row[free[on]], row[free[~on]] = -1.0, 1.0
+        cuts.append(LinearConstraint(row[None], 1 - int(on.sum()), np.inf))
+    timed = time.perf_counter() > deadline
+    status = "feasible" if z_star is not None else "failed"
+    return Settled(status, z_star, None, "the MILP did not finish" +
+                   ("; out of time" if timed else ""), where, boxed, out_of_time=timed)
+
+
+def misfit_of(net: Network, z: np.ndarray, x: np.ndarray, norm: str) -> float:
+    """||G(z) - x|| in the l_inf or l_1 norm."""
+    r = net.forward(z[None])[0] - x
+    return float(np.max(np.abs(r)) if norm == "linf" else np.sum(np.abs(r)))
+
+
+def global_projection(
+    net: Network,
+    x: np.ndarray,
+    *,
+    norm: str,
+    start: np.ndarray,
+    seconds: float = 10.0,
+    box: float = 10.0,
+    tighten: bool = False,
+    rel_gap: float = 1e-6,
+) -> Settled:
+    """min_z ||G(z) - x|| (l_inf or l_1) globally, from an incumbent `start` (module docstring).
+
+    Every layer ReLU. The incumbent's misfit t bounds the search (`data_bounds`:
+    any better z has G(z) within t of x), so the answer's bound holds for every z
+    in ``domain``. Status "optimal" when the gap is within rel_gap (relative) of
+    the misfit, else "time_limit" with the best z and the bound reached.
+    """
+    if norm not in ("linf", "l1"):
+        raise ValueError(f"`norm` must be 'linf' or 'l1' for the global projection; got {norm!r}.")
+    depth = len(net.layers)
+    if not _relu_below(net, depth):
+        raise ValueError("The global projection needs ReLU layers only, the output's too.")
+    begin = time.perf_counter()
+    deadline = begin + seconds
+    x = np.asarray(x, dtype=np.float64)
+    z0 = np.asarray(start, dtype=np.float64)
+    t0 = misfit_of(net, z0, x, norm)
+    scale = max(float(np.max(np.abs(x))), 1e-300)
+    abs_gap = 1e-9 * scale
+    if t0 <= abs_gap:
+        return Settled("optimal", z0, None, "the start fits x exactly", "every z", value=t0,
+                       bound=0.0)
+    cutoff = t0 * (1 + 1e-9)
+    top = Top(lo=x - cutoff, hi=x + cutoff, x=x, norm=norm)
+    domain = data_bounds(net, depth, top, box=box, deadline=deadline)
+    if isinstance(domain, str):
+        if domain == "infeasible":  # nothing beats the start: it is the minimum
+            return Settled("optimal", z0, None, "no z does better than the start", "every z",
+                           value=t0, bound=t0)
+        return Settled("time_limit", z0, None, "out of time while deriving the domain",
+                       "none derived yet", out_of_time=True, value=t0, bound=0.0)
+    where = domain.describe()
+    relax = Relaxation(net, depth, domain, top)
+    relax.deadline = deadline
+    if tighten:
+        relax.set_cutoff(cutoff)
+        if relax.tighten(deadline=deadline) == "infeasible":
+            return Settled("optimal", z0, None, "no z does better than the start", where,
+                           bool(domain.boxed.any()), value=t0, bound=t0)
+    upper_dim = net.below(depth - 1) if depth > 1 else None
+
+    def evaluate(z: np.ndarray) -> tuple[float, np.ndarray]:
+        value = misfit_of(net, z, x, norm)
+        if upper_dim is None:
+            return value, z
+        # the best point of z's own cell (its output pattern included): no worse than z
+        fit = cell_lp(net, x, activation_pattern(net, z), norm=norm, output_cell=True,
+                      z_ref=z)
+        if np.all(np.isfinite(fit.z)):
+            polished = misfit_of(net, fit.z, x, norm)
+            if polished < value:
+                return polished, fit.z
+        return value, z
+
+    found = minimise_misfit(relax, evaluate, start=z0, start_value=cutoff, deadline=deadline,
+                            rel_gap=rel_gap, abs_gap=abs_gap)
+    value = min(found.value, t0) if found.z is not None else t0
+    z = found.z if found.z is not None else z0
+    if found.value > t0:  # the cutoff's slack: the start itself is the best
+        value, z = t0, z0
+    bound = min(found.bound, value)
+    timed = found.status == "time_limit"
+    return Settled(
+        "time_limit" if timed else "optimal", z, None,
+        f"global {norm} misfit {value:.6g}, proved lower bound {bound:.6g} "
+        f"({found.nodes} nodes, {time.perf_counter() - begin:.2f} s)"
+        + ("; out of time" if timed else ""),
+        where, bool(domain.boxed.any()), out_of_time=timed, value=value, bound=bound,
+        nodes=found.nodes, lps=found.lps,
+    )

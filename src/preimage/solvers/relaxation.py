@@ -1,0 +1,552 @@
+"""The LP relaxation of a ReLU network, alive in HiGHS: domains from the data, bound
+tightening, and the mixed-integer program it relaxes (../NOTES-math.md sections 6, 9).
+
+Column layout (`Relaxation`)::
+
+    z (k)  |  per encoded layer i: a_i (pre-activations), r_i (outputs), d_i (on/off)  |  t
+
+Rows::
+
+    a_i - W_i r_{i-1} = b_i                          (r_{-1} = z)
+    r - a >= 0                                       (one triple per unit, bounds L <= a <= U)
+    r - a - L d <= -L                                (r <= a - L (1 - d))
+    r - U d <= 0                                     (r <= U d)
+    top, exact:   lo <= W_top r_{top-1} <= hi         (active: y - b +- tol; inactive: <= tau - b)
+    top, misfit:  r_out - t <= x,  x - r_out <= t     (l_inf: one t; l_1: one t_j per output)
+
+With d in {0, 1} this is the big-M MILP; with d in [0, 1] its LP relaxation
+projects onto (a, r) as the triangle r >= max(a, 0), r <= U (a - L) / (U - L),
+the convex hull of one ReLU over [L, U]. Fixing d = 1 gives r = a >= 0 and d =
+0 gives r = 0 >= a, so deciding a unit is a bound change (`Relaxation.fix`)
+and a branch and bound over units (`preimage.solvers.branch`) changes bounds
+of one live model only. Units with L >= 0 or U <= 0 are stable: their d is
+fixed for good.
+
+Bounds come from the data (`data_bounds`), never from a box when the data
+imply one: for an exact observation y of layer `top` the last hidden vector
+lies in its preimage polyhedron P = {r >= 0 : W_A r + b_A = y_A, W_I r + b_I
+<= tau}, so U = max r_j over P (one LP per unit) bounds it, a_j <= relu(a_j) <=
+U_j bounds the pre-activations below, layer by layer down to the latent
+Z = {z : W_0 z + b_0 <= U_0}. For a misfit below a cutoff t (the projection
+of an x off the range), r_out lies within t of x, the same with
+P = {r >= 0 : W r + b <= x + t, W_j r + b_j >= x_j - t where x_j > t}. Every z
+that could be an answer lies in Z, so a proof over Z holds for every z; only
+coordinates along which Z is unbounded get a box |z_j| <= R (``boxed``).
+`Relaxation.tighten` then tightens every unstable unit's [L, U] by two LPs
+over the relaxation itself (optimisation-based bound tightening), layer by
+layer from the latent side, while the bounds shrink.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+from preimage.model.network import Network
+from preimage.model.operators import dense
+from preimage.solvers.highs import LiveLP, LPSolution
+
+#: A bound from an LP is loosened by this much, relative to 1 + |value|: the LPs' optima
+#: are exact only to HiGHS's tolerances.
+BOUND_MARGIN = 1e-8
+
+#: A unit whose range reaches past 0 by at most this fraction of its width on one side is
+#: decided (its relaxation is exact to that fraction): branching skips it.
+NEGLIGIBLE = 1e-6
+
+#: `Relaxation.tighten` repeats its passes while the unstable units' total range falls by
+#: more than this fraction per pass.
+TIGHTEN_GAIN = 0.02
+
+
+@dataclass
+class Domain:
+    """Where z can be, and the pre-activation bounds of each encoded layer.
+
+    Attributes
+    ----------
+    z_lower, z_upper : ndarray (k,)
+    lower, upper : list of ndarray, one (n_i,) per encoded layer (L_i, U_i)
+    boxed : ndarray of bool (k,)
+        Coordinates bounded only by the box |z_j| <= box (Z is unbounded along them).
+    box : float
+        The box's half-width: on a boxed coordinate, its unbounded side is at -box or +box
+        (moved out by box beyond the other side where that side lies past it).
+    """
+
+    z_lower: np.ndarray
+    z_upper: np.ndarray
+    lower: list[np.ndarray]
+    upper: list[np.ndarray]
+    boxed: np.ndarray
+    box: float
+
+    def describe(self) -> str:
+        """Which z a proof over this domain covers."""
+        if not self.boxed.any():
+            return "every z (the domain derived from x contains every candidate)"
+        coords = np.flatnonzero(self.boxed)
+        shown = ", ".join(str(int(j)) for j in coords[:8]) + (", ..." if coords.size > 8 else "")
+        return (f"z with |z_j| <= {self.box:g} for the {coords.size} coordinate(s) along which "
+                f"the domain derived from x is unbounded ({shown}); every z elsewhere")
+
+
+@dataclass(frozen=True)
+class Top:
+    """The block above the encoded layers.
+
+    Exact: rows lo <= W r_last <= hi (the top layer's pre-activations; `exact_top`).
+    Misfit: the observation x of the last encoded layer's outputs and the norm.
+    """
+
+    weight: np.ndarray | None = None
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    x: np.ndarray | None = None
+    norm: str | None = None
+
+    @property
+    def misfit(self) -> bool:
+        return self.x is not None
+
+
+def exact_top(net: Network, top: int, target: np.ndarray, active: np.ndarray,
+              tau: float, tol: float) -> Top:
+    """The top block of an exact observation of layer `top`: its active units' pre-activations
+    within tol of `target`, the others at most tau."""
+    layer = net.layers[top]
+    w, b = dense(layer.weight), layer.bias_or_zero()
+    lo = np.where(active, target - b - tol, -np.inf)
+    hi = np.where(active, target - b + tol, tau - b)
+    return Top(weight=w, lo=lo, hi=hi)
+
+
+#: A column without an upper bound gets this one in the LPs with held-back rows (so that
+#: they stay bounded); a maximum that reaches it counts as unbounded.
+FAR = 1e7
+
+
+class LazyRows:
+    """Rows lo <= A u[cols] <= hi held back from a live LP until a solution violates them.
+
+    The exact top's inactive units (hundreds of pixels of an image generator, a
+    few dozen of which ever bind) enter the LP only when a solution crosses
+    them: every LP is then a relaxation of the full one, so "infeasible" is still
+    a proof, and a solution that violates no held-back row is the full LP's.
+    """
+
+    def __init__(self, lp: LiveLP, a: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                 cols: np.ndarray) -> None:
+        self.lp, self.a, self.lo, self.hi, self.cols = lp, a, lo, hi, cols
+        self.pending = np.ones(a.shape[0], dtype=bool)
+        self.tol = 1e-9 * (1.0 + np.where(np.isfinite(hi), np.abs(hi), np.abs(lo)))
+
+    def add_violated(self, u: np.ndarray) -> int:
+        """Add the held-back rows that u violates; how many."""
+        idx = np.flatnonzero(self.pending)
+        if idx.size == 0:
+            return 0
+        v = self.a[idx] @ u[self.cols]
+        bad = idx[(v > self.hi[idx] + self.tol[idx]) | (v < self.lo[idx] - self.tol[idx])]
+        if bad.size:
+            rows = np.zeros((bad.size, self.lp.k))
+            rows[:, self.cols] = self.a[bad]
+            self.lp.add_rows(rows, self.lo[bad], self.hi[bad])
+            self.pending[bad] = False
+        return int(bad.size)
+
+
+def solve_lazy(lp: LiveLP, lazy: LazyRows | None) -> LPSolution:
+    """Solve, add the held-back rows the solution violates, again until it violates none."""
+    while True:
+        sol = lp.solve()
+        if not sol.optimal or lazy is None or sol.x is None or lazy.add_violated(sol.x) == 0:
+            return sol
+
+
+def _top_lp(weight: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[LiveLP, LazyRows]:
+    """The polyhedron {r >= 0 : lo <= W r <= hi}: equality-like rows at once, the rest lazy."""
+    n = weight.shape[1]
+    lp = LiveLP(np.zeros(n), 0.0, FAR)
+    two = np.isfinite(lo)
+    lp.add_rows(weight[two], lo[two], hi[two])
+    lazy = LazyRows(lp, weight[~two], lo[~two], hi[~two], np.arange(n))
+    return lp, lazy
+
+
+def _row_lp(a: np.ndarray, lo: np.ndarray, hi: np.ndarray, col_lo: float) -> LiveLP:
+    lp = LiveLP(np.zeros(a.shape[1]), col_lo, np.inf)
+    lp.add_rows(a, lo, hi)
+    return lp
+
+
+def _extremes(lp: LiveLP, n: int, deadline: float) -> tuple[np.ndarray, np.ndarray, str]:
+    """(min u_j, max u_j) over the LP's polyhedron for j < n (inf where unbounded), or the
+    status that stopped it ("infeasible", "time_limit")."""
+    lower, upper = np.full(n, -np.inf), np.full(n, np.inf)
+    for j in range(n):
+        for sign in (1.0, -1.0):
+            if time.perf_counter() > deadline:
+                return lower, upper, "time_limit"
+            cost = np.zeros(lp.k)
+            cost[j] = sign
+            lp.set_cost(cost)
+            sol = lp.solve()
+            if sol.status == "infeasible":
+                return lower, upper, "infeasible"
+            if sol.optimal:
+                if sign > 0:
+                    lower[j] = sol.value
+                else:
+                    upper[j] = -sol.value
+    return lower, upper, "optimal"
+
+
+def _maxima(lp: LiveLP, n: int, deadline: float,
+            lazy: LazyRows | None = None) -> tuple[np.ndarray, str]:
+    """max u_j over the LP's polyhedron for j < n (inf where unbounded or at FAR), or a stop
+    status."""
+    upper = np.full(n, np.inf)
+    for j in range(n):
+        if time.perf_counter() > deadline:
+            return upper, "time_limit"
+        cost = np.zeros(lp.k)
+        cost[j] = -1.0
+        lp.set_cost(cost)
+        sol = solve_lazy(lp, lazy)
+        if sol.status == "infeasible":
+            return upper, "infeasible"
+        if sol.optimal and -sol.value < 0.5 * FAR:
+            upper[j] = -sol.value
+    return upper, "optimal"
+
+
+def _margin(value: np.ndarray) -> np.ndarray:
+    return BOUND_MARGIN * (1.0 + np.abs(value))
+
+
+def data_bounds(
+    net: Network, depth: int, top: Top, *, box: float, deadline: float = np.inf,
+) -> Domain | str:
+    """The domain of z and the encoded layers' bounds implied by the data (module docstring).
+
+    Layers 0..depth-1 of `net` are the encoded ReLU layers; `top` the block above
+    them (exact: rows on layer depth-1's outputs; misfit: x of layer depth-1's
+    outputs, whose pre-activations must lie within the cutoff, passed as
+    ``top.hi`` = x + t, ``top.lo`` = x - t). Returns "infeasible" when the data
+    admit no z (proved), or "time_limit".
+    """
+    layers = net.layers[:depth]
+    k = net.latent_dim
+    widths = [layer.out_width for layer in layers]
+    upper: list[np.ndarray] = [np.full(n, np.inf) for n in widths]
+    lower: list[np.ndarray] = [np.full(n, -np.inf) for n in widths]
+    if top.misfit:
+        assert top.lo is not None and top.hi is not None
+        # the output layer is encoded: its own pre-activations are bounded by the cutoff
+        upper[-1] = top.hi.copy()
+        lower[-1] = np.where(top.lo > 0, top.lo, -np.inf)
+        first = depth - 1
+    else:
+        assert top.weight is not None and top.lo is not None and top.hi is not None
+        lp, lazy = _top_lp(top.weight, top.lo, top.hi)
+        hi, status = _maxima(lp, widths[-1], deadline, lazy)
+        if status != "optimal":
+            return status
+        upper[-1] = np.minimum(upper[-1], hi + _margin(hi))
+        first = depth - 1
+    # a_i <= relu(a_i) = r_i <= U_i: the outputs of layer i-1 satisfy W_i r + b_i <= U_i
+    for i in range(first, 0, -1):
+        finite = np.isfinite(upper[i])
+        if not finite.any():
+            continue
+        w, b = dense(layers[i].weight), layers[i].bias_or_zero()
+        rows_lo = np.where(np.isfinite(lower[i][finite]), lower[i][finite] - b[finite], -np.inf)
+        lp = _row_lp(w[finite], rows_lo, upper[i][finite] - b[finite], 0.0)
+        hi, status = _maxima(lp, widths[i - 1], deadline)
+        if status != "optimal":
+            return status
+        upper[i - 1] = np.minimum(upper[i - 1], np.maximum(hi + _margin(hi), 0.0))
+    # the latent domain Z = {z : L_0 <= W_0 z + b_0 <= U_0}
+    w0, b0 = dense(layers[0].weight), layers[0].bias_or_zero()
+    rows = np.isfinite(upper[0]) | np.isfinite(lower[0])
+    lp = _row_lp(w0[rows], lower[0][rows] - b0[rows], upper[0][rows] - b0[rows], -np.inf)
+    z_lo, z_hi, status = _extremes(lp, k, deadline)
+    if status != "optimal":
+        return status
+    boxed = ~(np.isfinite(z_lo) & np.isfinite(z_hi))
+    # the data's bounds as they are (even beyond the box); the box only on an unbounded side
+    lo_fin, hi_fin = np.isfinite(z_lo), np.isfinite(z_hi)
+    z_lo = np.where(lo_fin, z_lo - _margin(z_lo), np.minimum(-box, np.where(hi_fin, z_hi, 0) - box))
+    z_hi = np.where(hi_fin, z_hi + _margin(z_hi), np.maximum(box, np.where(lo_fin, z_lo, 0) + box))
+    # interval arithmetic up the layers, intersected with the data's bounds
+    lo, hi = z_lo, z_hi
+    for i, layer in enumerate(layers):
+        w, b = dense(layer.weight), layer.bias_or_zero()
+        center, radius = (lo + hi) / 2, (hi - lo) / 2
+        mid, spread = w @ center + b, np.abs(w) @ radius
+        lower[i] = np.maximum(lower[i], mid - spread)
+        upper[i] = np.minimum(upper[i], mid + spread)
+        if np.any(lower[i] > upper[i] + _margin(upper[i])):
+            return "infeasible"
+        lower[i] = np.minimum(lower[i], upper[i])
+        lo, hi = np.maximum(lower[i], 0.0), np.maximum(upper[i], 0.0)
+    return Domain(z_lo, z_hi, lower, upper, boxed, float(box))
+
+
+class Relaxation:
+    """The LP relaxation (module docstring) of layers 0..depth-1 and a top block, in HiGHS.
+
+    Units are numbered flat over the encoded layers (layer 0's first). `lower`,
+    `upper` hold each unit's current pre-activation bounds; `stable` the units
+    whose d is fixed by them (-1 unstable, 0 off, 1 on).
+    """
+
+    def __init__(self, net: Network, depth: int, domain: Domain, top: Top) -> None:
+        self.net, self.depth, self.domain, self.top = net, depth, domain, top
+        layers = net.layers[:depth]
+        k = net.latent_dim
+        self.k = k
+        widths = [layer.out_width for layer in layers]
+        self.widths = widths
+        n_units = int(sum(widths))
+        self.n_units = n_units
+        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+        self.offsets = offsets
+        # columns
+        self.a_col = k + np.concatenate([3 * offsets[i] + np.arange(n) for i, n in
+                                         enumerate(widths)]).astype(int)
+        self.r_col = self.a_col + np.repeat(widths, widths)
+        self.d_col = self.r_col + np.repeat(widths, widths)
+        n_misfit = 0
+        if top.misfit:
+            n_misfit = 1 if top.norm == "linf" else widths[-1]
+        self.t_col = np.arange(k + 3 * n_units, k + 3 * n_units + n_misfit)
+        n_cols = k + 3 * n_units + n_misfit
+        self.n_cols = n_cols
+        self.lower = np.concatenate(domain.lower).astype(float)
+        self.upper = np.concatenate(domain.upper).astype(float)
+        if not (np.all(np.isfinite(self.lower)) and np.all(np.isfinite(self.upper))):
+            raise ValueError("Every encoded unit needs finite bounds (data_bounds gives them).")
+        col_lo, col_hi = np.full(n_cols, -np.inf), np.full(n_cols, np.inf)
+        col_lo[:k], col_hi[:k] = domain.z_lower, domain.z_upper
+        col_lo[self.t_col], col_hi[self.t_col] = 0.0, np.inf
+        self.lp = LiveLP(np.zeros(n_cols), col_lo, col_hi)
+        # rows: layer equalities, then per unit the three ReLU rows, then the top
+        blocks, row_lo, row_hi = [], [], []
+        prev = np.arange(k)
+        for i, layer in enumerate(layers):
+            n = widths[i]
+            w, b = dense(layer.weight), layer.bias_or_zero()
+            a = self.a_col[offsets[i] : offsets[i + 1]]
+            m = sparse.lil_matrix((n, n_cols))
+            m[:, prev] = -w
+            m[np.arange(n), a] = 1.0
+            blocks.append(m.tocsr())
+            row_lo.append(b)
+            row_hi.append(b)
+            prev = self.r_col[offsets[i] : offsets[i + 1]]
+        self.layer_rows = int(sum(widths))
+        units = np.arange(n_units)
+        lo_u, hi_u = self.lower, self.upper
+        ones = np.ones(n_units)
+        r_ge_a = sparse.csr_matrix((np.r_[ones, -ones], (np.r_[units, units],
+                                   np.r_[self.r_col, self.a_col])), shape=(n_units, n_cols))
+        below = sparse.csr_matrix((np.r_[ones, -ones, -lo_u], (np.r_[units, units, units],
+                                   np.r_[self.r_col, self.a_col, self.d_col])),
+                                  shape=(n_units, n_cols))
+        above = sparse.csr_matrix((np.r_[ones, -hi_u], (np.r_[units, units],
+                                   np.r_[self.r_col, self.d_col])), shape=(n_units, n_cols))
+        blocks += [r_ge_a, below, above]
+        row_lo += [np.zeros(n_units), np.full(n_units, -np.inf), np.full(n_units, -np.inf)]
+        row_hi += [np.full(n_units, np.inf), -lo_u, np.zeros(n_units)]
+        self.below_row = self.layer_rows + n_units + units
+        self.above_row = self.layer_rows + 2 * n_units + units
+        if top.misfit:
+            assert top.x is not None
+            out = self.r_col[offsets[-2] : offsets[-1]]
+            n_out = widths[-1]
+            t = np.full(n_out, self.t_col[0]) if top.norm == "linf" else self.t_col
+            j = np.arange(n_out)
+            up = sparse.csr_matrix((np.r_[np.ones(n_out), -np.ones(n_out)],
+                                    (np.r_[j, j], np.r_[out, t])), shape=(n_out, n_cols))
+            down = sparse.csr_matrix((np.r_[-np.ones(n_out), -np.ones(n_out)],
+                                      (np.r_[j, j], np.r_[out, t])), shape=(n_out, n_cols))
+            blocks += [up, down]
+            row_lo += [np.full(n_out, -np.inf), np.full(n_out, -np.inf)]
+            row_hi += [top.x, -top.x]
+        else:
+            assert top.weight is not None and top.lo is not None and top.hi is not None
+            two = np.isfinite(top.lo)
+            m = sparse.lil_matrix((int(two.sum()), n_cols))
+            m[:, prev] = top.weight[two]
+            blocks.append(m.tocsr())
+            row_lo.append(top.lo[two])
+            row_hi.append(top.hi[two])
+        self.lp.add_rows(sparse.vstack(blocks, format="csr"), np.concatenate(row_lo),
+                         np.concatenate(row_hi))
+        self.lazy = None
+        if not top.misfit:
+            self.lazy = LazyRows(self.lp, top.weight[~two], top.lo[~two], top.hi[~two], prev)
+        self.stable = np.full(n_units, -1, dtype=np.int8)
+        self._apply_bounds(units)
+        self.fixed = np.full(n_units, -1, dtype=np.int8)  # branching decisions
+        self.n_lps = 0
+        self._cost: np.ndarray | None = None
+        #: every LP stops at this time.perf_counter() value
+        self.deadline = np.inf
+
+    # -- bounds ---------------------------------------------------------------------------
+
+    def _apply_bounds(self, units: np.ndarray) -> None:
+        """Write the units' [L, U] into the model: a's and r's bounds, the rows' L and U,
+        and d fixed where the unit has become stable."""
+        lo, hi = self.lower[units], self.upper[units]
+        self.lp.set_bounds(self.a_col[units], lo, hi)
+        self.lp.set_bounds(self.r_col[units], np.maximum(lo, 0.0), np.maximum(hi, 0.0))
+        for g, lo_g, hi_g in zip(units, lo, hi, strict=True):
+            if lo_g < 0 < hi_g:
+                self.lp.set_coefficient(self.below_row[g], self.d_col[g], -lo_g)
+                self.lp.set_row_bounds(self.below_row[g], -np.inf, -lo_g)
+                self.lp.set_coefficient(self.above_row[g], self.d_col[g], -hi_g)
+        on, off = units[lo >= 0], units[(hi <= 0) & (lo < 0)]
+        self.stable[on], self.stable[off] = 1, 0
+        unstable = units[(lo < 0) & (hi > 0)]
+        self.stable[unstable] = -1
+        self.lp.set_bounds(self.d_col[on], 1.0, 1.0)
+        self.lp.set_bounds(self.d_col[off], 0.0, 0.0)
+        self.lp.set_bounds(self.d_col[unstable], 0.0, 1.0)
+
+    @property
+    def unstable(self) -> np.ndarray:
+        return np.flatnonzero(self.stable < 0)
+
+    def undecided(self) -> np.ndarray:
+        """Unstable units not fixed by a decision and not negligibly unstable (NEGLIGIBLE)."""
+        lo, hi = self.lower, self.upper
+        open_ = (self.stable < 0) & (self.fixed < 0)
+        open_ &= np.minimum(hi, -lo) > NEGLIGIBLE * (hi - lo)
+        return np.flatnonzero(open_)
+
+    def fix(self, decisions: np.ndarray) -> None:
+        """Set the branching decisions: decisions[g] = 1 on, 0 off, -1 free (unstable units
+        only; stable units keep their state)."""
+        changed = np.flatnonzero((decisions != self.fixed) & (self.stable < 0))
+        if changed.size == 0:
+            return
+        dec = decisions[changed]
+        lo = np.where(dec == 1, 1.0, 0.0)
+        hi = np.where(dec == 0, 0.0, 1.0)
+        self.lp.set_bounds(self.d_col[changed], lo, hi)
+        self.fixed[changed] = dec
+
+    def solve(self, cost: np.ndarray | None = None) -> LPSolution:
+        """The relaxation's LP under the current bounds and decisions (zero cost by default)."""
+        cost = np.zeros(self.n_cols) if cost is None else np.asarray(cost, dtype=float)
+        if self._cost is None or not np.array_equal(cost, self._cost):
+            self.lp.set_cost(cost)  # (a cost change costs HiGHS its dual feasibility)
+            self._cost = cost
+        self.n_lps += 1
+        if np.isfinite(self.deadline):  # (one stalled LP must not overrun the budget)
+            self.lp.set_time_limit(self.deadline - time.perf_counter())
+        return solve_lazy(self.lp, self.lazy)
+
+    def misfit_cost(self) -> np.ndarray:
+        cost = np.zeros(self.n_cols)
+        cost[self.t_col] = 1.0
+        return cost
+
+    def set_cutoff(self, value: float) -> None:
+        """Only points with misfit at most `value` (each t_j, and their sum for l_1)."""
+        self.lp.set_bounds(self.t_col, 0.0, float(value))
+        if self.top.norm == "l1" and not hasattr(self, "_sum_row"):
+            row = np.zeros((1, self.n_cols))
+            row[0, self.t_col] = 1.0
+            self.lp.add_rows(row, -np.inf, float(value))
+            self._sum_row = self.lp.rows - 1
+        elif self.top.norm == "l1":
+            self.lp.set_row_bounds(self._sum_row, -np.inf, float(value))
+
+    def tighten(self, *, deadline: float, max_passes: int = 20) -> str:
+        """Optimisation-based bound tightening of every unstable unit (module docstring).
+
+        Layer by layer from the latent side, min and max of each unstable unit's
+        pre-activation over the current relaxation (the branching decisions
+        included: at a node it tightens that node), written back at once so that
+        the next LP sees it. Passes repeat while the unstable units' total range
+        falls by more than TIGHTEN_GAIN. Returns "optimal", "infeasible" (no
+        point satisfies the relaxation: proved) or "time_limit".
+        """
+        for _ in range(max_passes):
+            units = self.unstable
+            units = units[self.fixed[units] < 0]
+            if units.size == 0:
+                return "optimal"
+            before = float(np.sum(self.upper[units] - self.lower[units]))
+            # nearest to stable first: those decide most per LP when time is short
+            units = units[np.argsort(np.minimum(self.upper[units], -self.lower[units]))]
+            for g in units:
+                for sign in (1.0, -1.0):
+                    if self.stable[g] >= 0:
+                        break
+                    if time.perf_counter() > deadline:
+                        return "time_limit"
+                    cost = np.zeros(self.n_cols)
+                    cost[self.a_col[g]] = sign
+                    sol = self.solve(cost)
+                    if sol.status == "infeasible":
+                        return "infeasible"
+                    if not sol.optimal:
+                        continue
+                    if sign > 0:
+                        new = sol.value - _margin(np.asarray(sol.value))
+                        if new > self.lower[g]:
+                            self.lower[g] = min(float(new), self.upper[g])
+                            self._apply_bounds(np.array([g]))
+                    else:
+                        new = -sol.value + _margin(np.asarray(sol.value))
+                        if new < self.upper[g]:
+                            self.upper[g] = max(float(new), self.lower[g])
+                            self._apply_bounds(np.array([g]))
+            after = float(np.sum(np.where(self.stable[units] < 0,
+                                          self.upper[units] - self.lower[units], 0.0)))
+            if after > (1 - TIGHTEN_GAIN) * before:
+                return "optimal"
+        return "optimal"
+
+    def milp_arrays(self) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray, np.ndarray,
+                                   np.ndarray, np.ndarray]:
+        """The MILP this LP relaxes, for a generic solver: (A, row_lo, row_hi, col_lo, col_hi,
+        integrality), the held-back rows included and d integral for every unstable unit."""
+        lp = self.lp.model()
+        a = lp.a_matrix_
+        m = sparse.csc_matrix((np.array(a.value_), np.array(a.index_), np.array(a.start_)),
+                              shape=(lp.num_row_, lp.num_col_)).tocsr()
+        row_lo, row_hi = np.array(lp.row_lower_), np.array(lp.row_upper_)
+        if self.lazy is not None and self.lazy.pending.any():
+            pend = np.flatnonzero(self.lazy.pending)
+            rows = np.zeros((pend.size, self.n_cols))
+            rows[:, self.lazy.cols] = self.lazy.a[pend]
+            m = sparse.vstack([m, sparse.csr_matrix(rows)], format="csr")
+            row_lo = np.r_[row_lo, self.lazy.lo[pend]]
+            row_hi = np.r_[row_hi, self.lazy.hi[pend]]
+        col_lo, col_hi = np.array(lp.col_lower_), np.array(lp.col_upper_)
+        col_lo[self.d_col], col_hi[self.d_col] = 0.0, 1.0
+        col_lo[self.d_col[self.stable == 1]] = 1.0
+        col_hi[self.d_col[self.stable == 0]] = 0.0
+        integrality = np.zeros(self.n_cols)
+        integrality[self.d_col[self.stable < 0]] = 1
+        return m, row_lo, row_hi, col_lo, col_hi, integrality
+
+    # -- reading a solution ---------------------------------------------------------------
+
+    def split(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(z, a, r) of an LP point u."""
+        return u[: self.k], u[self.a_col], u[self.r_col]
+
+    def patterns(self, on: np.ndarray) -> list[np.ndarray]:
+        """A flat on/off vector over the units, cut into layers."""
+        return [on[self.offsets[i] : self.offsets[i + 1]] for i in range(self.depth)]

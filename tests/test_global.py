@@ -1,0 +1,168 @@
+"""The global method: domains from the data, the relaxation, the branch and bound, verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from preimage import GlobalSettings, Network, invert, random_network
+from preimage.methods.layerwise import _invert_one
+from preimage.solvers.exhaustive import global_projection, settle
+from preimage.solvers.layer import active_set
+from preimage.solvers.milp import milp_projection
+from preimage.solvers.relaxation import Relaxation, data_bounds, exact_top
+
+
+@pytest.fixture(scope="module")
+def shallow() -> tuple[Network, np.ndarray, np.ndarray]:
+    """A net where the layer-wise method fails for lack of expansion (10 -> 15 -> 30)."""
+    net = random_network([10, 15, 30], seed=0)
+    z = np.random.default_rng(0).standard_normal((100, 10))
+    return net, z, net.forward(z)
+
+
+def _left_open(net: Network, x: np.ndarray) -> np.ndarray:
+    alone = invert(net, x, rtol=1e-9, fallback=GlobalSettings(enabled=False))
+    return np.flatnonzero(~np.isin(np.asarray(alone.status), ["unique", "non_unique"]))
+
+
+def test_the_data_bound_the_domain_and_the_relaxation_holds_the_true_point(shallow) -> None:
+    net, z, x = shallow
+    for b in _left_open(net, x)[:2]:
+        cons = active_set(net.layers[1], x[b], 1e-9)
+        assert not isinstance(cons, str)
+        top = exact_top(net, 1, cons.target, cons.active, cons.tau, 0.0)
+        domain = data_bounds(net, 1, top, box=10.0)
+        assert not isinstance(domain, str)
+        pre = net.layers[0].preactivation(z[b][None])[0]
+        assert np.all(domain.z_lower <= z[b] + 1e-9) and np.all(z[b] <= domain.z_upper + 1e-9)
+        assert np.all(domain.lower[0] <= pre + 1e-9) and np.all(pre <= domain.upper[0] + 1e-9)
+        relax = Relaxation(net, 1, domain, top)
+        assert relax.tighten(deadline=np.inf) == "optimal"
+        # tightening keeps the true pre-activations inside, and decides units
+        assert np.all(relax.lower <= pre + 1e-7) and np.all(pre <= relax.upper + 1e-7)
+        # the network's own point (d = its pattern) satisfies the relaxation
+        relax.fix(np.where(relax.stable < 0, (pre > 0).astype(np.int8), -1).astype(np.int8))
+        assert relax.solve().optimal
+
+
+def test_every_sample_left_open_is_settled_and_checked(shallow) -> None:
+    net, z, x = shallow
+    todo = _left_open(net, x)
+    assert todo.size >= 10  # the layer-wise method alone leaves these
+    res = invert(net, x[todo], rtol=1e-9)
+    assert set(res.status) <= {"unique", "non_unique"}, res.counts()
+    unique = res.status == "unique"
+    assert np.all(np.max(np.abs(res.z[unique] - z[todo][unique]), axis=1) < 1e-8)
+    witness = res.status == "non_unique"
+    fw = net.forward(res.witness[witness])
+    assert np.all(np.max(np.abs(fw - x[todo][witness]), axis=1) < 1e-8)
+    assert np.all(np.max(np.abs(res.witness[witness] - res.z[witness]), axis=1) > 1e-6)
+    assert not res.out_of_time.any() and all(res.proof_domain)
+    same = invert(net, x[todo], rtol=1e-9, method="global")
+    assert same.method == "global" and list(same.status) == list(res.status)
+
+
+def test_the_milp_engine_agrees_with_the_branch_and_bound(shallow) -> None:
+    net, _, x = shallow
+    for b in _left_open(net, x)[:3]:
+        known = _invert_one(net, x[b], 1e-9).z
+        known = known if np.all(np.isfinite(known)) else None
+        ours = settle(net, 1, x[b], rtol=1e-9, z_known=known, seconds=20)
+        milp = settle(net, 1, x[b], rtol=1e-9, z_known=known, seconds=20, engine="milp")
+        assert ours.status == milp.status and ours.status in ("unique", "non_unique")
+
+
+def test_a_point_off_the_range_but_on_the_output_layers_range_is_proved_infeasible() -> None:
+    # 5 outputs of 8 hidden units: the output layer's preimage is a polyhedron, so the
+    # layer-wise method cannot tell ("failed"); a random hidden vector is not relu(W_0 z).
+    for seed in (3, 18):
+        net = random_network([2, 8, 5], bias=False, seed=seed)
+        h = np.abs(np.random.default_rng(seed).standard_normal(8))
+        x = net.layers[1].forward(h[None])[0]
+        assert invert(net, x, fallback=GlobalSettings(enabled=False)).status == "failed"
+        res = invert(net, x, method="global")
+        assert res.status == "infeasible", res.message
+        assert res.proof_domain.startswith("every z (the domain derived from x")
+        assert not np.any(np.isfinite(res.z))
+
+
+def test_out_of_time_samples_say_so_and_the_others_keep_their_answers(shallow) -> None:
+    net, _, x = shallow
+    todo = _left_open(net, x)[:3]
+    batch = np.concatenate([x[:5], x[todo]])
+    before = invert(net, x[:5], rtol=1e-9, fallback=GlobalSettings(enabled=False))
+    res = invert(net, batch, rtol=1e-9, fallback=GlobalSettings(seconds=0.0))
+    assert list(res.status[:5]) == list(before.status)
+    assert not res.out_of_time[:5].any() and res.out_of_time[5:].all()
+    assert all("out of time" in m for m in res.message[5:])
+    assert set(res.status[5:]) <= {"failed", "feasible"}
+    # a preimage the layer-wise method found is kept
+    kept = res.status[5:] == "feasible"
+    assert np.all(res.residual[5:][kept] < 1e-8)
+
+
+def test_float32_data_are_settled_at_their_precision() -> None:
+    import torch
+
+    net64 = random_network([10, 15, 30], seed=0)
+    module = net64.to_torch(torch.float32)
+    net = Network.from_torch(module)
+    z = np.random.default_rng(0).standard_normal((100, 10))
+    with torch.no_grad():
+        x32 = module(torch.as_tensor(z, dtype=torch.float32))
+    todo = _left_open(net, x32.double().numpy())[:6]
+    res = invert(net, x32[todo], method="global")
+    assert res.rtol == pytest.approx(1e-5)
+    assert set(res.status) <= {"unique", "non_unique"}, res.counts()
+    assert np.all(res.residual < 1e-4)
+    unique = res.status == "unique"
+    assert np.all(np.max(np.abs(res.z[unique] - z[todo][unique]), axis=1) < 1e-3)
+
+
+def test_the_global_misfit_matches_the_milp_and_closes_its_gap() -> None:
+    net = random_network([3, 8, 10], seed=1)
+    x = np.abs(np.random.default_rng(1).standard_normal((3, 10)))
+    res = invert(net, x, method="global", noise="linf")
+    assert res.method == "global" and not res.out_of_time.any()
+    assert np.all(res.misfit - res.misfit_bound <= 1e-6 * res.misfit + 1e-8)
+    for b in range(len(x)):
+        # over every z where the data bound the domain, else over |z_j| <= 10 along the
+        # coordinates they leave unbounded: a superset of the MILP's box either way
+        everywhere = res.proof_domain[b].startswith("every z")
+        box = 2 + float(np.max(np.abs(res.z[b]))) if everywhere else 10.0
+        best = milp_projection(net, x[b], norm="linf", latent_bound=box, time_limit=30)
+        assert best.status == "optimal"
+        assert res.misfit[b] <= best.value * (1 + 1e-6) + 1e-9  # never worse ...
+        assert res.misfit_bound[b] <= best.value * (1 + 1e-6) + 1e-9  # ... a true bound
+    descent = invert(net, x, noise="linf")
+    assert np.all(res.misfit <= descent.misfit * (1 + 1e-9))
+    l1 = invert(net, x[:1], method="global", noise="l1")
+    assert np.all(l1.misfit - l1.misfit_bound <= 1e-6 * l1.misfit + 1e-8)
+
+
+def test_a_projection_out_of_time_keeps_its_incumbent() -> None:
+    net = random_network([3, 8, 10], seed=1)
+    x = np.abs(np.random.default_rng(1).standard_normal(10))
+    start = np.zeros(3)
+    found = global_projection(net, x, norm="linf", start=start, seconds=0.0)
+    assert found.out_of_time and found.status == "time_limit"
+    assert found.value == pytest.approx(float(np.max(np.abs(net.forward(start) - x))))
+    assert 0.0 <= found.bound <= found.value
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"noise": "l2"}, ValueError, "'linf' or 'l1'"),
+        ({"A": np.eye(10)[:5]}, ValueError, "does not take a measurement"),
+        ({"fallback": GlobalSettings(search="cells")}, ValueError, "search='branch' or 'milp'"),
+    ],
+)
+def test_the_global_method_refuses_what_it_cannot_do(kwargs, error, match) -> None:
+    net = random_network([3, 8, 10], seed=1)
+    x = net.forward(np.zeros(3))
+    if "A" in kwargs:
+        x = kwargs["A"] @ x
+    with pytest.raises(error, match=match):
+        invert(net, x, method="global", **kwargs)
