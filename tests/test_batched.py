@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import preimage
-from preimage import invert, random_network
+from preimage import GlobalSettings, invert, random_network
 from preimage.methods.batched import checks, context, gram, square
 
 
@@ -214,7 +214,8 @@ def test_bad_batched_arguments() -> None:
 
 
 def test_feasible_samples_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank-deficient top layers: "feasible" verdicts agree, and only the MILP redoes them."""
+    """Rank-deficient top layers: "feasible" verdicts agree, and only the global search
+    redoes them (not the cell search)."""
     net = random_network([20, 60, 90], seed=0)
     x = net.forward(np.random.default_rng(0).standard_normal((12, 20)))  # both kinds
     import importlib
@@ -227,16 +228,20 @@ def test_feasible_samples_match_reference(monkeypatch: pytest.MonkeyPatch) -> No
         redone.append(1)
         return real(net_, x_, rtol)
 
+    cells = GlobalSettings(search="cells")
     monkeypatch.setattr(invert_module, "_invert_one", spy)
-    fast = invert(net, x)
+    fast = invert(net, x, fallback=cells)
     monkeypatch.undo()
-    ref = invert(net, x, batched=False)
+    ref = invert(net, x, batched=False, fallback=cells)
     assert list(fast.status) == list(ref.status)
     assert "feasible" in list(fast.status)
     searched = sum("search" in m for m in fast.message)  # the samples whose layer failed
     assert any("unsettled at layer" in m for m in fast.message)
-    assert len(redone) == searched  # without the MILP a "feasible" sample is not redone
+    assert len(redone) == searched  # the cell search does not redo a "feasible" sample
     assert np.allclose(fast.z, ref.z, rtol=1e-9, atol=1e-12)
+    settled, settled_ref = invert(net, x), invert(net, x, batched=False)  # the global search
+    assert list(settled.status) == list(settled_ref.status)
+    assert set(settled.status) <= {"unique", "non_unique"}
 
 
 @pytest.mark.parametrize("factor", [1.0, 1.25])
