@@ -59,7 +59,9 @@ class GlobalSettings:
     latent_bound : R; |z_j| <= R only along coordinates the data leave unbounded (the result's
         ``proof_domain`` says where that was needed)
     tighten : optimisation-based bound tightening before the branch and bound
-    max_binaries : the cell search instead where the layers below have more ReLU units
+    max_binaries : the cell search instead where the layers below have more ReLU units (on
+        a few hundred the branch and bound runs out of time where the cell search finds a
+        preimage: [k, 250, 600] nets)
     starts : random starts z ~ N(0, I) of the cell search (after the layer-wise
         estimate, when there is one)
     iterations : SLP iterations per start
@@ -73,7 +75,7 @@ class GlobalSettings:
     seconds: float = 10.0
     latent_bound: float = 10.0
     tighten: bool = False
-    max_binaries: int = 400
+    max_binaries: int = 100
     starts: int = 6
     iterations: int = 40
     walk_lps: int = 10
