@@ -109,7 +109,7 @@ def test_arguments_are_passed_where_they_are_used(
         seen.append(kwargs["settings"])  # type: ignore[arg-type]
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    settings = GlobalSettings(starts=1, seconds=1.0)
+    settings = GlobalSettings(starts=1, seconds=30.0)  # ample: both runs settle every sample
     monkeypatch.setattr("preimage.methods.layerwise.invert_below", spy)
     everything = np.ones(net.output_dim, dtype=bool)
     partial = invert(net, x, observe=everything, fallback=settings, batched=False, n_jobs=1)
