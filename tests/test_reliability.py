@@ -95,14 +95,7 @@ def test_every_route_isolates_a_sample_that_raises(
     module: Any, name: str, kwargs: dict[str, Any],
 ) -> None:
     net, x = case
-    kwargs = dict(kwargs)
-    if kwargs.pop("x", None) == "noisy":
-        x = x + 1e-3
-    if kwargs.get("A") == "gauss":
-        from preimage import GaussianMatrix
-
-        kwargs["A"] = GaussianMatrix(60, 90, seed=0)
-        x = kwargs["A"].apply(x)
+    x, kwargs = _prepared(x, kwargs)
     if kwargs.get("observe") == "third":
         kwargs["observe"] = np.arange(90) % 3 == 0
     reference = invert(net, x, **kwargs)
@@ -203,14 +196,7 @@ def test_per_sample_search_limits_say_so_and_keep_the_estimate(
     case: tuple[Network, np.ndarray], kwargs: dict[str, Any], note: str
 ) -> None:
     net, x = case
-    kwargs = dict(kwargs)
-    if kwargs.pop("x", None) == "noisy":
-        x = x + 1e-3
-    if kwargs.get("A") == "gauss":
-        from preimage import GaussianMatrix
-
-        kwargs["A"] = GaussianMatrix(60, 90, seed=0)
-        x = kwargs["A"].apply(x)
+    x, kwargs = _prepared(x, kwargs)
     result = invert(net, x, **kwargs)
     assert all(note in m for m in result.message), result.message
     if "A" not in kwargs:  # the estimate before the search is kept
@@ -341,3 +327,17 @@ def test_onnx_weights_in_external_files_are_not_read(tmp_path: Path) -> None:
                     all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
     with pytest.raises(ValueError, match="stored in external data files"):
         Network.from_onnx(tmp_path / "ext.onnx")
+
+
+def _prepared(x: np.ndarray, kwargs: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """x and a copy of kwargs with the parametrisation's shorthands made real:
+    ``x="noisy"`` (x off the range by 1e-3), ``A="gauss"`` (a 60 x 90 Gaussian A, x -> A x)."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("x", None) == "noisy":
+        x = x + 1e-3
+    if kwargs.get("A") == "gauss":
+        from preimage import GaussianMatrix
+
+        kwargs["A"] = GaussianMatrix(60, 90, seed=0)
+        x = kwargs["A"].apply(x)
+    return x, kwargs
