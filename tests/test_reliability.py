@@ -83,8 +83,9 @@ def test_one_sample_whose_solver_raises_costs_no_other_its_result(
     ("noisy", noisy, "invert_noisy_one", {"method": "layerwise", "noise": "linf"}),
     ("pgd", sensing, "_pgd_one", {"A": "gauss", "options": {"iterations": 5}}),
     ("descent", descent, "cell_walk",
-     {"noise": "l2", "options": {"adam_steps": 20, "restarts": 1, "layerwise_start": False}}),
-    ("hybrid", hybrid, "cell_walk", {"method": "hybrid", "options": {"steps": 20},
+     {"noise": "l2", "options": {"adam_steps": 10, "restarts": 1, "layerwise_start": False,
+                                 "max_lps": 20}}),
+    ("hybrid", hybrid, "cell_walk", {"method": "hybrid", "options": {"steps": 10, "max_lps": 10},
                                      "x": "noisy"}),
     ("partial", partial, "search_preimage",
      {"observe": "third", "fallback": GlobalSettings(enabled=False),
@@ -213,6 +214,13 @@ def test_the_search_stops_at_the_call_limit(monkeypatch: pytest.MonkeyPatch) -> 
     result = invert(net, x[failed], time_limit=0.05, fallback=GlobalSettings(seconds=30))
     assert set(result.status) == {"failed"}
     assert all(OUT_OF_TIME in m for m in result.message)
+
+
+def test_the_cli_takes_a_time_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["invert", "mnist-relu", "--codes", "3", "--time-limit", "0"]) == 0
+    assert "failed  3" in capsys.readouterr().out
+    assert main(["invert", "mnist-relu", "--codes", "3", "--time-limit", "-1"]) == 2
+    assert "`time_limit` must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_time_limit_is_checked() -> None:
