@@ -330,14 +330,7 @@ def stream_measure(how: str, path: str, out: str, threads: int) -> dict[str, Any
 
 def run_task(task: str, **kwargs: Any) -> dict[str, Any]:
     """`TASKS[task](**kwargs)` in a child process (its own peak RSS); its JSON row."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--task", task, json.dumps(kwargs)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run_self(["--task", task, json.dumps(kwargs)])
 
 
 TASKS = {"parallel": parallel_measure, "stream-data": stream_data, "stream": stream_measure}
@@ -405,7 +398,12 @@ def run_stream(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(args: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+    return _run_self(["--child", *args])
+
+
+def _run_self(args: list[str]) -> dict[str, Any]:
+    """This script with `args` in a child process; the JSON row it prints last."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     # On a shared machine, OpenMP threads that spin while waiting make small torch

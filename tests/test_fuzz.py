@@ -71,8 +71,8 @@ ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
                                                      "max_lps": 10}}),
     "noisy": ("layerwise", {"noise": "linf", "noise_level": 1e-3}),
     "global": ("global", {"fallback": GlobalSettings(seconds=1.0)}),
-    "partial": ("exact", {"observe": "half", "options": {"restarts": 1, "steps": 5,
-                                                         "max_lps": 5}}),
+    "partial": ("exact", {"observe": "half", "fallback": QUICK,
+                          "options": {"restarts": 1, "steps": 5, "max_lps": 5}}),
 }
 assert {m for m, _ in ROUTES.values()} == set(METHODS)
 
@@ -530,7 +530,8 @@ def test_cli_fuzzed(data: st.DataObject) -> None:
                              ("--rtol", ["1e-6", "0", "-1", "nan", "x"]),
                              ("--noise", ["linf", "l2", "l3"]),
                              ("--noise-level", ["1e-3", "-1", "nan"]),
-                             ("--threads", ["1", "0", "-2"])):
+                             ("--threads", ["1", "0", "-2"]),
+                             ("--time-limit", ["5", "0", "-1", "inf"])):
             if data.draw(st.integers(0, 3)) == 0:
                 argv += [flag, data.draw(st.sampled_from(values))]
         if "adam" in argv and model == "mnist-relu":

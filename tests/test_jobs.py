@@ -256,9 +256,12 @@ def test_dask_cluster_is_one_invert_call(tmp_path: Path, client: Client, mnist: 
                            progress=watch)
     assert report.complete and report.computed == 8
     assert_identical(load_results(tmp_path / "r"), invert(net, x, batch_size=32))
-    # the network went to each of the 2 workers once (one scattered key on both)
-    scattered = [{k for k in keys if k.startswith("Portable-")} for keys in holders[-1].values()]
-    assert len(scattered) == 2 and len(scattered[0]) == 1 and scattered[0] == scattered[1]
+    # the network travels as one scattered key, never inside each chunk's task (Dask's
+    # active memory manager may drop an idle worker's replica, so which workers hold
+    # it at a given moment is not asserted)
+    scattered = {k for snapshot in holders for keys in snapshot.values() for k in keys
+                 if k.startswith("Portable-")}
+    assert len(scattered) == 1
 
 
 def test_dask_retries_then_records_the_failure(tmp_path: Path, client: Client) -> None:

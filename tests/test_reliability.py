@@ -83,8 +83,9 @@ def test_one_sample_whose_solver_raises_costs_no_other_its_result(
     ("noisy", noisy, "invert_noisy_one", {"method": "layerwise", "noise": "linf"}),
     ("pgd", sensing, "_pgd_one", {"A": "gauss", "options": {"iterations": 5}}),
     ("descent", descent, "cell_walk",
-     {"noise": "l2", "options": {"adam_steps": 20, "restarts": 1, "layerwise_start": False}}),
-    ("hybrid", hybrid, "cell_walk", {"method": "hybrid", "options": {"steps": 20},
+     {"noise": "l2", "options": {"adam_steps": 10, "restarts": 1, "layerwise_start": False,
+                                 "max_lps": 20}}),
+    ("hybrid", hybrid, "cell_walk", {"method": "hybrid", "options": {"steps": 10, "max_lps": 10},
                                      "x": "noisy"}),
     ("partial", partial, "search_preimage",
      {"observe": "third", "fallback": GlobalSettings(enabled=False),
@@ -95,14 +96,7 @@ def test_every_route_isolates_a_sample_that_raises(
     module: Any, name: str, kwargs: dict[str, Any],
 ) -> None:
     net, x = case
-    kwargs = dict(kwargs)
-    if kwargs.pop("x", None) == "noisy":
-        x = x + 1e-3
-    if kwargs.get("A") == "gauss":
-        from preimage import GaussianMatrix
-
-        kwargs["A"] = GaussianMatrix(60, 90, seed=0)
-        x = kwargs["A"].apply(x)
+    x, kwargs = _prepared(x, kwargs)
     if kwargs.get("observe") == "third":
         kwargs["observe"] = np.arange(90) % 3 == 0
     reference = invert(net, x, **kwargs)
@@ -203,14 +197,7 @@ def test_per_sample_search_limits_say_so_and_keep_the_estimate(
     case: tuple[Network, np.ndarray], kwargs: dict[str, Any], note: str
 ) -> None:
     net, x = case
-    kwargs = dict(kwargs)
-    if kwargs.pop("x", None) == "noisy":
-        x = x + 1e-3
-    if kwargs.get("A") == "gauss":
-        from preimage import GaussianMatrix
-
-        kwargs["A"] = GaussianMatrix(60, 90, seed=0)
-        x = kwargs["A"].apply(x)
+    x, kwargs = _prepared(x, kwargs)
     result = invert(net, x, **kwargs)
     assert all(note in m for m in result.message), result.message
     if "A" not in kwargs:  # the estimate before the search is kept
@@ -227,6 +214,13 @@ def test_the_search_stops_at_the_call_limit(monkeypatch: pytest.MonkeyPatch) -> 
     result = invert(net, x[failed], time_limit=0.05, fallback=GlobalSettings(seconds=30))
     assert set(result.status) == {"failed"}
     assert all(OUT_OF_TIME in m for m in result.message)
+
+
+def test_the_cli_takes_a_time_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["invert", "mnist-relu", "--codes", "3", "--time-limit", "0"]) == 0
+    assert "failed  3" in capsys.readouterr().out
+    assert main(["invert", "mnist-relu", "--codes", "3", "--time-limit", "-1"]) == 2
+    assert "`time_limit` must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_time_limit_is_checked() -> None:
@@ -341,3 +335,17 @@ def test_onnx_weights_in_external_files_are_not_read(tmp_path: Path) -> None:
                     all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
     with pytest.raises(ValueError, match="stored in external data files"):
         Network.from_onnx(tmp_path / "ext.onnx")
+
+
+def _prepared(x: np.ndarray, kwargs: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """x and a copy of kwargs with the parametrisation's shorthands made real:
+    ``x="noisy"`` (x off the range by 1e-3), ``A="gauss"`` (a 60 x 90 Gaussian A, x -> A x)."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("x", None) == "noisy":
+        x = x + 1e-3
+    if kwargs.get("A") == "gauss":
+        from preimage import GaussianMatrix
+
+        kwargs["A"] = GaussianMatrix(60, 90, seed=0)
+        x = kwargs["A"].apply(x)
+    return x, kwargs

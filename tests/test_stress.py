@@ -34,13 +34,13 @@ def _load(name: str) -> ModuleType:
 
 
 def test_stressed_networks_get_honest_verdicts() -> None:
-    """40 networks, 160 codes: no "infeasible" for x = G(z), no "unique" with a wrong z,
+    """30 networks, 120 codes: no "infeasible" for x = G(z), no "unique" with a wrong z,
     every answer and witness a preimage."""
-    report = _load("stress").run(40, first_seed=0)
+    report = _load("stress").run(30, first_seed=0)
     assert report["violations"] == 0, report["problems"]
-    assert report["codes"] == 160
+    assert report["codes"] == 120
     assert set(report["networks_by_precision"]) == {"float64", "float32"}
-    assert report["statuses"].get("unique", 0) >= 80  # (verdicts are still given)
+    assert report["statuses"].get("unique", 0) >= 60  # (verdicts are still given)
     assert min(report["recipes"].values()) > 0
 
 
@@ -52,10 +52,10 @@ def test_more_stressed_networks() -> None:
 
 
 def test_a_small_soak_loses_and_misreports_nothing() -> None:
-    """8 chunks of 1,500 samples of 20-100-500: every sample answered, memory flat."""
-    report = _load("soak").soak(12_000, 1_500)
-    assert report["samples"] == 12_000 and report["chunks"] == 8
+    """8 chunks of 800 samples of 20-100-500: every sample answered, memory flat."""
+    report = _load("soak").soak(6_400, 800)
+    assert report["samples"] == 6_400 and report["chunks"] == 8
     assert report["lost"] == 0 and report["misreported"] == 0, report["examples"]
-    assert sum(report["statuses"].values()) == 12_000
-    assert report["statuses"].get("unique", 0) >= 11_000
+    assert sum(report["statuses"].values()) == 6_400
+    assert report["statuses"].get("unique", 0) >= 6_000
     assert report["growth_after_warmup_mb"] < 64, report["resident_mb"]

@@ -160,6 +160,11 @@ def cmd_invert(args: argparse.Namespace) -> int:
             if x.ndim == 1 or tuple(x.shape) == net.output_shape:
                 x = x[None]  # one sample: a batch of one, so every result field is an array
         kwargs = _settings(args)
+        if args.time_limit is not None:
+            if _streaming(args):
+                raise ValueError("--time-limit bounds one call: it needs --out FILE.npz (or no "
+                                 "--out), not a results folder")
+            kwargs["time_limit"] = args.time_limit
         if _streaming(args):
             return _invert_to_folder(args, net, x, z_true, kwargs)
         bar, update = _bar("inverting", unit="sample")
@@ -449,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--mask", default=None,
                      help=".npy of booleans, shape (n,): which entries of x are observed")
     inv.add_argument("--rtol", type=float, default=None, help="relative tolerance")
+    inv.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                     help="seconds for the whole inversion: samples not done by then are "
+                     "'failed' (out of time), the others keep their results")
     inv.add_argument("--out", default=None,
                      help="a results folder, written chunk by chunk as they finish and resumed "
                      "when the command is rerun (X.npy is read memory-mapped); or FILE.npz: "

@@ -557,7 +557,9 @@ def _assemble(
 
     def verified(residual: np.ndarray, misfit: np.ndarray) -> np.ndarray:
         """Each answer checked end to end: one whose G(z) misses x by more than
-        ANSWER_RTOL rtol (the layers' tolerances compounded) keeps z, but no verdict."""
+        ANSWER_RTOL rtol (the layers' tolerances compounded) keeps z, but no verdict.
+        (`build_result` measures the residuals and applies this rule before it reads
+        `messages`, so the notes added here are kept.)"""
         off = np.isin(status, SUCCESS) & ~(residual <= limit)
         for b in np.flatnonzero(off):
             messages[b] += (f"; but G(z) misses x by {residual[b]:.2g} (relative), beyond "

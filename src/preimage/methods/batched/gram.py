@@ -307,7 +307,7 @@ def _gram_solve_cpu(
         with np.errstate(invalid="ignore", divide="ignore"):
             size = np.max(np.abs(step_h), axis=1) / np.maximum(np.max(np.abs(h), axis=1), 1e-300)
         h_all[idx] = h
-        ok_all[idx] = ok & (size <= GRAM_RTOL) & np.all(np.isfinite(h), axis=1)
+        ok_all[idx] = ok & (size <= accept_rtol(ctx, n)) & np.all(np.isfinite(h), axis=1)
 
     ctx.map(run, list(range(0, b, step)))
     return h_all, ok_all
@@ -343,7 +343,7 @@ def gram_solve(
         step = solve(((r - h @ cache.w.T) * mask) @ cache.w)
         h = h + step
         size = step.abs().amax(dim=1) / h.abs().amax(dim=1).clamp_min(1e-300)
-        ok &= (size <= GRAM_RTOL) & torch.isfinite(h).all(dim=1)
+        ok &= (size <= accept_rtol(ctx, n)) & torch.isfinite(h).all(dim=1)
         h_all[sl] = h.cpu().numpy()
         ok_all[sl] = ok.cpu().numpy()
     return h_all, ok_all
@@ -361,6 +361,14 @@ def _shift(trace: Any, n: int, floor: float = 0.0) -> Any:
 def shift_floor(ctx: Context) -> float:
     """The relative shift the data's resolution asks of the Cholesky certificate."""
     return ctx.resolution**2
+
+
+def accept_rtol(ctx: Context, n: int) -> float:
+    """The refinement step below which a normal-equation solution is accepted: GRAM_RTOL,
+    or where low-precision data set the shift (`needs_resolution`) the resolution itself
+    (the larger shift slows the refinement, rate delta / lambda_min; what is left after
+    the step is far below the data's tolerance, and the checks verify the answer)."""
+    return max(GRAM_RTOL, ctx.resolution) if needs_resolution(ctx, n) else GRAM_RTOL
 
 
 def needs_resolution(ctx: Context, n: int) -> bool:
