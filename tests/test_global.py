@@ -31,7 +31,7 @@ def test_the_data_bound_the_domain_and_the_relaxation_holds_the_true_point(shall
     for b in _left_open(net, x)[:2]:
         cons = active_set(net.layers[1], x[b], 1e-9)
         assert not isinstance(cons, str)
-        top = exact_top(net, 1, cons.target, cons.active, cons.tau, 0.0)
+        top = exact_top(net, 1, cons, 0.0)
         domain = data_bounds(net, 1, top, box=10.0)
         assert not isinstance(domain, str)
         pre = net.layers[0].preactivation(z[b][None])[0]
@@ -118,6 +118,37 @@ def test_float32_data_are_settled_at_their_precision() -> None:
     assert np.all(res.residual < 1e-4)
     unique = res.status == "unique"
     assert np.all(np.max(np.abs(res.z[unique] - z[todo][unique]), axis=1) < 1e-3)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_saturated_outputs_bound_their_pre_activations_on_one_side_only(precision) -> None:
+    """tanh outputs at 1.0 (pre-activations 10 to 100): the global search must not hold
+    them at the clipped target (it proved "infeasible" for x = G(z) that way)."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    w0, w1 = rng.standard_normal((12, 4)), 100 * rng.standard_normal((30, 12))
+    net = Network.from_weights([w0, w1], activation=["relu", "tanh"])
+    z = rng.standard_normal((6, 4))
+    x = net.forward(z)
+    if precision == "float32":
+        module = net.to_torch(torch.float32).eval()
+        net = Network.from_torch(module)
+        with torch.no_grad():
+            x = module(torch.as_tensor(z, dtype=torch.float32))
+    x64 = np.asarray(x, dtype=np.float64)
+    assert np.all(np.sum(np.abs(x64) == 1.0, axis=1) >= 3)  # saturated in this precision
+    for b in range(len(z)):
+        cons = active_set(net.layers[1], x64[b], 1e-5)
+        assert not isinstance(cons, str) and cons.saturated is not None
+        on = cons.saturated
+        lo, hi = cons.pre_activation_bounds(net.layers[1].bias_or_zero())
+        pre = net.layers[1].preactivation(np.maximum(net.layers[0].preactivation(z[b]), 0))
+        assert np.all((lo[on] <= pre[on]) & (pre[on] <= hi[on]))
+        assert np.all(np.isinf(np.where(pre[on] > 0, hi[on], lo[on])))
+    res = invert(net, x, method="global", fallback=GlobalSettings(seconds=5.0))
+    assert "infeasible" not in set(res.status), res.message
+    assert np.all(res.residual[res.status != "failed"] < 1e-3)
 
 
 def test_the_global_misfit_matches_the_milp_and_closes_its_gap() -> None:

@@ -405,6 +405,39 @@ class ActiveSet:
     #: bijective activations: the units whose output sits at an end of the range
     #: (tanh(20) == 1.0 in float64), their targets clipped just inside (None: none)
     saturated: np.ndarray | None = None
+    #: saturated units' half-lines: pre-activation >= reach (the range's top end, side
+    #: +1) or <= reach (its bottom, side -1); reach the pre-activation whose output is one
+    #: tolerance (rtol max(|y|, 1), far above the rounding) inside the end: every
+    #: pre-activation the rounding allows is on it, every one on it reproduces y
+    reach: np.ndarray | None = None
+    side: np.ndarray | None = None
+
+    def pre_activation_bounds(
+        self, bias: np.ndarray, band: float | np.ndarray = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds lo_i <= w_i h <= hi_i (m,) that y puts on each unit, the bias moved right.
+
+        Active units: target_i - b_i +- band_i; saturated units their half-line
+        (w_i h + b_i >= reach_i or <= reach_i); the others w_i h + b_i <= tau.
+        """
+        lo = np.where(self.active, self.target - bias - band, -np.inf)
+        hi = np.where(self.active, self.target - bias + band, self.tau - bias)
+        if self.saturated is not None and self.reach is not None and self.side is not None:
+            top, bottom = self.saturated & (self.side > 0), self.saturated & (self.side < 0)
+            lo[top], hi[top] = self.reach[top] - bias[top], np.inf
+            lo[bottom], hi[bottom] = -np.inf, self.reach[bottom] - bias[bottom]
+        return lo, hi
+
+    def curved_band(self, layer: Layer, y: np.ndarray, rtol: float) -> np.ndarray:
+        """(m,) how far, in pre-activation units, each unsaturated unit's true pre-activation
+        may lie from its target: rtol max|y|_inf / slope(y_i) for a curved activation (the
+        rounding of y, far below rtol, stretched by the inverse; a point within it
+        reproduces y to 10 rtol), 0 for the piecewise-linear ones."""
+        act = layer.activation
+        if not act.is_bijective or act.is_piecewise_linear:
+            return np.zeros(len(y))
+        band = rtol * max(float(np.max(np.abs(y))), 1e-300) / act.slope(y)
+        return np.where(self.saturated, 0.0, band) if self.saturated is not None else band
 
 
 #: A saturated unit's target: the pre-activation whose output is this far inside the
@@ -435,6 +468,10 @@ def active_set(layer: Layer, y: np.ndarray, rtol: float) -> ActiveSet | str:
             return f"{bad} output(s) lie outside the range of {layer.activation}"
         target[at_end] = layer.activation.clipped_inverse(y[at_end], SATURATION_MARGIN)
         saturated = at_end
+        side = np.where(at_end, np.where(np.abs(y - hi) <= near, 1, -1), 0)
+        reach = np.full(len(y), np.nan)
+        reach[at_end] = layer.activation.clipped_inverse(y[at_end] - side[at_end] * near,
+                                                         SATURATION_MARGIN)
     scale = max(float(np.max(np.abs(target))), float(np.max(np.abs(b), initial=0.0)), 1e-300)
     tau = rtol * scale
     if layer.activation.is_bijective:
@@ -445,7 +482,7 @@ def active_set(layer: Layer, y: np.ndarray, rtol: float) -> ActiveSet | str:
         stretch = float(layer.activation.target_scale(free)) if free.size else 0.0
         scale = stretch if stretch > STRETCH_LIMIT * scale else scale
         return ActiveSet(np.ones(layer.out_width, dtype=bool), target, rtol * scale, scale,
-                         saturated)
+                         saturated, *((reach, side) if saturated is not None else (None, None)))
     if np.any(y < -tau):
         return "a ReLU output is negative"
     return ActiveSet(y > tau, target, tau, scale)

@@ -142,14 +142,11 @@ def _build(
     model = _encode_relus(net, top, bound)
     w, b = dense(top_layer.weight), top_layer.bias_or_zero()
     tol = rtol * (cons.scale + float(np.max(np.abs(w), initial=0.0)) * bound)
+    lo, hi = cons.pre_activation_bounds(b, tol)
     for i in range(top_layer.out_width):
         coef = np.zeros(model.n_vars)
         coef[model.out_cols] = w[i]
-        if cons.active[i]:
-            rhs = cons.target[i] - b[i]
-            model.add(coef, rhs - tol, rhs + tol)
-        else:
-            model.add(coef, -np.inf, cons.tau - b[i])
+        model.add(coef, lo[i], hi[i])
     return model.integrality, model.constraints(), Bounds(model.lb, model.ub), model.blocks
 
 

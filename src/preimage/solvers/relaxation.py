@@ -48,6 +48,7 @@ from scipy import sparse
 from preimage.model.network import Network
 from preimage.model.operators import dense
 from preimage.solvers.highs import LiveLP, LPSolution
+from preimage.solvers.layer import ActiveSet
 
 #: A bound from an LP is loosened by this much, relative to 1 + |value|: the LPs' optima
 #: are exact only to HiGHS's tolerances.
@@ -113,15 +114,12 @@ class Top:
         return self.x is not None
 
 
-def exact_top(net: Network, top: int, target: np.ndarray, active: np.ndarray,
-              tau: float, tol: float) -> Top:
-    """The top block of an exact observation of layer `top`: its active units' pre-activations
-    within tol of `target`, the others at most tau."""
+def exact_top(net: Network, top: int, cons: ActiveSet, band: float | np.ndarray) -> Top:
+    """The top block of an exact observation of layer `top`: the bounds its active set puts
+    on the pre-activations (`ActiveSet.pre_activation_bounds`, active units within band)."""
     layer = net.layers[top]
-    w, b = dense(layer.weight), layer.bias_or_zero()
-    lo = np.where(active, target - b - tol, -np.inf)
-    hi = np.where(active, target - b + tol, tau - b)
-    return Top(weight=w, lo=lo, hi=hi)
+    lo, hi = cons.pre_activation_bounds(layer.bias_or_zero(), band)
+    return Top(weight=dense(layer.weight), lo=lo, hi=hi)
 
 
 #: A column without an upper bound gets this one in the LPs with held-back rows (so that
