@@ -10,7 +10,7 @@ from preimage.methods.layerwise import _invert_one
 from preimage.solvers.exhaustive import global_projection, settle
 from preimage.solvers.layer import active_set
 from preimage.solvers.milp import milp_projection
-from preimage.solvers.relaxation import Relaxation, data_bounds, exact_top
+from preimage.solvers.relaxation import Relaxation, balanced, data_bounds, exact_top
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,26 @@ def test_saturated_outputs_bound_their_pre_activations_on_one_side_only(precisio
     res = invert(net, x, method="global", fallback=GlobalSettings(seconds=5.0))
     assert "infeasible" not in set(res.status), res.message
     assert np.all(res.residual[res.status != "failed"] < 1e-3)
+
+
+def test_the_balanced_network_is_the_same_map_with_unit_rows() -> None:
+    rng = np.random.default_rng(2)
+    weights = [rng.standard_normal((9, 3)) * 1e5, rng.standard_normal((20, 9)) * 1e-4,
+               rng.standard_normal((7, 20)) * 1e3]
+    weights[0][4] *= 1e-12  # a near-zero row with a bias: a constant unit
+    biases = [rng.standard_normal(9) * 1e5, None, rng.standard_normal(7)]
+    net = Network.from_weights(weights, biases, activation=["relu", "relu", "sigmoid"])
+    lp_net = balanced(net, 2)
+    z = rng.standard_normal((5, 3))
+    h, h_bal = z, z
+    for i in range(2):
+        h, h_bal = net.layers[i].forward(h), lp_net.layers[i].forward(h_bal)
+        w, b = lp_net.layers[i].weight.matrix(), lp_net.layers[i].bias_or_zero()
+        assert np.allclose(np.hypot(np.linalg.norm(w, axis=1), b), 1.0)
+        assert np.max(np.abs(h_bal)) < 100  # of the size of z, whatever the weights'
+    pre, pre_bal = net.layers[2].preactivation(h), lp_net.layers[2].preactivation(h_bal)
+    assert np.allclose(pre_bal, pre, rtol=1e-10, atol=1e-10 * np.max(np.abs(pre)))
+    assert np.allclose(lp_net.below(3).forward(z), net.forward(z), rtol=1e-10)
 
 
 def test_the_global_misfit_matches_the_milp_and_closes_its_gap() -> None:

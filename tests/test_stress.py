@@ -44,6 +44,18 @@ def test_stressed_networks_get_honest_verdicts() -> None:
     assert min(report["recipes"].values()) > 0
 
 
+@pytest.mark.parametrize("seed", [133, 234, 333, 533, 636, 1992])
+def test_cases_that_once_got_a_wrong_proof(seed: int) -> None:
+    """Layers scaled 1e-5..1e5 with near-zero rows, sigmoid outputs: the global search
+    said "infeasible" for x = G(z) (unbalanced LPs, saturated units held at a point,
+    equalities on near-zero rows, a proof below the top from the layers above's rounded
+    estimate); and the layer solver once said "unique" for a point its nearest-point LP
+    bent by holding a saturated unit at its clipped target (seed 1992)."""
+    stress = _load("stress")
+    _, problems, _ = stress.check(stress.make_case(seed))
+    assert problems == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(SCALE == 1, reason="the larger run: PREIMAGE_FUZZ_SCALE > 1")
 def test_more_stressed_networks() -> None:

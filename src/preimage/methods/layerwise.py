@@ -243,6 +243,14 @@ def _settle_globally(
                               outcome.witness, outcome.layers)
     nan = np.full(net.latent_dim, np.nan)
     extra = {"domain": found.domain or "", "out_of_time": found.out_of_time}
+    if found.verdict == "infeasible" and j < top:
+        # y is the layers above's estimate of layer j's output, correct only to their
+        # rounding, which the search's band does not cover (stressed nets: a wrong proof)
+        note = (f"; the global search below layer {j} found no z for the estimate of layer "
+                f"{j}'s output the layers above gave, which proves nothing: that estimate is "
+                f"only as exact as their rounding ({found.message})")
+        return _SampleOutcome(outcome.z, outcome.status, outcome.message + note,
+                              outcome.witness, outcome.layers, **extra)
     if found.verdict == "infeasible":
         return _SampleOutcome(nan, "infeasible", f"x is not in the range of G: {found.message}",
                               nan, outcome.layers, **extra)

@@ -30,13 +30,25 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint
 
+from preimage.model.layer import Layer
 from preimage.model.network import Network
+from preimage.model.operators import DenseOperator, dense
 from preimage.solvers.branch import minimise_misfit, settle_exact
 from preimage.solvers.cell import activation_pattern, cell_lp, newton_refine, null_directions
 from preimage.solvers.highs import solve_milp
 from preimage.solvers.layer import active_set
 from preimage.solvers.milp import reproduces
-from preimage.solvers.relaxation import Domain, Relaxation, Top, data_bounds, exact_top
+from preimage.solvers.relaxation import (
+    Domain,
+    Relaxation,
+    Top,
+    balanced,
+    data_bounds,
+    exact_top,
+)
+
+#: HiGHS's default primal feasibility tolerance (absolute): the LPs' rows are unit rows.
+HIGHS_FEASIBILITY = 1e-7
 
 #: The search engines.
 ENGINES: tuple[str, ...] = ("branch", "milp")
@@ -108,22 +120,39 @@ def settle(
     cons = active_set(net.layers[top], y, rtol)
     if isinstance(cons, str):
         return Settled("infeasible", None, None, f"y is out of range: {cons}", "every z")
-    # float64 data: equalities (a band narrower than HiGHS's tolerance only stalls its
-    # simplex); lower precision: the data's own band; a curved activation's units: the
-    # rounding of y stretched by its inverse, where that is wider (near saturation; not
-    # cons.scale, which is the largest such stretch)
+    # the LPs see the network with its hidden units rescaled (`balanced`: the same z -> y)
+    # and unit top rows (`exact_top`); answers are checked on the network itself
+    lp_net = balanced(net, top)
+    # Active units: within the data's band rtol max(|target|, |b|) of their targets;
+    # equalities (band 0) where that band, on a unit row, is below HiGHS's feasibility
+    # tolerance (a narrower band only stalls its simplex), which a near-zero row's is not.
+    # A curved activation's units: the rounding of y stretched by its inverse where that
+    # is wider (near saturation; not cons.scale, which is the largest such stretch).
     size = max(float(np.max(np.abs(cons.target))),
                float(np.max(np.abs(net.layers[top].bias_or_zero()), initial=0.0)), 1e-300)
-    band = 0.0 if rtol < 1e-7 else rtol * size
+    norms = np.linalg.norm(dense(lp_net.layers[top].weight), axis=1)
+    band = np.where(rtol * size > HIGHS_FEASIBILITY * norms, rtol * size, 0.0)
     curved = cons.curved_band(net.layers[top], y, rtol)
-    band = np.maximum(band, np.where(curved > 1e-7 * size, curved, 0.0))
-    top_block = exact_top(net, top, cons, band)
-    domain = data_bounds(net, top, top_block, box=box, deadline=deadline)
-    upper = net.below(top + 1)
-
-    # the rows a refinement may pull onto their targets: a saturated unit's target is only
-    # one point of its half-line
-    pinned = cons.active if cons.saturated is None else cons.active & ~cons.saturated
+    loose = curved > 1e-7 * size
+    band = np.maximum(band, np.where(loose, curved, 0.0))
+    # the units whose pre-activation y fixes (to HiGHS's tolerance): not a saturated one
+    # (a half-line) nor one whose band is wide; only these pin z in a refinement, in a
+    # null space or in a leaf's fit (leaving a unit out only weakens a pruning)
+    vague = loose if cons.saturated is None else loose | cons.saturated
+    pinned = cons.active & ~vague
+    top_block = exact_top(lp_net, top, cons, band)
+    domain = data_bounds(lp_net, top, top_block, box=box, deadline=deadline)
+    upper = lp_net.below(top + 1)
+    fit_net, fit_y = upper, y
+    kept = np.flatnonzero(~vague)
+    if vague.any() and kept.size:
+        last = upper.layers[-1]
+        fit_net = Network((*upper.layers[:-1], Layer(
+            DenseOperator(dense(last.weight)[kept]),
+            None if last.bias is None else last.bias[kept], last.activation)))
+        fit_y = y[kept]
+    elif vague.all():
+        fit_y = y[:0]
 
     def accept(z: np.ndarray) -> np.ndarray | None:
         if not np.all(np.isfinite(z)):
@@ -141,7 +170,7 @@ def settle(
                            "no z satisfies the bounds the data imply", "every z")
         return _timed_out(known, "while deriving the domain", "none derived yet")
     where = domain.describe()
-    relax = Relaxation(net, top, domain, top_block)
+    relax = Relaxation(lp_net, top, domain, top_block)
     relax.deadline = deadline
     if tighten and relax.tighten(deadline=deadline) == "infeasible":
         return _no_preimage(domain, where, "bound tightening")
@@ -151,10 +180,12 @@ def settle(
         return _settle_milp(relax, accept, known, domain, where, deadline, separation)
 
     def directions(z_star: np.ndarray, on: np.ndarray) -> np.ndarray:
-        return null_directions(upper, relax.patterns(on), cons.active)
+        return null_directions(upper, relax.patterns(on), pinned)
 
     def leaf_fit(on: np.ndarray) -> tuple[float, np.ndarray]:
-        fit = cell_lp(upper, y, relax.patterns(on), tau=cons.tau)
+        if fit_y.size == 0:  # nothing to fit: the relaxation's own point
+            return 0.0, np.full(net.latent_dim, np.nan)
+        fit = cell_lp(fit_net, fit_y, relax.patterns(on), tau=cons.tau)
         return fit.misfit, fit.z
 
     found = settle_exact(relax, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
@@ -272,7 +303,8 @@ def global_projection(
                        bound=0.0)
     cutoff = t0 * (1 + 1e-9)
     top = Top(lo=x - cutoff, hi=x + cutoff, x=x, norm=norm)
-    domain = data_bounds(net, depth, top, box=box, deadline=deadline)
+    lp_net = balanced(net, depth - 1)  # (as in `settle`; the output keeps its scale: x's)
+    domain = data_bounds(lp_net, depth, top, box=box, deadline=deadline)
     if isinstance(domain, str):
         if domain == "infeasible":  # nothing beats the start: it is the minimum
             return Settled("optimal", z0, None, "no z does better than the start", "every z",
@@ -280,7 +312,7 @@ def global_projection(
         return Settled("time_limit", z0, None, "out of time while deriving the domain",
                        "none derived yet", out_of_time=True, value=t0, bound=0.0)
     where = domain.describe()
-    relax = Relaxation(net, depth, domain, top)
+    relax = Relaxation(lp_net, depth, domain, top)
     relax.deadline = deadline
     if tighten:
         relax.set_cutoff(cutoff)

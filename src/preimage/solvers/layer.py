@@ -356,9 +356,12 @@ def invert_layer(
             f"resolve ({resolution:.3g}): h is not fixed along it at this precision, so "
             "uniqueness is unsettled"
         )
-    if verdict == "unique" and nearest_only and rank < n:
+    saturated_held = cons.saturated is not None and bool(cons.saturated.any())
+    if verdict == "unique" and nearest_only and (rank < n or saturated_held):
         # (with full column rank, resolved, every point within the tolerance is near h; with
-        # fewer the certificate leaned on inequalities at a point outside the structure)
+        # fewer the certificate leaned on inequalities at a point outside the structure; with
+        # saturated units the LP held them at one point of their half-lines, which bends h
+        # wherever another unit's output is too small to object: stress seed 1992)
         verdict, note = "feasible", (
             f"{note} for the structure of y, which no point fits exactly: its preimages "
             "within the tolerance may differ, so uniqueness is unsettled"

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from preimage.model.layer import Layer
 from preimage.model.network import Network
-from preimage.model.operators import dense
+from preimage.model.operators import DenseOperator, dense
 from preimage.solvers.highs import LiveLP, LPSolution
 from preimage.solvers.layer import ActiveSet
 
@@ -116,10 +117,45 @@ class Top:
 
 def exact_top(net: Network, top: int, cons: ActiveSet, band: float | np.ndarray) -> Top:
     """The top block of an exact observation of layer `top`: the bounds its active set puts
-    on the pre-activations (`ActiveSet.pre_activation_bounds`, active units within band)."""
+    on the pre-activations (`ActiveSet.pre_activation_bounds`, active units within band),
+    each row divided by its norm (unit rows for HiGHS's absolute tolerances)."""
     layer = net.layers[top]
     lo, hi = cons.pre_activation_bounds(layer.bias_or_zero(), band)
-    return Top(weight=dense(layer.weight), lo=lo, hi=hi)
+    w = dense(layer.weight)
+    norm = np.linalg.norm(w, axis=1)
+    norm = np.where(norm > 0, norm, 1.0)
+    return Top(weight=w / norm[:, None], lo=lo / norm, hi=hi / norm)
+
+
+def balanced(net: Network, top: int) -> Network:
+    """The same map from z to layer `top`'s pre-activations, its ReLU units below rescaled.
+
+    relu(c t) = c relu(t) for c > 0: unit j of layer i < top becomes h'_ij = h_ij / c_ij
+    with c_ij the norm of its row of [W_i diag(c_{i-1}), b_i] (c_{-1} = 1: z is unchanged;
+    the bias counted, or a near-zero row with a bias would become a huge constant), so
+
+        W'_i = diag(1 / c_i) W_i diag(c_{i-1}),  b'_i = b_i / c_i,  W'_top = W_top diag(c_{top-1})
+
+    and every hidden variable of the relaxation is of the size of z whatever the
+    weights' scales (1e-6 to 1e6 per layer: HiGHS's absolute tolerances otherwise
+    decide wrongly). A unit with a zero row and bias keeps c = 1. Layers 0..top-1 ReLU.
+    """
+    weights, biases, kinds = [], [], []
+    c_prev = np.ones(net.latent_dim)
+    for i, layer in enumerate(net.layers[: top + 1]):
+        w = dense(layer.weight) * c_prev[None, :]
+        b = layer.bias
+        if i < top:
+            c = np.hypot(np.linalg.norm(w, axis=1), 0.0 if b is None else b)
+            c = np.where(c > 0, c, 1.0)
+            w, b = w / c[:, None], (None if b is None else b / c)
+            c_prev = c
+        weights.append(w)
+        biases.append(b)
+        kinds.append(layer.activation)
+    return Network(tuple(Layer(DenseOperator(w), b, act)
+                         for w, b, act in zip(weights, biases, kinds, strict=True)),
+                   source_dtype=net.source_dtype, input_shape=net.input_shape)
 
 
 #: A column without an upper bound gets this one in the LPs with held-back rows (so that
