@@ -169,11 +169,7 @@ def solve_qp(
     status = highs.getModelStatus()
     raw = highs.modelStatusToString(status)
     if status != HighsModelStatus.kOptimal:
-        names = {HighsModelStatus.kInfeasible: "infeasible",
-                 HighsModelStatus.kUnbounded: "unbounded",
-                 HighsModelStatus.kTimeLimit: "time_limit",
-                 HighsModelStatus.kIterationLimit: "time_limit"}
-        return LPSolution(names.get(status, "error"), None, np.inf, f"HiGHS: {raw}")
+        return _not_optimal(status, raw)
     solution = highs.getSolution()
     value = float(highs.getInfo().objective_function_value)
     duals = -np.asarray(solution.row_dual) if r else np.zeros(0)
@@ -204,6 +200,18 @@ def solve_milp(
     elif not np.isfinite(bound):
         bound = -np.inf
     return LPSolution(status, x, value, str(res.message), None, bound)
+
+
+def _not_optimal(status: Any, raw: str) -> LPSolution:
+    """The LPSolution of a HiGHS run that ended without an optimum (LP_STATUSES' names)."""
+    names = {
+        HighsModelStatus.kInfeasible: "infeasible",
+        HighsModelStatus.kUnbounded: "unbounded",
+        HighsModelStatus.kUnboundedOrInfeasible: "infeasible_or_unbounded",
+        HighsModelStatus.kTimeLimit: "time_limit",
+        HighsModelStatus.kIterationLimit: "time_limit",
+    }
+    return LPSolution(names.get(status, "error"), None, np.inf, f"HiGHS: {raw}")
 
 
 class LiveLP:
@@ -288,14 +296,7 @@ class LiveLP:
             x = np.array(self._highs.getSolution().col_value)
             value = float(self._highs.getInfo().objective_function_value)
             return LPSolution("optimal", x, value, f"HiGHS: {raw}", None, value)
-        names = {
-            HighsModelStatus.kInfeasible: "infeasible",
-            HighsModelStatus.kUnbounded: "unbounded",
-            HighsModelStatus.kUnboundedOrInfeasible: "infeasible_or_unbounded",
-            HighsModelStatus.kTimeLimit: "time_limit",
-            HighsModelStatus.kIterationLimit: "time_limit",
-        }
-        return LPSolution(names.get(status, "error"), None, np.inf, f"HiGHS: {raw}")
+        return _not_optimal(status, raw)
 
 
 class RowLP:
@@ -360,14 +361,7 @@ class RowLP:
             x = np.array(self._highs.getSolution().col_value) * self.scale
             value = float(self._cost @ x)
             return LPSolution("optimal", x, value, f"HiGHS: {raw}", None, value)
-        names = {
-            HighsModelStatus.kInfeasible: "infeasible",
-            HighsModelStatus.kUnbounded: "unbounded",
-            HighsModelStatus.kUnboundedOrInfeasible: "infeasible_or_unbounded",
-            HighsModelStatus.kTimeLimit: "time_limit",
-            HighsModelStatus.kIterationLimit: "time_limit",
-        }
-        return LPSolution(names.get(status, "error"), None, np.inf, f"HiGHS: {raw}")
+        return _not_optimal(status, raw)
 
 
 def natural_scale(a: np.ndarray, b: np.ndarray, point: np.ndarray | None = None) -> float:
