@@ -171,6 +171,26 @@ def test_the_balanced_network_is_the_same_map_with_unit_rows() -> None:
     assert np.allclose(lp_net.below(3).forward(z), net.forward(z), rtol=1e-10)
 
 
+@pytest.mark.parametrize("size", [1e-6, 1e7])
+def test_codes_far_from_unit_size_are_settled_not_refused(size) -> None:
+    """x = G(z) with |z| ~ 1e7 (or 1e-6): HiGHS's absolute tolerances once made the
+    data's bounds "infeasible" (a fuzzed case); the LPs now measure z in its own units,
+    and a box too small for the code says so."""
+    net = random_network([3, 10, 16], seed=1)
+    z = size * np.random.default_rng(4).standard_normal((4, 3))
+    for b in range(4):
+        found = settle(net, 1, net.forward(z[b][None])[0], rtol=1e-9)
+        assert found.status in ("unique", "non_unique", "failed"), found.message
+        if found.status == "failed":  # only where the data leave z to the box |z_j| <= 10
+            assert found.boxed and size > 10 and "no preimage among z with |z_j| <= 10" in \
+                found.message
+        elif found.status == "unique":
+            assert np.max(np.abs(found.z - z[b])) <= 1e-6 * np.max(np.abs(z[b]))
+        else:
+            assert np.allclose(net.forward(found.witness[None])[0], net.forward(z[b][None])[0],
+                               rtol=1e-7, atol=1e-8 * size)
+
+
 def test_the_global_misfit_matches_the_milp_and_closes_its_gap() -> None:
     net = random_network([3, 8, 10], seed=1)
     x = np.abs(np.random.default_rng(1).standard_normal((3, 10)))

@@ -12,7 +12,9 @@ misfit min_z ||G(z) - x||. Both:
 2. optionally tighten every unstable unit's bounds over the LP relaxation
    (``tighten``: optimisation-based bound tightening);
 3. search: ``engine="branch"`` the branch and bound over units on one live
-   HiGHS LP (`preimage.solvers.branch`), ``engine="milp"`` the same model as a
+   HiGHS LP (`preimage.solvers.branch`; without ``tighten``, restarted once on
+   bounds tightened by one pass where its first RESTART_SHARE of the budget
+   did not settle the sample), ``engine="milp"`` the same model as a
    MILP through HiGHS's own branch and cut (`scipy.optimize.milp`; uniqueness
    by a second MILP with a no-good cut on the first answer's pattern).
 
@@ -25,7 +27,7 @@ preimage farther than ``separation`` from the first.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint
@@ -33,7 +35,7 @@ from scipy.optimize import Bounds, LinearConstraint
 from preimage.model.layer import Layer
 from preimage.model.network import Network
 from preimage.model.operators import DenseOperator, dense
-from preimage.solvers.branch import minimise_misfit, settle_exact
+from preimage.solvers.branch import BranchOutcome, minimise_misfit, settle_exact
 from preimage.solvers.cell import activation_pattern, cell_lp, newton_refine, null_directions
 from preimage.solvers.highs import solve_milp
 from preimage.solvers.layer import active_set
@@ -49,6 +51,11 @@ from preimage.solvers.relaxation import (
 
 #: HiGHS's default primal feasibility tolerance (absolute): the LPs' rows are unit rows.
 HIGHS_FEASIBILITY = 1e-7
+
+#: The share of its budget a plain branch and bound gets before the search restarts on
+#: tightened bounds (`settle`, tighten=False): the samples it settles mostly take well
+#: under it; those it does not often settle after one pass of tightening.
+RESTART_SHARE = 0.3
 
 #: The search engines.
 ENGINES: tuple[str, ...] = ("branch", "milp")
@@ -108,13 +115,54 @@ def settle(
     z_known : a preimage found already (checked again here)
     seconds : time budget
     box : |z_j| <= box along coordinates the data leave unbounded
-    tighten : optimisation-based bound tightening before the search
+    tighten : optimisation-based bound tightening to convergence before the search (False:
+        a plain search, restarted once after one pass of tightening where it has not
+        settled the sample in RESTART_SHARE of ``seconds``)
     engine : "branch" or "milp" (module docstring)
     """
     if engine not in ENGINES:
         raise ValueError(f"`engine` must be one of {ENGINES}; got {engine!r}.")
     if top < 1 or not _relu_below(net, top):
         raise ValueError("The global search needs ReLU layers below the observed layer.")
+    unit = _latent_unit(net, top, y, rtol)
+    found = _settle(net, top, y, rtol=rtol, z_known=z_known, seconds=seconds, box=box,
+                    tighten=tighten, engine=engine, unit=unit)
+    if unit == 1.0:
+        return found
+    return replace(found, z=None if found.z is None else unit * found.z,
+                   witness=None if found.witness is None else unit * found.witness)
+
+
+def _latent_unit(net: Network, top: int, y: np.ndarray, rtol: float) -> float:
+    """The unit z is measured in for the LPs: 1, or, where the codes y implies are far from
+    1 in size (the balanced net's hidden values are of z's size), about their size, so
+    that HiGHS's absolute tolerances stay relative (x of 1e7: false "infeasible")."""
+    cons = active_set(net.layers[top], y, rtol)
+    if isinstance(cons, str) or not cons.active.any():
+        return 1.0
+    layer = balanced(net, top).layers[top]
+    norms = np.linalg.norm(dense(layer.weight), axis=1)
+    rows = cons.active & (norms > 0)
+    if not rows.any():
+        return 1.0
+    size = float(np.max(np.abs(cons.target - layer.bias_or_zero())[rows] / norms[rows]))
+    return size if size > 0 and not 1e-3 <= size <= 1e3 else 1.0
+
+
+def _settle(
+    net: Network,
+    top: int,
+    y: np.ndarray,
+    *,
+    rtol: float,
+    z_known: np.ndarray | None,
+    seconds: float,
+    box: float,
+    tighten: bool,
+    engine: str,
+    unit: float,
+) -> Settled:
+    """`settle` with z measured in units of ``unit`` (z = unit z'): its answers in z'."""
     start = time.perf_counter()
     deadline = start + seconds
     cons = active_set(net.layers[top], y, rtol)
@@ -122,7 +170,7 @@ def settle(
         return Settled("infeasible", None, None, f"y is out of range: {cons}", "every z")
     # the LPs see the network with its hidden units rescaled (`balanced`: the same z -> y)
     # and unit top rows (`exact_top`); answers are checked on the network itself
-    lp_net = balanced(net, top)
+    lp_net = balanced(net, top, unit)
     # Active units: within the data's band rtol max(|target|, |b|) of their targets;
     # equalities (band 0) where that band, on a unit row, is below HiGHS's feasibility
     # tolerance (a narrower band only stalls its simplex), which a near-zero row's is not.
@@ -141,7 +189,9 @@ def settle(
     vague = loose if cons.saturated is None else loose | cons.saturated
     pinned = cons.active & ~vague
     top_block = exact_top(lp_net, top, cons, band)
-    domain = data_bounds(lp_net, top, top_block, box=box, deadline=deadline)
+    domain = data_bounds(lp_net, top, top_block, box=box / unit, deadline=deadline)
+    if not isinstance(domain, str):
+        domain.unit = unit
     upper = lp_net.below(top + 1)
     fit_net, fit_y = upper, y
     kept = np.flatnonzero(~vague)
@@ -159,17 +209,19 @@ def settle(
             return None
         refined = newton_refine(upper, cons.target, pinned, z)
         for candidate in (refined, z):  # (a target that rounding blurred may pull z off)
-            if reproduces(net, top, y, candidate, rtol):
+            if reproduces(net, top, y, unit * candidate, rtol):
                 return candidate
         return None
 
-    known = accept(z_known) if z_known is not None else None
+    known = accept(z_known / unit) if z_known is not None else None
     if isinstance(domain, str):
         if domain == "infeasible":
             return Settled("infeasible", None, None,
                            "no z satisfies the bounds the data imply", "every z")
         return _timed_out(known, "while deriving the domain", "none derived yet")
     where = domain.describe()
+    if domain.empty:
+        return _no_preimage(domain, where, "interval bounds over the box")
     relax = Relaxation(lp_net, top, domain, top_block)
     relax.deadline = deadline
     if tighten and relax.tighten(deadline=deadline) == "infeasible":
@@ -188,8 +240,24 @@ def settle(
         fit = cell_lp(fit_net, fit_y, relax.patterns(on), tau=cons.tau)
         return fit.misfit, fit.z
 
-    found = settle_exact(relax, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
-                         z_known=known, separation=separation, deadline=deadline)
+    def search(z_from: np.ndarray | None, until: float) -> BranchOutcome:
+        return settle_exact(relax, accept, directions, leaf_fit,
+                            leaf_tol=10 * rtol * cons.scale, z_known=z_from,
+                            separation=separation, deadline=until)
+
+    if tighten:
+        found = search(known, deadline)
+    else:
+        # a plain search first; a sample it leaves open in RESTART_SHARE of the budget gets
+        # one pass of bound tightening and a fresh search (docs/performance.md)
+        found = search(known, min(deadline, start + RESTART_SHARE * seconds))
+        if found.status in ("found", "none") and time.perf_counter() < deadline:
+            first_nodes = found.nodes
+            relax.fix(np.full(relax.n_units, -1, dtype=np.int8))
+            if relax.tighten(deadline=deadline, max_passes=1) == "infeasible":
+                return _no_preimage(domain, where, "bound tightening")
+            found = search(found.z if found.z is not None else known, deadline)
+            found.nodes += first_nodes
     # (no wall time in a message: results are the same whatever the machine's speed)
     tail = f" ({found.nodes} nodes, {found.lps} LPs)"
     if found.status == "unique":
@@ -312,6 +380,9 @@ def global_projection(
         return Settled("time_limit", z0, None, "out of time while deriving the domain",
                        "none derived yet", out_of_time=True, value=t0, bound=0.0)
     where = domain.describe()
+    if domain.empty:  # nothing in the box beats the start
+        return Settled("optimal", z0, None, f"no z of {where} does better than the start",
+                       where, True, value=t0, bound=t0)
     relax = Relaxation(lp_net, depth, domain, top)
     relax.deadline = deadline
     if tighten:

@@ -77,6 +77,9 @@ class Domain:
     box : float
         The box's half-width: on a boxed coordinate, its unbounded side is at -box or +box
         (moved out by box beyond the other side where that side lies past it).
+    empty : bool
+        The interval bounds over the box already admit no z (proved for the box only:
+        without a box `data_bounds` says "infeasible")
     """
 
     z_lower: np.ndarray
@@ -85,6 +88,9 @@ class Domain:
     upper: list[np.ndarray]
     boxed: np.ndarray
     box: float
+    empty: bool = False
+    #: z is measured in units of this (`balanced`): the box reads box * unit in z's own
+    unit: float = 1.0
 
     def describe(self) -> str:
         """Which z a proof over this domain covers."""
@@ -92,8 +98,9 @@ class Domain:
             return "every z (the domain derived from x contains every candidate)"
         coords = np.flatnonzero(self.boxed)
         shown = ", ".join(str(int(j)) for j in coords[:8]) + (", ..." if coords.size > 8 else "")
-        return (f"z with |z_j| <= {self.box:g} for the {coords.size} coordinate(s) along which "
-                f"the domain derived from x is unbounded ({shown}); every z elsewhere")
+        return (f"z with |z_j| <= {self.box * self.unit:g} for the {coords.size} coordinate(s) "
+                f"along which the domain derived from x is unbounded ({shown}); every z "
+                "elsewhere")
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ def exact_top(net: Network, top: int, cons: ActiveSet, band: float | np.ndarray)
     return Top(weight=w / norm[:, None], lo=lo / norm, hi=hi / norm)
 
 
-def balanced(net: Network, top: int) -> Network:
+def balanced(net: Network, top: int, unit: float = 1.0) -> Network:
     """The same map from z to layer `top`'s pre-activations, its ReLU units below rescaled.
 
     relu(c t) = c relu(t) for c > 0: unit j of layer i < top becomes h'_ij = h_ij / c_ij
@@ -139,9 +146,11 @@ def balanced(net: Network, top: int) -> Network:
     and every hidden variable of the relaxation is of the size of z whatever the
     weights' scales (1e-6 to 1e6 per layer: HiGHS's absolute tolerances otherwise
     decide wrongly). A unit with a zero row and bias keeps c = 1. Layers 0..top-1 ReLU.
+    ``unit``: z measured in units of it (z = unit z', c_{-1} = unit), for data whose
+    codes are far from 1 in size.
     """
     weights, biases, kinds = [], [], []
-    c_prev = np.ones(net.latent_dim)
+    c_prev = np.full(net.latent_dim, float(unit))
     for i, layer in enumerate(net.layers[: top + 1]):
         w = dense(layer.weight) * c_prev[None, :]
         b = layer.bias
@@ -325,6 +334,8 @@ def data_bounds(
         lower[i] = np.maximum(lower[i], mid - spread)
         upper[i] = np.minimum(upper[i], mid + spread)
         if np.any(lower[i] > upper[i] + _margin(upper[i])):
+            if boxed.any():  # (the box's intervals: the true z may lie outside it)
+                return Domain(z_lo, z_hi, lower, upper, boxed, float(box), empty=True)
             return "infeasible"
         lower[i] = np.minimum(lower[i], upper[i])
         lo, hi = np.maximum(lower[i], 0.0), np.maximum(upper[i], 0.0)
