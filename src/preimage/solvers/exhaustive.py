@@ -12,9 +12,7 @@ misfit min_z ||G(z) - x||. Both:
 2. optionally tighten every unstable unit's bounds over the LP relaxation
    (``tighten``: optimisation-based bound tightening);
 3. search: ``engine="branch"`` the branch and bound over units on one live
-   HiGHS LP (`preimage.solvers.branch`; without ``tighten``, restarted once on
-   bounds tightened by one pass where its first RESTART_SHARE of the budget
-   did not settle the sample), ``engine="milp"`` the same model as a
+   HiGHS LP (`preimage.solvers.branch`), ``engine="milp"`` the same model as a
    MILP through HiGHS's own branch and cut (`scipy.optimize.milp`; uniqueness
    by a second MILP with a no-good cut on the first answer's pattern).
 
@@ -35,7 +33,7 @@ from scipy.optimize import Bounds, LinearConstraint
 from preimage.model.layer import Layer
 from preimage.model.network import Network
 from preimage.model.operators import DenseOperator, dense
-from preimage.solvers.branch import BranchOutcome, minimise_misfit, settle_exact
+from preimage.solvers.branch import minimise_misfit, settle_exact
 from preimage.solvers.cell import activation_pattern, cell_lp, newton_refine, null_directions
 from preimage.solvers.highs import solve_milp
 from preimage.solvers.layer import active_set
@@ -51,11 +49,6 @@ from preimage.solvers.relaxation import (
 
 #: HiGHS's default primal feasibility tolerance (absolute): the LPs' rows are unit rows.
 HIGHS_FEASIBILITY = 1e-7
-
-#: The share of its budget a plain branch and bound gets before the search restarts on
-#: tightened bounds (`settle`, tighten=False): the samples it settles mostly take well
-#: under it; those it does not often settle after one pass of tightening.
-RESTART_SHARE = 0.3
 
 #: The search engines.
 ENGINES: tuple[str, ...] = ("branch", "milp")
@@ -115,9 +108,7 @@ def settle(
     z_known : a preimage found already (checked again here)
     seconds : time budget
     box : |z_j| <= box along coordinates the data leave unbounded
-    tighten : optimisation-based bound tightening to convergence before the search (False:
-        a plain search, restarted once after one pass of tightening where it has not
-        settled the sample in RESTART_SHARE of ``seconds``)
+    tighten : optimisation-based bound tightening before the search
     engine : "branch" or "milp" (module docstring)
     """
     if engine not in ENGINES:
@@ -240,24 +231,8 @@ def _settle(
         fit = cell_lp(fit_net, fit_y, relax.patterns(on), tau=cons.tau)
         return fit.misfit, fit.z
 
-    def search(z_from: np.ndarray | None, until: float) -> BranchOutcome:
-        return settle_exact(relax, accept, directions, leaf_fit,
-                            leaf_tol=10 * rtol * cons.scale, z_known=z_from,
-                            separation=separation, deadline=until)
-
-    if tighten:
-        found = search(known, deadline)
-    else:
-        # a plain search first; a sample it leaves open in RESTART_SHARE of the budget gets
-        # one pass of bound tightening and a fresh search (docs/performance.md)
-        found = search(known, min(deadline, start + RESTART_SHARE * seconds))
-        if found.status in ("found", "none") and time.perf_counter() < deadline:
-            first_nodes = found.nodes
-            relax.fix(np.full(relax.n_units, -1, dtype=np.int8))
-            if relax.tighten(deadline=deadline, max_passes=1) == "infeasible":
-                return _no_preimage(domain, where, "bound tightening")
-            found = search(found.z if found.z is not None else known, deadline)
-            found.nodes += first_nodes
+    found = settle_exact(relax, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
+                         z_known=known, separation=separation, deadline=deadline)
     # (no wall time in a message: results are the same whatever the machine's speed)
     tail = f" ({found.nodes} nodes, {found.lps} LPs)"
     if found.status == "unique":
