@@ -191,6 +191,19 @@ def test_codes_far_from_unit_size_are_settled_not_refused(size) -> None:
                                rtol=1e-7, atol=1e-8 * size)
 
 
+def test_the_global_misfit_is_the_same_at_any_scale_of_x() -> None:
+    """Bias-free: min ||G(z) - s x|| = s min ||G(z) - x|| (z scaled by s inside the box).
+    At s = 1e-6 the bounds were wrong (HiGHS's absolute tolerances, a box 1e7 wide in the
+    data's units); the projection now measures x and z in their own units."""
+    net = random_network([3, 10, 16], seed=1, bias=False)
+    x = np.abs(np.random.default_rng(0).standard_normal((3, 16)))
+    ref = invert(net, x, method="global", noise="linf")
+    small = invert(net, 1e-6 * x, method="global", noise="linf")
+    assert not ref.out_of_time.any() and not small.out_of_time.any()
+    assert np.allclose(small.misfit / 1e-6, ref.misfit, rtol=1e-6)
+    assert np.allclose(small.misfit_bound / 1e-6, ref.misfit_bound, rtol=1e-6)
+
+
 def test_the_global_misfit_matches_the_milp_and_closes_its_gap() -> None:
     net = random_network([3, 8, 10], seed=1)
     x = np.abs(np.random.default_rng(1).standard_normal((3, 10)))

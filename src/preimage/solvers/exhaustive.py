@@ -180,7 +180,7 @@ def _settle(
     vague = loose if cons.saturated is None else loose | cons.saturated
     pinned = cons.active & ~vague
     top_block = exact_top(lp_net, top, cons, band)
-    domain = data_bounds(lp_net, top, top_block, box=box / unit, deadline=deadline)
+    domain = data_bounds(lp_net, top, top_block, box=_box_in(box, unit), deadline=deadline)
     if not isinstance(domain, str):
         domain.unit = unit
     upper = lp_net.below(top + 1)
@@ -335,9 +335,51 @@ def global_projection(
     depth = len(net.layers)
     if not _relu_below(net, depth):
         raise ValueError("The global projection needs ReLU layers only, the output's too.")
-    deadline = time.perf_counter() + seconds
     x = np.asarray(x, dtype=np.float64)
     z0 = np.asarray(start, dtype=np.float64)
+    # HiGHS's tolerances are absolute: x and z far from 1 in size (1e-6, 1e7 gave wrong
+    # bounds) are measured in their own units, min ||G(u z') / s - x / s|| (the misfit is
+    # homogeneous; G(u z') / s is G with its first weight times u, its last layer over s)
+    x_unit = _unit_of(x)
+    z_unit = _unit_of(z0)
+    if x_unit == 1.0 and z_unit == 1.0:
+        return _projection(net, x, norm, z0, seconds, box, tighten, rel_gap, 1.0, 1.0)
+    layers = list(net.layers)
+    first, last = layers[0], layers[-1]
+    layers[0] = Layer(DenseOperator(dense(first.weight) * z_unit), first.bias, first.activation)
+    last = layers[-1]
+    layers[-1] = Layer(DenseOperator(dense(last.weight) / x_unit),
+                       None if last.bias is None else last.bias / x_unit, last.activation)
+    found = _projection(Network(tuple(layers)), x / x_unit, norm, z0 / z_unit, seconds,
+                        _box_in(box, z_unit), tighten, rel_gap, z_unit, x_unit)
+    return replace(found, z=None if found.z is None else z_unit * found.z,
+                   value=found.value * x_unit, bound=found.bound * x_unit)
+
+
+#: In units of z's own size, the box is at most this wide: big-M bounds far above the
+#: data's size are beyond HiGHS's absolute tolerances (a box of 1e7 for codes of 1e-6 gave
+#: a wrong bound); the proof's domain then says the smaller box.
+MAX_BOX = 1e3
+
+
+def _box_in(box: float, unit: float) -> float:
+    """The box |z_j| <= box in units of `unit`, at most MAX_BOX (where unit is not 1)."""
+    return box if unit == 1.0 else min(box / unit, MAX_BOX)
+
+
+def _unit_of(v: np.ndarray) -> float:
+    """1, or v's size (max |v|) where that is far from 1 (outside 1e-3..1e3)."""
+    size = float(np.max(np.abs(v), initial=0.0))
+    return size if size > 0 and not 1e-3 <= size <= 1e3 else 1.0
+
+
+def _projection(net: Network, x: np.ndarray, norm: str, z0: np.ndarray, seconds: float,
+                box: float, tighten: bool, rel_gap: float, z_unit: float,
+                x_unit: float) -> Settled:
+    """`global_projection` in units (z = z_unit z', x = x_unit x'): answers in z', x'
+    units; its messages and domain in z's and x's own."""
+    depth = len(net.layers)
+    deadline = time.perf_counter() + seconds
     t0 = misfit_of(net, z0, x, norm)
     scale = max(float(np.max(np.abs(x))), 1e-300)
     abs_gap = 1e-9 * scale
@@ -348,6 +390,8 @@ def global_projection(
     top = Top(lo=x - cutoff, hi=x + cutoff, x=x, norm=norm)
     lp_net = balanced(net, depth - 1)  # (as in `settle`; the output keeps its scale: x's)
     domain = data_bounds(lp_net, depth, top, box=box, deadline=deadline)
+    if not isinstance(domain, str):
+        domain.unit = z_unit
     if isinstance(domain, str):
         if domain == "infeasible":  # nothing beats the start: it is the minimum
             return Settled("optimal", z0, None, "no z does better than the start", "every z",
@@ -390,7 +434,7 @@ def global_projection(
     timed = found.status == "time_limit"
     return Settled(
         "time_limit" if timed else "optimal", z, None,
-        f"global {norm} misfit {value:.6g}, proved lower bound {bound:.6g} "
+        f"global {norm} misfit {value * x_unit:.6g}, proved lower bound {bound * x_unit:.6g} "
         f"({found.nodes} nodes)"
         + ("; out of time" if timed else ""),
         where, bool(domain.boxed.any()), out_of_time=timed, value=value, bound=bound,
