@@ -336,6 +336,18 @@ def run_task(task: str, **kwargs: Any) -> dict[str, Any]:
 TASKS = {"parallel": parallel_measure, "stream-data": stream_data, "stream": stream_measure}
 
 
+def _record(rows: list[dict], row: dict, name: str, method: str, batch: int, *,
+            width: int) -> None:
+    """Label a measured row with its configuration and method, keep it and print its line
+    (its rate, or its error)."""
+    row.setdefault("config", name)
+    row.setdefault("method", method)
+    rows.append(row)
+    rate = row.get("samples_per_s")
+    print(f"  {name:>22} {method:>{width}} B={batch:<6} "
+          + (f"{rate:12,.1f} samples/s" if rate else row.get("error", "")), flush=True)
+
+
 def run_parallel(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
@@ -345,12 +357,7 @@ def run_parallel(args: argparse.Namespace) -> dict[str, Any]:
         for how in ("threads-1", "threads-2", "processes-2"):
             with tempfile.TemporaryDirectory() as tmp:
                 row = run_task("parallel", name=name, how=how, batch=batch, chunk=chunk, out=tmp)
-            row.setdefault("config", name)
-            row.setdefault("method", how)
-            rows.append(row)
-            rate = row.get("samples_per_s")
-            print(f"  {name:>22} {how:>11} B={batch:<6} "
-                  + (f"{rate:12,.1f} samples/s" if rate else row.get("error", "")), flush=True)
+            _record(rows, row, name, how, batch, width=11)
     print()
     print("\n".join(parallel_table(rows)))
     return {"suite": "parallel", "results": rows}
@@ -569,12 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             job = [name, method, str(batch), str(args.threads), str(steps), str(limit)]
             # --quick measures in this process (its peak RSS is then the run's so far).
             row = measure_here(job) if args.quick else run_child(job)
-            row.setdefault("config", name)
-            row.setdefault("method", method)
-            rows.append(row)
-            shown = row.get("samples_per_s")
-            print(f"  {name:>22} {method:>9} B={batch:<6} "
-                  + (f"{shown:12,.1f} samples/s" if shown else row.get("error", "")), flush=True)
+            _record(rows, row, name, method, batch, width=9)
     lines = table(rows)
     print()
     print("\n".join(lines))

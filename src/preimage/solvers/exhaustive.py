@@ -36,7 +36,7 @@ from preimage.model.operators import DenseOperator, dense
 from preimage.solvers.branch import minimise_misfit, settle_exact
 from preimage.solvers.cell import activation_pattern, cell_lp, newton_refine, null_directions
 from preimage.solvers.highs import solve_milp
-from preimage.solvers.layer import active_set
+from preimage.solvers.layer import ActiveSet, active_set
 from preimage.solvers.milp import reproduces
 from preimage.solvers.relaxation import (
     Domain,
@@ -115,23 +115,33 @@ def settle(
         raise ValueError(f"`engine` must be one of {ENGINES}; got {engine!r}.")
     if top < 1 or not _relu_below(net, top):
         raise ValueError("The global search needs ReLU layers below the observed layer.")
-    unit = _latent_unit(net, top, y, rtol)
-    found = _settle(net, top, y, rtol=rtol, z_known=z_known, seconds=seconds, box=box,
-                    tighten=tighten, engine=engine, unit=unit)
+    deadline = time.perf_counter() + seconds
+    cons = active_set(net.layers[top], y, rtol)
+    if isinstance(cons, str):
+        return Settled("infeasible", None, None, f"y is out of range: {cons}", "every z")
+    # the LPs see the network with its hidden units rescaled (`balanced`: the same z -> y)
+    # and unit top rows (`exact_top`); answers are checked on the network itself
+    lp_net = balanced(net, top)
+    unit = _latent_unit(lp_net, top, cons)
+    if unit != 1.0:
+        lp_net = balanced(net, top, unit)
+    found = _settle(net, top, y, cons, lp_net, unit, rtol=rtol, z_known=z_known,
+                    deadline=deadline, seconds=seconds, box=box, tighten=tighten,
+                    engine=engine)
     if unit == 1.0:
         return found
     return replace(found, z=None if found.z is None else unit * found.z,
                    witness=None if found.witness is None else unit * found.witness)
 
 
-def _latent_unit(net: Network, top: int, y: np.ndarray, rtol: float) -> float:
-    """The unit z is measured in for the LPs: 1, or, where the codes y implies are far from
-    1 in size (the balanced net's hidden values are of z's size), about their size, so
-    that HiGHS's absolute tolerances stay relative (x of 1e7: false "infeasible")."""
-    cons = active_set(net.layers[top], y, rtol)
-    if isinstance(cons, str) or not cons.active.any():
+def _latent_unit(lp_net: Network, top: int, cons: ActiveSet) -> float:
+    """The unit z is measured in for the LPs: 1, or, where the codes the observation
+    implies are far from 1 in size (the hidden values of `lp_net`, balanced in z's own
+    units, are of z's size), about their size, so that HiGHS's absolute tolerances stay
+    relative (x of 1e7: false "infeasible")."""
+    if not cons.active.any():
         return 1.0
-    layer = balanced(net, top).layers[top]
+    layer = lp_net.layers[top]
     norms = np.linalg.norm(dense(layer.weight), axis=1)
     rows = cons.active & (norms > 0)
     if not rows.any():
@@ -144,24 +154,20 @@ def _settle(
     net: Network,
     top: int,
     y: np.ndarray,
+    cons: ActiveSet,
+    lp_net: Network,
+    unit: float,
     *,
     rtol: float,
     z_known: np.ndarray | None,
+    deadline: float,
     seconds: float,
     box: float,
     tighten: bool,
     engine: str,
-    unit: float,
 ) -> Settled:
-    """`settle` with z measured in units of ``unit`` (z = unit z'): its answers in z'."""
-    start = time.perf_counter()
-    deadline = start + seconds
-    cons = active_set(net.layers[top], y, rtol)
-    if isinstance(cons, str):
-        return Settled("infeasible", None, None, f"y is out of range: {cons}", "every z")
-    # the LPs see the network with its hidden units rescaled (`balanced`: the same z -> y)
-    # and unit top rows (`exact_top`); answers are checked on the network itself
-    lp_net = balanced(net, top, unit)
+    """`settle` on y's active set, the LPs on `lp_net` = balanced(net, top, unit) (z = unit
+    z'): its answers in z' (``seconds``: the budget `deadline` ends, for messages)."""
     # Active units: within the data's band rtol max(|target|, |b|) of their targets;
     # equalities (band 0) where that band, on a unit row, is below HiGHS's feasibility
     # tolerance (a narrower band only stalls its simplex), which a near-zero row's is not.
@@ -345,9 +351,9 @@ def global_projection(
     if x_unit == 1.0 and z_unit == 1.0:
         return _projection(net, x, norm, z0, seconds, box, tighten, rel_gap, 1.0, 1.0)
     layers = list(net.layers)
-    first, last = layers[0], layers[-1]
+    first = layers[0]
     layers[0] = Layer(DenseOperator(dense(first.weight) * z_unit), first.bias, first.activation)
-    last = layers[-1]
+    last = layers[-1]  # (after the line above: with one layer, it is the first)
     layers[-1] = Layer(DenseOperator(dense(last.weight) / x_unit),
                        None if last.bias is None else last.bias / x_unit, last.activation)
     found = _projection(Network(tuple(layers)), x / x_unit, norm, z0 / z_unit, seconds,

@@ -437,7 +437,7 @@ class ActiveSet:
         rounding of y, far below rtol, stretched by the inverse; a point within it
         reproduces y to 10 rtol), 0 for the piecewise-linear ones."""
         act = layer.activation
-        if not act.is_bijective or act.is_piecewise_linear:
+        if act.is_piecewise_linear:
             return np.zeros(len(y))
         band = rtol * max(float(np.max(np.abs(y))), 1e-300) / act.slope(y)
         return np.where(self.saturated, 0.0, band) if self.saturated is not None else band
