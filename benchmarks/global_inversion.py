@@ -162,11 +162,10 @@ def _scip(net: Network, y: np.ndarray, known: np.ndarray | None, seconds: float)
 
     deadline = time.perf_counter() + seconds
     cons = active_set(net.layers[1], y, 1e-9)
-    top = exact_top(net, 1, cons.target, cons.active, cons.tau, 0.0)
+    top = exact_top(net, 1, cons, 0.0)
     domain = data_bounds(net, 1, top, box=10.0)
     relax = Relaxation(net, 1, domain, top)
-    m, row_lo, row_hi, col_lo, col_hi, integ = relax.milp_arrays()
-    free = relax.d_col[relax.stable < 0]
+    m, row_lo, row_hi, col_lo, col_hi, integ, free = relax.milp_arrays()
     cuts: list[np.ndarray] = []
     z_star = known
     for _ in range(3):

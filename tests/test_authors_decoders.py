@@ -125,3 +125,20 @@ def test_the_relu_decoder_as_a_float32_module_300_codes() -> None:
     # loaded machine)
     for a, b in zip(results[0].status, results[1].status, strict=True):
         assert a == b or {a, b} == {"feasible", "failed"}
+
+
+def test_samples_whose_preimages_are_not_isolated_get_a_checked_witness() -> None:
+    # seed 0's codes 142 and 151: 7 and 14 active pixels, fewer than the 20 latent
+    # coordinates, so their preimage sets are not points; the layer-wise method finds no
+    # preimage and the branch and bound alone none in 10 s (before the local probe)
+    net = Network.from_state_dict(
+        authors_state_dict("trained_vae_20_60_784_nobias.pth"), ["fc3", "fc4"]
+    )
+    z = np.random.default_rng(0).standard_normal((200, 20))
+    picked = np.array([142, 151])
+    x = net.forward(z)[picked]
+    res = invert(net, x, rtol=1e-9, method="global", fallback=GlobalSettings(seconds=10))
+    assert list(res.status) == ["non_unique"] * 2, list(res.message)
+    assert np.all(rel(net.forward(res.z), x) < 1e-8)
+    assert np.all(rel(net.forward(res.witness), x) < 1e-8)
+    assert np.all(np.max(np.abs(res.witness - res.z), axis=1) > 1e-5)

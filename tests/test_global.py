@@ -250,3 +250,41 @@ def test_the_global_method_refuses_what_it_cannot_do(kwargs, error, match) -> No
         x = kwargs["A"] @ x
     with pytest.raises(error, match=match):
         invert(net, x, method="global", **kwargs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_local_probe_reaches_a_preimage_from_near_the_code_and_never_climbs(seed) -> None:
+    from preimage.solvers.cell import local_preimage
+
+    net = random_network([6, 14, 40], seed=seed)
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(6)
+    x = net.forward(z[None])[0]
+    cons = active_set(net.layers[1], x, 1e-9)
+    lo, hi = cons.pre_activation_bounds(np.zeros(40))
+
+    def misfit(v: np.ndarray) -> float:
+        pre = net.layers[1].preactivation(net.layers[0].forward(v[None]))[0]
+        return float(np.linalg.norm(pre - np.clip(pre, lo, hi)))
+
+    near = local_preimage(net, lo, hi, z + 0.01 * rng.standard_normal(6))
+    assert misfit(near) < 1e-10
+    assert np.max(np.abs(net.forward(near[None])[0] - x)) < 1e-9
+    for _ in range(5):
+        start = 3 * rng.standard_normal(6)
+        assert misfit(local_preimage(net, lo, hi, start)) <= misfit(start)
+
+
+def test_a_preimage_set_of_positive_dimension_gets_a_witness_from_the_probe() -> None:
+    # 8 latent coordinates, 5 outputs: every preimage set is a continuum
+    net = random_network([8, 20, 5], seed=3)
+    z = np.random.default_rng(3).standard_normal((4, 8))
+    x = net.forward(z)
+    for b in range(4):
+        if not np.any(x[b] > 0):
+            continue
+        found = settle(net, 1, x[b], rtol=1e-9, seconds=5.0)
+        assert found.status == "non_unique", found.message
+        for v in (found.z, found.witness):
+            assert np.max(np.abs(net.forward(v[None])[0] - x[b])) <= 1e-8 * np.max(x[b])
+        assert np.max(np.abs(found.witness - found.z)) > 1e-6

@@ -59,6 +59,9 @@ class GlobalSettings:
     latent_bound : R; |z_j| <= R only along coordinates the data leave unbounded (the result's
         ``proof_domain`` says where that was needed)
     tighten : optimisation-based bound tightening before the branch and bound
+    probe : before the branch and bound, a local search (Levenberg-Marquardt from random
+        starts, `seed`) for a preimage and a second one: it proves nothing, but settles
+        samples whose preimages are not isolated and hands the search a preimage
     max_binaries : the cell search instead where the layers below have more ReLU units (on
         a few hundred the branch and bound runs out of time where the cell search finds a
         preimage: [k, 250, 600] nets)
@@ -67,7 +70,7 @@ class GlobalSettings:
     iterations : SLP iterations per start
     walk_lps : LP budget of the cell walk after the SLP, per start
     cell_seconds : time budget of the cell search per sample
-    seed : seed of the random starts
+    seed : seed of the random starts (of the cell search and the probe)
     """
 
     enabled: bool = True
@@ -75,6 +78,7 @@ class GlobalSettings:
     seconds: float = 10.0
     latent_bound: float = 10.0
     tighten: bool = False
+    probe: bool = True
     max_binaries: int = 100
     starts: int = 6
     iterations: int = 40
@@ -92,6 +96,9 @@ class GlobalSettings:
                 raise ValueError(f"`{name}` must be a number of seconds >= 0; got {value!r}.")
         if not (isinstance(self.latent_bound, (int, float)) and self.latent_bound > 0):
             raise ValueError(f"`latent_bound` must be > 0; got {self.latent_bound!r}.")
+        for name in ("enabled", "tighten", "probe"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
 
 
 #: GlobalSettings.search values.
@@ -376,7 +383,8 @@ def invert_below(
         found = settle(net, top, y, rtol=rtol, z_known=known,
                        seconds=min(settings.seconds, deadline.remaining()),
                        box=settings.latent_bound, tighten=settings.tighten,
-                       engine="branch" if settings.search == "branch" else "milp")
+                       engine="branch" if settings.search == "branch" else "milp",
+                       probe=settings.probe, seed=settings.seed)
         verdict = {"unique": "unique", "non_unique": "non_unique", "feasible": "feasible",
                    "infeasible": "infeasible"}.get(found.status, "none")
         return SearchOutcome(found.z, verdict, found.witness,

@@ -41,6 +41,10 @@ from preimage.solvers.relaxation import Relaxation
 #: 1 + its U).
 VIOLATION = 1e-7
 
+#: Once a preimage is known, an LP point is refined and checked (for a second one) only
+#: where no unit is violated by more than this (as VIOLATION).
+NEAR_NETWORK = 1e-3
+
 
 @dataclass
 class BranchOutcome:
@@ -67,10 +71,18 @@ class BranchOutcome:
     message: str = ""
 
 
-def _branch_unit(relax: Relaxation, u: np.ndarray, undecided: np.ndarray) -> tuple[int, bool]:
-    """(unit, violated): the undecided unit most violated at the LP point u, else the
-    widest (min(U, -L) largest)."""
-    a, r = u[relax.a_col[undecided]], u[relax.r_col[undecided]]
+def _violation(relax: Relaxation, u: np.ndarray, pre: np.ndarray) -> float:
+    """The largest (r - max(a, 0)) / (1 + U) over the units at the LP point u (pre: its a)."""
+    r = u[relax.r_col]
+    return float(np.max((r - np.maximum(pre, 0.0)) / (1.0 + relax.upper), initial=0.0))
+
+
+def _branch_unit(relax: Relaxation, u: np.ndarray, undecided: np.ndarray,
+                 pre: np.ndarray | None = None) -> tuple[int, bool]:
+    """(unit, violated): the undecided unit most violated at the LP point u (pre: its a,
+    when known), else the widest (min(U, -L) largest)."""
+    pre = relax.pre(u) if pre is None else pre
+    a, r = pre[undecided], u[relax.r_col[undecided]]
     violation = (r - np.maximum(a, 0.0)) / (1.0 + relax.upper[undecided])
     j = int(np.argmax(violation))
     if violation[j] > VIOLATION:
@@ -96,6 +108,7 @@ def settle_exact(
     z_known: np.ndarray | None,
     separation: float,
     deadline: float,
+    second: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> BranchOutcome:
     """The exact problem (module docstring) on `relax` (an exact top).
 
@@ -109,6 +122,8 @@ def settle_exact(
     z_known : a checked preimage already found (the layer-wise method's), or None
     separation : two preimages farther apart than this (l_inf) are distinct
     deadline : time.perf_counter() value
+    second : z* -> a checked second preimage near z* (its own cell), or None; tried on the
+        first preimage the search finds
     """
     k = relax.k
     z_star = z_known
@@ -137,17 +152,25 @@ def settle_exact(
             continue
         u = sol.x
         z_lp = u[:k]
-        if z_star is None or distinct(z_lp):
+        pre = relax.pre(u)
+        # with a preimage in hand, only LP points near a point of the network are worth a
+        # refinement (one from far off rarely lands on a second preimage, and costs more
+        # than the node's LP)
+        if z_star is None or (distinct(z_lp) and _violation(relax, u, pre) <= NEAR_NETWORK):
             found = accept(z_lp)
             if found is not None:
                 if z_star is None:
                     z_star = found
+                    near = second(z_star) if second is not None else None
+                    if near is not None:
+                        return outcome("non_unique", f"a second preimage next to the first "
+                                       f"(node {nodes})", near)
                 elif distinct(found):
                     return outcome("non_unique", f"a second preimage at node {nodes}", found)
         undecided = relax.undecided()
         if undecided.size:
-            g, _ = _branch_unit(relax, u, undecided)
-            stack += _children(decisions, g, bool(u[relax.a_col[g]] > 0))
+            g, _ = _branch_unit(relax, u, undecided, pre)
+            stack += _children(decisions, g, bool(pre[g] > 0))
             continue
         # A leaf: every unit decided, the LP is the cell's own preimage set Q.
         on = np.where(relax.stable >= 0, relax.stable, relax.fixed) == 1
@@ -165,6 +188,10 @@ def settle_exact(
                 continue
             if z_star is None:
                 z_star = found
+                near = second(z_star) if second is not None else None
+                if near is not None:
+                    return outcome("non_unique", f"a second preimage next to the first "
+                                   f"(leaf {nodes})", near)
             elif distinct(found):
                 return outcome("non_unique", f"a second preimage in leaf {nodes}", found)
         directions = null_directions(z_star, on)
@@ -258,7 +285,7 @@ def minimise_misfit(
         g, violated = _branch_unit(relax, sol.x, undecided)
         if not violated:
             continue  # the LP point is a true point: its misfit is this node's minimum
-        for child in _children(decisions, g, bool(sol.x[relax.a_col[g]] > 0)):
+        for child in _children(decisions, g, bool(relax.pre(sol.x)[g] > 0)):
             heapq.heappush(heap, (sol.value, counter, child))
             counter += 1
     bound = min(max(lowest(), 0.0), best)

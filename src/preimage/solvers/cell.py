@@ -512,3 +512,62 @@ def null_directions(
     _, s, vt = np.linalg.svd(p, full_matrices=True)
     rank = int(np.sum(s > rtol * max(float(s[0]) if s.size else 0.0, 1e-300) * max(p.shape)))
     return vt[rank:].T
+
+
+def local_preimage(
+    net: Network, lo: np.ndarray, hi: np.ndarray, z: np.ndarray, *, iterations: int = 60,
+    damping: float = 1e-3,
+) -> np.ndarray:
+    """Levenberg-Marquardt on the observation's constraints lo <= pre(z) <= hi.
+
+    pre(z) (n,) are the last layer's pre-activations; the residual of row j is
+    e_j = pre_j - clip(pre_j, lo_j, hi_j) (active units: lo = hi = the target,
+    or a band; units seen off: pre_j <= tau), and in z's cell pre = P z + q, so
+    one step solves (P_V^T P_V + mu I) dz = -P_V^T e_V on the violated rows V,
+    crossing cell walls as it goes (unlike `newton_refine`, which stays on the
+    active rows of one cell). mu grows on a step that does not lower ||e||_2
+    and shrinks on one that does. A local method: from a poor start it ends in
+    a local minimum of ||e|| above 0. Returns the last z (the caller checks it).
+    """
+    z = np.asarray(z, dtype=np.float64).copy()
+    k = net.latent_dim
+    depth = len(net.layers) - 1
+    last = net.layers[-1]
+
+    def residual(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = z[None]
+        for layer in net.layers[:-1]:
+            h = layer.forward(h)
+        pre = last.preactivation(h)[0]
+        return pre - np.clip(pre, lo, hi), pre
+
+    e, _ = residual(z)
+    if not np.all(np.isfinite(e)):
+        return z
+    value = float(e @ e)
+    mu = damping
+    for _ in range(iterations):
+        if value == 0.0:
+            break
+        rows = e != 0
+        p = active_jacobian(net, activation_pattern(net, z, depth), rows)[0]
+        gram, grad = p.T @ p, p.T @ e[rows]
+        ridge = 1.0 + float(np.trace(gram)) / k
+        improved = False
+        while mu <= 1e8:
+            try:
+                step = -np.linalg.solve(gram + mu * ridge * np.eye(k), grad)
+            except np.linalg.LinAlgError:
+                mu *= 10.0
+                continue
+            e_new, _ = residual(z + step)
+            new = float(e_new @ e_new) if np.all(np.isfinite(e_new)) else np.inf
+            if new < value:
+                z, e, improved = z + step, e_new, True
+                shrink = value - new
+                value, mu = new, max(mu / 3.0, 1e-12)
+                break
+            mu *= 4.0
+        if not improved or shrink <= 1e-30 * (1.0 + value):
+            break
+    return z

@@ -11,7 +11,12 @@ misfit min_z ||G(z) - x||. Both:
    leave unbounded; the answer says which (``domain``);
 2. optionally tighten every unstable unit's bounds over the LP relaxation
    (``tighten``: optimisation-based bound tightening);
-3. search: ``engine="branch"`` the branch and bound over units on one live
+3. probe: Levenberg-Marquardt from random starts (`_probe`,
+   `preimage.solvers.cell.local_preimage`) for a first preimage, and a second
+   one (another start's, or one along the null directions of the first's own
+   cell): it proves nothing, but a sample whose preimages are not isolated is
+   settled by it, and the search then starts with its hardest part done;
+4. search: ``engine="branch"`` the branch and bound over units on one live
    HiGHS LP (`preimage.solvers.branch`), ``engine="milp"`` the same model as a
    MILP through HiGHS's own branch and cut (`scipy.optimize.milp`; uniqueness
    by a second MILP with a no-good cut on the first answer's pattern).
@@ -34,7 +39,13 @@ from preimage.model.layer import Layer
 from preimage.model.network import Network
 from preimage.model.operators import DenseOperator, dense
 from preimage.solvers.branch import minimise_misfit, settle_exact
-from preimage.solvers.cell import activation_pattern, cell_lp, newton_refine, null_directions
+from preimage.solvers.cell import (
+    activation_pattern,
+    cell_lp,
+    local_preimage,
+    newton_refine,
+    null_directions,
+)
 from preimage.solvers.highs import solve_milp
 from preimage.solvers.layer import ActiveSet, active_set
 from preimage.solvers.milp import reproduces
@@ -52,6 +63,12 @@ HIGHS_FEASIBILITY = 1e-7
 
 #: The search engines.
 ENGINES: tuple[str, ...] = ("branch", "milp")
+
+#: The local probe before the search (`_probe`): at most this share of the budget and this
+#: many starts, and this many more starts after its first preimage (for a second one).
+PROBE_SHARE = 0.2
+PROBE_STARTS = 200
+PROBE_AFTER = 20
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,8 @@ def settle(
     box: float = 10.0,
     tighten: bool = False,
     engine: str = "branch",
+    probe: bool = True,
+    seed: int = 0,
 ) -> Settled:
     """Is there a z with layers 0..top of net mapping it to y, and is it the only one?
 
@@ -110,6 +129,7 @@ def settle(
     box : |z_j| <= box along coordinates the data leave unbounded
     tighten : optimisation-based bound tightening before the search
     engine : "branch" or "milp" (module docstring)
+    probe, seed : the local probe before the search (`_probe`) and its random starts' seed
     """
     if engine not in ENGINES:
         raise ValueError(f"`engine` must be one of {ENGINES}; got {engine!r}.")
@@ -127,7 +147,7 @@ def settle(
         lp_net = balanced(net, top, unit)
     found = _settle(net, top, y, cons, lp_net, unit, rtol=rtol, z_known=z_known,
                     deadline=deadline, seconds=seconds, box=box, tighten=tighten,
-                    engine=engine)
+                    engine=engine, probe=probe, seed=seed)
     if unit == 1.0:
         return found
     return replace(found, z=None if found.z is None else unit * found.z,
@@ -165,6 +185,8 @@ def _settle(
     box: float,
     tighten: bool,
     engine: str,
+    probe: bool,
+    seed: int,
 ) -> Settled:
     """`settle` on y's active set, the LPs on `lp_net` = balanced(net, top, unit) (z = unit
     z'): its answers in z' (``seconds``: the budget `deadline` ends, for messages)."""
@@ -211,6 +233,30 @@ def _settle(
         return None
 
     known = accept(z_known / unit) if z_known is not None else None
+    lo_pre, hi_pre = cons.pre_activation_bounds(np.zeros(len(y)), band)
+
+    def separation_of(z_star: np.ndarray | None) -> float:
+        return 1e-6 * (1.0 if z_star is None else max(1.0, float(np.max(np.abs(z_star)))))
+
+    def second_in_cell(z_star: np.ndarray) -> np.ndarray | None:
+        """A second preimage in z*'s own cell, along the directions that keep its pinned
+        rows and the units seen off that z* holds at their threshold unchanged there (the
+        other units seen off, and the cell's walls, hold near z*)."""
+        sep = separation_of(z_star)
+        size = max(1.0, float(np.max(np.abs(z_star))))
+        pre = upper.layers[-1].preactivation(upper.below(top).forward(z_star[None]))[0]
+        tight = ~cons.active & (pre > hi_pre - 1e-6 * cons.scale)
+        rows = pinned | tight
+        for v in null_directions(upper, activation_pattern(upper, z_star, top), rows).T:
+            for sign in (1.0, -1.0):
+                for step in size * 0.5 ** np.arange(0, 40, 3):
+                    if step <= 10 * sep:
+                        break
+                    found = accept(z_star + sign * step * v)
+                    if found is not None and float(np.max(np.abs(found - z_star))) > sep:
+                        return found
+        return None
+
     if isinstance(domain, str):
         if domain == "infeasible":
             return Settled("infeasible", None, None,
@@ -223,8 +269,18 @@ def _settle(
     relax.deadline = deadline
     if tighten and relax.tighten(deadline=deadline) == "infeasible":
         return _no_preimage(domain, where, "bound tightening")
-    scale = 1.0 if known is None else max(1.0, float(np.max(np.abs(known))))
-    separation = 1e-6 * scale
+    probe_until = min(deadline, time.perf_counter() + PROBE_SHARE * seconds)
+    witness, starts = None, 0
+    if probe:
+        known, witness, starts = _probe(upper, lo_pre, hi_pre, domain, accept,
+                                        second_in_cell, known, separation_of, probe_until,
+                                        seed)
+    tail = f" ({starts} local starts)"
+    boxed = bool(domain.boxed.any())
+    if witness is not None:
+        return Settled("non_unique", known, witness, "a second preimage by the local probe"
+                       + tail, where, boxed)
+    separation = separation_of(known)
     if engine == "milp":
         return _settle_milp(relax, accept, known, domain, where, deadline, separation)
 
@@ -238,7 +294,8 @@ def _settle(
         return fit.misfit, fit.z
 
     found = settle_exact(relax, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
-                         z_known=known, separation=separation, deadline=deadline)
+                         z_known=known, separation=separation, deadline=deadline,
+                         second=second_in_cell)
     # (no wall time in a message: results are the same whatever the machine's speed)
     tail = f" ({found.nodes} nodes, {found.lps} LPs)"
     if found.status == "unique":
@@ -259,6 +316,43 @@ def _settle(
                    lps=found.lps)
 
 
+def _probe(
+    upper: Network, lo: np.ndarray, hi: np.ndarray, domain: Domain, accept, second_in_cell,
+    known: np.ndarray | None, separation_of, until: float, seed: int,
+) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """(z*, witness, starts): a local search for preimages before the branch and bound.
+
+    Levenberg-Marquardt on lo <= pre(z) <= hi (`local_preimage`) from random starts
+    N(0, I) in the LPs' units of z, clipped to the domain (from `seed`: the same
+    sample gets the same answer), until a second preimage turns up (the
+    witness), PROBE_AFTER starts after the first found none, or `until`; then,
+    without a witness, the first's own cell is searched for one
+    (`second_in_cell`: a witness there is on the same piece of the preimage set,
+    another start's is most often on another). Every preimage is checked by
+    `accept`. Finds, never proves: what it finds saves the search its hardest
+    part (no preimage yet), or settles the sample.
+    """
+    rng = np.random.default_rng(seed)
+    z_star, after, starts = known, 0, 0
+    while starts < PROBE_STARTS and after < PROBE_AFTER and time.perf_counter() <= until:
+        starts += 1
+        z0 = np.clip(rng.standard_normal(upper.latent_dim), domain.z_lower, domain.z_upper)
+        found = accept(local_preimage(upper, lo, hi, z0))
+        after += z_star is not None
+        if found is None:
+            continue
+        if z_star is None:
+            # (a first preimage outside the domain would be "the only one" of a domain
+            # that does not hold it; a second one anywhere is a witness)
+            inside = np.all(found >= domain.z_lower) and np.all(found <= domain.z_upper)
+            z_star = found if inside else None
+        elif float(np.max(np.abs(found - z_star))) > separation_of(z_star):
+            return z_star, found, starts
+    if z_star is None:
+        return None, None, starts
+    return z_star, second_in_cell(z_star), starts
+
+
 def _timed_out(z: np.ndarray | None, when: str, where: str) -> Settled:
     status = "feasible" if z is not None else "failed"
     return Settled(status, z, None, f"out of time {when}", where, out_of_time=True)
@@ -274,11 +368,10 @@ def _no_preimage(domain: Domain, where: str, how: str) -> Settled:
 def _settle_milp(relax: Relaxation, accept, known, domain: Domain, where: str,
                  deadline: float, separation: float) -> Settled:
     """The same model through HiGHS's MILP: a preimage, then a no-good cut on its pattern."""
-    m, row_lo, row_hi, col_lo, col_hi, integrality = relax.milp_arrays()
-    cost = np.zeros(relax.n_cols)
+    m, row_lo, row_hi, col_lo, col_hi, integrality, free = relax.milp_arrays()
+    cost = np.zeros(m.shape[1])
     cuts: list[LinearConstraint] = []
     boxed = bool(domain.boxed.any())
-    free = relax.d_col[relax.stable < 0]
     z_star = known
     for _ in range(4):  # a few cuts: ambiguous units at z* may admit z* in several patterns
         left = deadline - time.perf_counter()
@@ -303,7 +396,7 @@ def _settle_milp(relax: Relaxation, accept, known, domain: Domain, where: str,
             return Settled("non_unique", z_star, z, "a second preimage (MILP)", where, boxed)
         # exclude this answer's pattern: some unstable unit must change state
         on = sol.x[free] > 0.5
-        row = np.zeros(relax.n_cols)
+        row = np.zeros(m.shape[1])
         row[free[on]], row[free[~on]] = -1.0, 1.0
         cuts.append(LinearConstraint(row[None], 1 - int(on.sum()), np.inf))
     timed = time.perf_counter() > deadline

@@ -3,24 +3,27 @@ tightening, and the mixed-integer program it relaxes (../NOTES-math.md sections 
 
 Column layout (`Relaxation`)::
 
-    z (k)  |  per encoded layer i: a_i (pre-activations), r_i (outputs), d_i (on/off)  |  t
+    z (k)  |  per encoded layer i: r_i (outputs)  |  t
 
-Rows::
+The pre-activations a_i = W_i r_{i-1} + b_i (r_{-1} = z) are expressions, not
+columns. Rows, per unit of layer i with bounds L <= a <= U::
 
-    a_i - W_i r_{i-1} = b_i                          (r_{-1} = z)
-    r - a >= 0                                       (one triple per unit, bounds L <= a <= U)
-    r - a - L d <= -L                                (r <= a - L (1 - d))
-    r - U d <= 0                                     (r <= U d)
+    r - w r_{i-1} >= b                                (r >= a; on: = b, r = a)
+    r - s w r_{i-1} <= s (b - L),  s = U / (U - L)    (unstable: the triangle r <= s (a - L))
+    L - b <= w r_{i-1} <= U - b                       (stable: its interval)
     top, exact:   lo <= W_top r_{top-1} <= hi         (active: y - b +- tol; inactive: <= tau - b)
     top, misfit:  r_out - t <= x,  x - r_out <= t     (l_inf: one t; l_1: one t_j per output)
 
-With d in {0, 1} this is the big-M MILP; with d in [0, 1] its LP relaxation
-projects onto (a, r) as the triangle r >= max(a, 0), r <= U (a - L) / (U - L),
-the convex hull of one ReLU over [L, U]. Fixing d = 1 gives r = a >= 0 and d =
-0 gives r = 0 >= a, so deciding a unit is a bound change (`Relaxation.fix`)
-and a branch and bound over units (`preimage.solvers.branch`) changes bounds
-of one live model only. Units with L >= 0 or U <= 0 are stable: their d is
-fixed for good.
+and r in [max(L, 0), max(U, 0)]. With r >= max(a, 0) the triangle is the
+convex hull of one ReLU over [L, U] (it implies a >= L; r <= U implies a <= U).
+Deciding a unit is a bound change of the live model (`Relaxation.fix`): on,
+the first row becomes r = a (so a >= 0); off, r's upper bound becomes 0 (so a
+<= 0), and a branch and bound over units (`preimage.solvers.branch`) changes
+bounds of one model only. The same rows with a binary d per unstable unit (r
+<= U d, r <= a - L (1 - d)) are the big-M MILP (`Relaxation.milp_arrays`).
+Units with L >= 0 or U <= 0 are stable: decided for good. (Against the
+earlier layout with a and d as columns, 200 columns on the authors' decoder
+against 80: docs/performance.md.)
 
 Bounds come from the data (`data_bounds`), never from a box when the data
 imply one: for an exact observation y of layer `top` the last hidden vector
@@ -347,7 +350,7 @@ class Relaxation:
 
     Units are numbered flat over the encoded layers (layer 0's first). `lower`,
     `upper` hold each unit's current pre-activation bounds; `stable` the units
-    whose d is fixed by them (-1 unstable, 0 off, 1 on).
+    whose state is fixed by them (-1 unstable, 0 off, 1 on).
     """
 
     def __init__(self, net: Network, depth: int, domain: Domain, top: Top) -> None:
@@ -361,16 +364,17 @@ class Relaxation:
         self.n_units = n_units
         offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int)
         self.offsets = offsets
-        # columns
-        self.a_col = k + np.concatenate([3 * offsets[i] + np.arange(n) for i, n in
-                                         enumerate(widths)]).astype(int)
-        self.r_col = self.a_col + np.repeat(widths, widths)
-        self.d_col = self.r_col + np.repeat(widths, widths)
+        self.r_col = k + np.arange(n_units)
+        # the columns each layer's pre-activations are taken from (z for layer 0)
+        self._inputs = [np.arange(k)] + [self.r_col[offsets[i] : offsets[i + 1]]
+                                         for i in range(depth - 1)]
+        self._weights = [dense(layer.weight) for layer in layers]
+        self.bias = np.concatenate([layer.bias_or_zero() for layer in layers]).astype(float)
         n_misfit = 0
         if top.misfit:
             n_misfit = 1 if top.norm == "linf" else widths[-1]
-        self.t_col = np.arange(k + 3 * n_units, k + 3 * n_units + n_misfit)
-        n_cols = k + 3 * n_units + n_misfit
+        self.t_col = np.arange(k + n_units, k + n_units + n_misfit)
+        n_cols = k + n_units + n_misfit
         self.n_cols = n_cols
         self.lower = np.concatenate(domain.lower).astype(float)
         self.upper = np.concatenate(domain.upper).astype(float)
@@ -380,46 +384,41 @@ class Relaxation:
         col_lo[:k], col_hi[:k] = domain.z_lower, domain.z_upper
         col_lo[self.t_col], col_hi[self.t_col] = 0.0, np.inf
         self.lp = LiveLP(np.zeros(n_cols), col_lo, col_hi)
-        # rows: layer equalities, then per unit the three ReLU rows, then the top
+        # rows: per unit r - w.prev >= b, then per unit its second row, then the top
         blocks, row_lo, row_hi = [], [], []
-        prev = np.arange(k)
-        for i, layer in enumerate(layers):
-            n = widths[i]
-            w, b = dense(layer.weight), layer.bias_or_zero()
-            a = self.a_col[offsets[i] : offsets[i + 1]]
+        for i in range(depth):
+            n, w = widths[i], self._weights[i]
             m = sparse.lil_matrix((n, n_cols))
-            m[:, prev] = -w
-            m[np.arange(n), a] = 1.0
+            m[:, self._inputs[i]] = -w
+            m[np.arange(n), self.r_col[offsets[i] : offsets[i + 1]]] = 1.0
             blocks.append(m.tocsr())
-            row_lo.append(b)
-            row_hi.append(b)
-            prev = self.r_col[offsets[i] : offsets[i + 1]]
-        self.layer_rows = int(sum(widths))
-        units = np.arange(n_units)
+        row_lo.append(self.bias)
+        row_hi.append(np.full(n_units, np.inf))
+        # the second rows as _apply_bounds writes them (it then changes bounds only)
         lo_u, hi_u = self.lower, self.upper
-        ones = np.ones(n_units)
-        r_ge_a = sparse.csr_matrix((np.r_[ones, -ones], (np.r_[units, units],
-                                   np.r_[self.r_col, self.a_col])), shape=(n_units, n_cols))
-        below = sparse.csr_matrix((np.r_[ones, -ones, -lo_u], (np.r_[units, units, units],
-                                   np.r_[self.r_col, self.a_col, self.d_col])),
-                                  shape=(n_units, n_cols))
-        above = sparse.csr_matrix((np.r_[ones, -hi_u], (np.r_[units, units],
-                                   np.r_[self.r_col, self.d_col])), shape=(n_units, n_cols))
-        blocks += [r_ge_a, below, above]
-        row_lo += [np.zeros(n_units), np.full(n_units, -np.inf), np.full(n_units, -np.inf)]
-        row_hi += [np.full(n_units, np.inf), -lo_u, np.zeros(n_units)]
-        self.below_row = self.layer_rows + n_units + units
-        self.above_row = self.layer_rows + 2 * n_units + units
+        unstable = (lo_u < 0) & (hi_u > 0)
+        self._slope = np.where(unstable, hi_u / np.where(unstable, hi_u - lo_u, 1.0), 0.0)
+        for i in range(depth):
+            units = slice(offsets[i], offsets[i + 1])
+            m = sparse.lil_matrix((widths[i], n_cols))
+            m[:, self._inputs[i]] = np.where(unstable[units], -self._slope[units],
+                                             1.0)[:, None] * self._weights[i]
+            m[np.arange(widths[i]), self.r_col[units]] = unstable[units].astype(float)
+            blocks.append(m.tocsr())
+        row_lo.append(np.full(n_units, -np.inf))
+        row_hi.append(np.full(n_units, np.inf))
+        self.lower_row = np.arange(n_units)
+        self.upper_row = n_units + np.arange(n_units)
+        last = self.r_col[offsets[-2] : offsets[-1]]
         if top.misfit:
             assert top.x is not None
-            out = self.r_col[offsets[-2] : offsets[-1]]
             n_out = widths[-1]
             t = np.full(n_out, self.t_col[0]) if top.norm == "linf" else self.t_col
             j = np.arange(n_out)
             up = sparse.csr_matrix((np.r_[np.ones(n_out), -np.ones(n_out)],
-                                    (np.r_[j, j], np.r_[out, t])), shape=(n_out, n_cols))
+                                    (np.r_[j, j], np.r_[last, t])), shape=(n_out, n_cols))
             down = sparse.csr_matrix((np.r_[-np.ones(n_out), -np.ones(n_out)],
-                                      (np.r_[j, j], np.r_[out, t])), shape=(n_out, n_cols))
+                                      (np.r_[j, j], np.r_[last, t])), shape=(n_out, n_cols))
             blocks += [up, down]
             row_lo += [np.full(n_out, -np.inf), np.full(n_out, -np.inf)]
             row_hi += [top.x, -top.x]
@@ -427,7 +426,7 @@ class Relaxation:
             assert top.weight is not None and top.lo is not None and top.hi is not None
             two = np.isfinite(top.lo)
             m = sparse.lil_matrix((int(two.sum()), n_cols))
-            m[:, prev] = top.weight[two]
+            m[:, last] = top.weight[two]
             blocks.append(m.tocsr())
             row_lo.append(top.lo[two])
             row_hi.append(top.hi[two])
@@ -435,10 +434,10 @@ class Relaxation:
                          np.concatenate(row_hi))
         self.lazy = None
         if not top.misfit:
-            self.lazy = LazyRows(self.lp, top.weight[~two], top.lo[~two], top.hi[~two], prev)
-        self.stable = np.full(n_units, -1, dtype=np.int8)
-        self._apply_bounds(units)
+            self.lazy = LazyRows(self.lp, top.weight[~two], top.lo[~two], top.hi[~two], last)
+        self.stable = np.full(n_units, -2, dtype=np.int8)  # (-2: not written yet)
         self.fixed = np.full(n_units, -1, dtype=np.int8)  # branching decisions
+        self._apply_bounds(np.arange(n_units))
         self.n_lps = 0
         self._cost: np.ndarray | None = None
         #: every LP stops at this time.perf_counter() value
@@ -446,24 +445,44 @@ class Relaxation:
 
     # -- bounds ---------------------------------------------------------------------------
 
+    def _unit_row(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """(columns, w_g) of unit g's pre-activation a_g = w_g u[columns] + b_g."""
+        i = int(np.searchsorted(self.offsets, g, side="right") - 1)
+        return self._inputs[i], self._weights[i][g - self.offsets[i]]
+
     def _apply_bounds(self, units: np.ndarray) -> None:
-        """Write the units' [L, U] into the model: a's and r's bounds, the rows' L and U,
-        and d fixed where the unit has become stable."""
-        lo, hi = self.lower[units], self.upper[units]
-        self.lp.set_bounds(self.a_col[units], lo, hi)
-        self.lp.set_bounds(self.r_col[units], np.maximum(lo, 0.0), np.maximum(hi, 0.0))
-        for g, lo_g, hi_g in zip(units, lo, hi, strict=True):
-            if lo_g < 0 < hi_g:
-                self.lp.set_coefficient(self.below_row[g], self.d_col[g], -lo_g)
-                self.lp.set_row_bounds(self.below_row[g], -np.inf, -lo_g)
-                self.lp.set_coefficient(self.above_row[g], self.d_col[g], -hi_g)
-        on, off = units[lo >= 0], units[(hi <= 0) & (lo < 0)]
-        self.stable[on], self.stable[off] = 1, 0
-        unstable = units[(lo < 0) & (hi > 0)]
-        self.stable[unstable] = -1
-        self.lp.set_bounds(self.d_col[on], 1.0, 1.0)
-        self.lp.set_bounds(self.d_col[off], 0.0, 0.0)
-        self.lp.set_bounds(self.d_col[unstable], 0.0, 1.0)
+        """Write the units' [L, U] into the model: r's column bounds, the second row (the
+        triangle r - s w.prev <= s (b - L), s = U / (U - L), of an unstable unit; the
+        interval L - b <= w.prev <= U - b of a stable one) and the first row's state (r = a
+        for a unit on)."""
+        for g in units:
+            lo, hi, b = float(self.lower[g]), float(self.upper[g]), float(self.bias[g])
+            state = 1 if lo >= 0 else (0 if hi <= 0 else -1)
+            slope = hi / (hi - lo) if state < 0 else 0.0
+            if slope != self._slope[g]:  # (a coefficient change costs HiGHS its factor)
+                cols, w = self._unit_row(g)
+                coef = -slope * w if state < 0 else w
+                for c, v in zip(cols, coef, strict=True):
+                    self.lp.set_coefficient(self.upper_row[g], c, v)
+                self.lp.set_coefficient(self.upper_row[g], self.r_col[g],
+                                        1.0 if state < 0 else 0.0)
+                self._slope[g] = slope
+            if state < 0:
+                self.lp.set_row_bounds(self.upper_row[g], -np.inf, slope * (b - lo))
+            else:
+                self.lp.set_row_bounds(self.upper_row[g], lo - b, hi - b)
+            self.stable[g] = state
+            self._write_state(g)
+
+    def _write_state(self, g: int) -> None:
+        """Unit g's on (r = a) or off (r = 0) or free (r >= max(a, 0)) in the model, from its
+        stability or decision."""
+        state = self.stable[g] if self.stable[g] >= 0 else self.fixed[g]
+        b = float(self.bias[g])
+        self.lp.set_row_bounds(self.lower_row[g], b, b if state == 1 else np.inf)
+        hi = 0.0 if state == 0 else max(float(self.upper[g]), 0.0)
+        self.lp.set_bounds(self.r_col[g], max(float(self.lower[g]), 0.0) if state != 0
+                           else 0.0, hi)
 
     @property
     def unstable(self) -> np.ndarray:
@@ -480,13 +499,14 @@ class Relaxation:
         """Set the branching decisions: decisions[g] = 1 on, 0 off, -1 free (unstable units
         only; stable units keep their state)."""
         changed = np.flatnonzero((decisions != self.fixed) & (self.stable < 0))
-        if changed.size == 0:
-            return
-        dec = decisions[changed]
-        lo = np.where(dec == 1, 1.0, 0.0)
-        hi = np.where(dec == 0, 0.0, 1.0)
-        self.lp.set_bounds(self.d_col[changed], lo, hi)
-        self.fixed[changed] = dec
+        self.fixed[changed] = decisions[changed]
+        for g in changed:
+            self._write_state(int(g))
+
+    def pre(self, u: np.ndarray) -> np.ndarray:
+        """(n_units,) every unit's pre-activation a = W prev + b at an LP point u."""
+        return np.concatenate([w @ u[cols] for w, cols in zip(self._weights, self._inputs,
+                                                               strict=True)]) + self.bias
 
     def solve(self, cost: np.ndarray | None = None) -> LPSolution:
         """The relaxation's LP under the current bounds and decisions (zero cost by default)."""
@@ -534,25 +554,27 @@ class Relaxation:
             # nearest to stable first: those decide most per LP when time is short
             units = units[np.argsort(np.minimum(self.upper[units], -self.lower[units]))]
             for g in units:
+                cols, w = self._unit_row(int(g))
                 for sign in (1.0, -1.0):
                     if self.stable[g] >= 0:
                         break
                     if time.perf_counter() > deadline:
                         return "time_limit"
                     cost = np.zeros(self.n_cols)
-                    cost[self.a_col[g]] = sign
+                    cost[cols] = sign * w
                     sol = self.solve(cost)
                     if sol.status == "infeasible":
                         return "infeasible"
                     if not sol.optimal:
                         continue
+                    value = sol.value + sign * self.bias[g]  # min (sign a_g)
                     if sign > 0:
-                        new = sol.value - _margin(np.asarray(sol.value))
+                        new = value - _margin(np.asarray(value))
                         if new > self.lower[g]:
                             self.lower[g] = min(float(new), self.upper[g])
                             self._apply_bounds(np.array([g]))
                     else:
-                        new = -sol.value + _margin(np.asarray(sol.value))
+                        new = -value + _margin(np.asarray(value))
                         if new < self.upper[g]:
                             self.upper[g] = max(float(new), self.lower[g])
                             self._apply_bounds(np.array([g]))
@@ -563,13 +585,16 @@ class Relaxation:
         return "optimal"
 
     def milp_arrays(self) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray, np.ndarray,
-                                   np.ndarray, np.ndarray]:
-        """The MILP this LP relaxes, for a generic solver: (A, row_lo, row_hi, col_lo, col_hi,
-        integrality), the held-back rows included and d integral for every unstable unit."""
+                                   np.ndarray, np.ndarray, np.ndarray]:
+        """The big-M MILP this LP relaxes, for a generic solver: (A, row_lo, row_hi, col_lo,
+        col_hi, integrality, binary), the held-back rows included and one binary column
+        d_g per unstable unit appended (`binary`: their indices, in `unstable`'s order):
+
+            r_g - U_g d_g <= 0,   r_g - w_g.prev - L_g d_g <= b_g - L_g
+
+        (d_g = 1: r_g = a_g; d_g = 0: r_g = 0 >= a_g >= L_g)."""
         lp = self.lp.model()
-        a = lp.a_matrix_
-        m = sparse.csc_matrix((np.array(a.value_), np.array(a.index_), np.array(a.start_)),
-                              shape=(lp.num_row_, lp.num_col_)).tocsr()
+        m = self.lp.matrix()
         row_lo, row_hi = np.array(lp.row_lower_), np.array(lp.row_upper_)
         if self.lazy is not None and self.lazy.pending.any():
             pend = np.flatnonzero(self.lazy.pending)
@@ -578,19 +603,33 @@ class Relaxation:
             m = sparse.vstack([m, sparse.csr_matrix(rows)], format="csr")
             row_lo = np.r_[row_lo, self.lazy.lo[pend]]
             row_hi = np.r_[row_hi, self.lazy.hi[pend]]
-        col_lo, col_hi = np.array(lp.col_lower_), np.array(lp.col_upper_)
-        col_lo[self.d_col], col_hi[self.d_col] = 0.0, 1.0
-        col_lo[self.d_col[self.stable == 1]] = 1.0
-        col_hi[self.d_col[self.stable == 0]] = 0.0
-        integrality = np.zeros(self.n_cols)
-        integrality[self.d_col[self.stable < 0]] = 1
-        return m, row_lo, row_hi, col_lo, col_hi, integrality
+        units = self.unstable
+        n_bin = units.size
+        binary = self.n_cols + np.arange(n_bin)
+        extra = sparse.lil_matrix((2 * n_bin, self.n_cols + n_bin))
+        bound_hi = np.zeros(2 * n_bin)
+        for j, g in enumerate(units):
+            cols, w = self._unit_row(int(g))
+            extra[j, self.r_col[g]], extra[j, binary[j]] = 1.0, -self.upper[g]
+            extra[n_bin + j, self.r_col[g]] = 1.0
+            extra[n_bin + j, cols] = -w
+            extra[n_bin + j, binary[j]] = -self.lower[g]
+            bound_hi[n_bin + j] = self.bias[g] - self.lower[g]
+        m = sparse.vstack([sparse.hstack([m, sparse.csr_matrix((m.shape[0], n_bin))]),
+                           extra.tocsr()], format="csr")
+        row_lo = np.r_[row_lo, np.full(2 * n_bin, -np.inf)]
+        row_hi = np.r_[row_hi, bound_hi]
+        col_lo = np.r_[np.array(lp.col_lower_), np.zeros(n_bin)]
+        col_hi = np.r_[np.array(lp.col_upper_), np.ones(n_bin)]
+        integrality = np.zeros(self.n_cols + n_bin)
+        integrality[binary] = 1
+        return m, row_lo, row_hi, col_lo, col_hi, integrality, binary
 
     # -- reading a solution ---------------------------------------------------------------
 
     def split(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(z, a, r) of an LP point u."""
-        return u[: self.k], u[self.a_col], u[self.r_col]
+        return u[: self.k], self.pre(u), u[self.r_col]
 
     def patterns(self, on: np.ndarray) -> list[np.ndarray]:
         """A flat on/off vector over the units, cut into layers."""
