@@ -100,7 +100,7 @@ def _children(decisions: np.ndarray, g: int, prefer_on: bool) -> list[np.ndarray
 
 def settle_exact(
     relax: Relaxation,
-    accept: Callable[[np.ndarray], np.ndarray | None],
+    accept: Callable[..., np.ndarray | None],
     null_directions: Callable[[np.ndarray, np.ndarray], np.ndarray],
     leaf_fit: Callable[[np.ndarray], tuple[float, np.ndarray]],
     *,
@@ -114,7 +114,9 @@ def settle_exact(
 
     Parameters
     ----------
-    accept : z (k,) -> a checked preimage near it (refined in its cell), or None
+    accept : (z (k,), thorough) -> a checked preimage near it (refined in its cell;
+        thorough, asked while no preimage is known: by a local search across cells too),
+        or None
     null_directions : (z*, on (n_units,)) -> (k, m) directions along which the cell of
         pattern `on` leaves the active rows unchanged (m = 0: full column rank)
     leaf_fit : on (n_units,) -> (misfit, z): the best fit to y inside the cell of `on`
@@ -157,7 +159,7 @@ def settle_exact(
         # refinement (one from far off rarely lands on a second preimage, and costs more
         # than the node's LP)
         if z_star is None or (distinct(z_lp) and _violation(relax, u, pre) <= NEAR_NETWORK):
-            found = accept(z_lp)
+            found = accept(z_lp, z_star is None)
             if found is not None:
                 if z_star is None:
                     z_star = found

@@ -70,6 +70,9 @@ PROBE_SHARE = 0.2
 PROBE_STARTS = 200
 PROBE_AFTER = 20
 
+#: Levenberg-Marquardt steps from a branch-and-bound LP point while no preimage is known.
+ACCEPT_ITERATIONS = 20
+
 
 @dataclass(frozen=True)
 class Settled:
@@ -223,17 +226,24 @@ def _settle(
     elif vague.all():
         fit_y = y[:0]
 
-    def accept(z: np.ndarray) -> np.ndarray | None:
+    lo_pre, hi_pre = cons.pre_activation_bounds(np.zeros(len(y)), band)
+
+    def accept(z: np.ndarray, thorough: bool = False) -> np.ndarray | None:
+        """A checked preimage near z (Gauss-Newton in z's cell; ``thorough``: then, if that
+        fails, a short Levenberg-Marquardt across cells first), or None."""
         if not np.all(np.isfinite(z)):
             return None
         refined = newton_refine(upper, cons.target, pinned, z)
-        for candidate in (refined, z):  # (a target that rounding blurred may pull z off)
+        candidates = [refined, z]  # (a target that rounding blurred may pull z off)
+        if thorough and not reproduces(net, top, y, unit * refined, rtol):
+            moved = local_preimage(upper, lo_pre, hi_pre, z, iterations=ACCEPT_ITERATIONS)
+            candidates = [newton_refine(upper, cons.target, pinned, moved), z]
+        for candidate in candidates:
             if reproduces(net, top, y, unit * candidate, rtol):
                 return candidate
         return None
 
     known = accept(z_known / unit) if z_known is not None else None
-    lo_pre, hi_pre = cons.pre_activation_bounds(np.zeros(len(y)), band)
 
     def separation_of(z_star: np.ndarray | None) -> float:
         return 1e-6 * (1.0 if z_star is None else max(1.0, float(np.max(np.abs(z_star)))))
