@@ -1,6 +1,6 @@
 """Branch and bound over the ReLU units, on one live HiGHS LP (`preimage.solvers.relaxation`).
 
-A node is a set of decisions (unit g on: d_g = 1, off: d_g = 0); its LP is
+A node is a set of decisions (unit g on: 1, off: 0); its LP is
 the relaxation with those bounds, warm-started from the last basis (dual
 simplex after a bound change: a few pivots). Depth first for the exact
 problem, best bound first for the misfit. A unit is branched on where the
@@ -9,9 +9,11 @@ where no unit is violated the LP point is a true point of the network and
 the widest undecided unit is split instead (only needed to prove uniqueness).
 
 Exact observation (`settle_exact`): find z with G(z) = y, then prove it is
-the only one, or find a second one. Every LP point is refined in its own
-activation cell and checked by a forward pass (``accept``); a point far from
-the first preimage z* that passes is a second preimage (the witness). The
+the only one, or find a second one. Every LP point (once z* is known: every
+one near a point of the network) is refined in its own activation cell and
+checked by a forward pass (``accept``); a point far from the first preimage
+z* that passes is a second preimage (the witness), as is one next to z* in its
+own cell (``second``, tried when z* is found). The
 search ends when every node is pruned: infeasible, or a leaf (every unit
 decided: the LP is then the cell's own preimage set Q) whose Q is {z*}:
 z* in Q and the cell's active rows of full column rank, or, with a null
