@@ -288,3 +288,10 @@ def test_a_preimage_set_of_positive_dimension_gets_a_witness_from_the_probe() ->
         for v in (found.z, found.witness):
             assert np.max(np.abs(net.forward(v[None])[0] - x[b])) <= 1e-8 * np.max(x[b])
         assert np.max(np.abs(found.witness - found.z)) > 1e-6
+
+
+@pytest.mark.parametrize("name", ["enabled", "tighten", "probe"])
+def test_switches_of_the_global_settings_must_be_booleans(name) -> None:
+    with pytest.raises(TypeError, match=f"`{name}` must be True or False"):
+        GlobalSettings(**{name: "yes"})
+    assert getattr(GlobalSettings(**{name: False}), name) is False
