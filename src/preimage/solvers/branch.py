@@ -73,10 +73,9 @@ class BranchOutcome:
     message: str = ""
 
 
-def _violation(relax: Relaxation, u: np.ndarray, pre: np.ndarray) -> float:
-    """The largest (r - max(a, 0)) / (1 + U) over the units at the LP point u (pre: its a)."""
-    r = u[relax.r_col]
-    return float(np.max((r - np.maximum(pre, 0.0)) / (1.0 + relax.upper), initial=0.0))
+def _violations(relax: Relaxation, u: np.ndarray, pre: np.ndarray) -> np.ndarray:
+    """(n_units,) (r - max(a, 0)) / (1 + U) of every unit at the LP point u (pre: its a)."""
+    return (u[relax.r_col] - np.maximum(pre, 0.0)) / (1.0 + relax.upper)
 
 
 def _branch_unit(relax: Relaxation, u: np.ndarray, undecided: np.ndarray,
@@ -84,8 +83,7 @@ def _branch_unit(relax: Relaxation, u: np.ndarray, undecided: np.ndarray,
     """(unit, violated): the undecided unit most violated at the LP point u (pre: its a,
     when known), else the widest (min(U, -L) largest)."""
     pre = relax.pre(u) if pre is None else pre
-    a, r = pre[undecided], u[relax.r_col[undecided]]
-    violation = (r - np.maximum(a, 0.0)) / (1.0 + relax.upper[undecided])
+    violation = _violations(relax, u, pre)[undecided]
     j = int(np.argmax(violation))
     if violation[j] > VIOLATION:
         return int(undecided[j]), True
@@ -160,7 +158,8 @@ def settle_exact(
         # with a preimage in hand, only LP points near a point of the network are worth a
         # refinement (one from far off rarely lands on a second preimage, and costs more
         # than the node's LP)
-        if z_star is None or (distinct(z_lp) and _violation(relax, u, pre) <= NEAR_NETWORK):
+        if z_star is None or (distinct(z_lp) and float(np.max(_violations(relax, u, pre),
+                                                               initial=0.0)) <= NEAR_NETWORK):
             found = accept(z_lp, z_star is None)
             if found is not None:
                 if z_star is None:

@@ -514,6 +514,11 @@ def null_directions(
     return vt[rank:].T
 
 
+def top_preactivation(net: Network, z: np.ndarray) -> np.ndarray:
+    """(n,) the last layer's pre-activations at z (k,)."""
+    return net.layers[-1].preactivation(net.below(len(net.layers) - 1).forward(z[None]))[0]
+
+
 def local_preimage(
     net: Network, lo: np.ndarray, hi: np.ndarray, z: np.ndarray, *, iterations: int = 60,
     damping: float = 1e-3,
@@ -532,16 +537,12 @@ def local_preimage(
     z = np.asarray(z, dtype=np.float64).copy()
     k = net.latent_dim
     depth = len(net.layers) - 1
-    last = net.layers[-1]
 
-    def residual(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h = z[None]
-        for layer in net.layers[:-1]:
-            h = layer.forward(h)
-        pre = last.preactivation(h)[0]
-        return pre - np.clip(pre, lo, hi), pre
+    def residual(z: np.ndarray) -> np.ndarray:
+        pre = top_preactivation(net, z)
+        return pre - np.clip(pre, lo, hi)
 
-    e, _ = residual(z)
+    e = residual(z)
     if not np.all(np.isfinite(e)):
         return z
     value = float(e @ e)
@@ -560,7 +561,7 @@ def local_preimage(
             except np.linalg.LinAlgError:
                 mu *= 10.0
                 continue
-            e_new, _ = residual(z + step)
+            e_new = residual(z + step)
             new = float(e_new @ e_new) if np.all(np.isfinite(e_new)) else np.inf
             if new < value:
                 z, e, improved = z + step, e_new, True

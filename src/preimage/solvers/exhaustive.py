@@ -45,6 +45,7 @@ from preimage.solvers.cell import (
     local_preimage,
     newton_refine,
     null_directions,
+    top_preactivation,
 )
 from preimage.solvers.highs import solve_milp
 from preimage.solvers.layer import ActiveSet, active_set
@@ -229,8 +230,9 @@ def _settle(
     lo_pre, hi_pre = cons.pre_activation_bounds(np.zeros(len(y)), band)
 
     def accept(z: np.ndarray, thorough: bool = False) -> np.ndarray | None:
-        """A checked preimage near z (Gauss-Newton in z's cell; ``thorough``: then, if that
-        fails, a short Levenberg-Marquardt across cells first), or None."""
+        """A checked preimage near z, or None: Gauss-Newton in z's cell; ``thorough``,
+        where that does not reproduce y: a short Levenberg-Marquardt across cells from z,
+        then Gauss-Newton."""
         if not np.all(np.isfinite(z)):
             return None
         refined = newton_refine(upper, cons.target, pinned, z)
@@ -254,7 +256,7 @@ def _settle(
         other units seen off, and the cell's walls, hold near z*)."""
         sep = separation_of(z_star)
         size = max(1.0, float(np.max(np.abs(z_star))))
-        pre = upper.layers[-1].preactivation(upper.below(top).forward(z_star[None]))[0]
+        pre = top_preactivation(upper, z_star)
         tight = ~cons.active & (pre > hi_pre - 1e-6 * cons.scale)
         rows = pinned | tight
         for v in null_directions(upper, activation_pattern(upper, z_star, top), rows).T:
@@ -279,17 +281,14 @@ def _settle(
     relax.deadline = deadline
     if tighten and relax.tighten(deadline=deadline) == "infeasible":
         return _no_preimage(domain, where, "bound tightening")
-    probe_until = min(deadline, time.perf_counter() + PROBE_SHARE * seconds)
-    witness, starts = None, 0
     if probe:
+        probe_until = min(deadline, time.perf_counter() + PROBE_SHARE * seconds)
         known, witness, starts = _probe(upper, lo_pre, hi_pre, domain, accept,
                                         second_in_cell, known, separation_of, probe_until,
                                         seed)
-    tail = f" ({starts} local starts)"
-    boxed = bool(domain.boxed.any())
-    if witness is not None:
-        return Settled("non_unique", known, witness, "a second preimage by the local probe"
-                       + tail, where, boxed)
+        if witness is not None:
+            return Settled("non_unique", known, witness, "a second preimage by the local "
+                           f"probe ({starts} local starts)", where, bool(domain.boxed.any()))
     separation = separation_of(known)
     if engine == "milp":
         return _settle_milp(relax, accept, known, domain, where, deadline, separation)

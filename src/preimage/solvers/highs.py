@@ -365,19 +365,6 @@ class RowLP:
         )
         self.rows += r
 
-    def matrix(self) -> Any:
-        """The constraint matrix A (scipy.sparse CSR, rows x k) as HiGHS holds it now."""
-        from scipy import sparse
-
-        lp = self._highs.getLp()
-        a = lp.a_matrix_
-        # (HiGHS keeps A by columns, or by rows after coefficient changes)
-        by_columns = a.format_ == MatrixFormat.kColwise
-        kind = sparse.csc_matrix if by_columns else sparse.csr_matrix
-        starts = np.array(a.start_)[: (lp.num_col_ if by_columns else lp.num_row_) + 1]
-        return kind((np.array(a.value_), np.array(a.index_), starts),
-                    shape=(lp.num_row_, lp.num_col_)).tocsr()
-
     def solve(self) -> LPSolution:
         """Solve (warm from the last basis); the status is one of LP_STATUSES."""
         self._highs.run()
