@@ -142,3 +142,21 @@ def test_samples_whose_preimages_are_not_isolated_get_a_checked_witness() -> Non
     assert np.all(rel(net.forward(res.z), x) < 1e-8)
     assert np.all(rel(net.forward(res.witness), x) < 1e-8)
     assert np.all(np.max(np.abs(res.witness - res.z), axis=1) > 1e-5)
+
+
+def test_tightened_bounds_settle_a_sample_the_plain_search_leaves_open() -> None:
+    # seed 0's code 107: the data bound z loosely (pre-activation ranges up to 1e8, some
+    # coordinates boxed); the plain branch and bound needed 12.8 s with the code handed
+    # in, the relaxation tightened to its fixed point holds one activation cell (about
+    # 700 LPs, 3 s)
+    from preimage.solvers.exhaustive import settle
+
+    net = Network.from_state_dict(
+        authors_state_dict("trained_vae_20_60_784_nobias.pth"), ["fc3", "fc4"]
+    )
+    z = np.random.default_rng(0).standard_normal((200, 20))
+    x = net.forward(z[107][None])[0]
+    found = settle(net, 1, x, rtol=1e-9, seconds=60, tighten=True)
+    assert found.status == "unique", found.message
+    assert np.max(np.abs(found.z - z[107])) < 1e-8
+    assert "tightened" in found.message

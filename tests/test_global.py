@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -295,3 +297,61 @@ def test_switches_of_the_global_settings_must_be_booleans(name) -> None:
     with pytest.raises(TypeError, match=f"`{name}` must be True or False"):
         GlobalSettings(**{name: "yes"})
     assert getattr(GlobalSettings(**{name: False}), name) is False
+
+
+def test_the_race_takes_the_first_settled_answer_and_stops_the_other() -> None:
+    from preimage.solvers.branch import BranchOutcome
+    from preimage.solvers.exhaustive import EXACT_CONCLUSIVE, _race_searches
+
+    seen_stop = []
+
+    def search(tightened, stop):
+        if not tightened:
+            return BranchOutcome("unique", np.ones(2), nodes=3)
+        deadline = time.perf_counter() + 30
+        while not stop() and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        seen_stop.append(stop())
+        return BranchOutcome("found", np.ones(2), nodes=5)
+
+    found, tightened = _race_searches(search, True, EXACT_CONCLUSIVE)
+    assert found.status == "unique" and not tightened
+    assert seen_stop == [True] and found.nodes == 8
+    # without a settled answer: the one with a preimage, both searches' nodes
+    found, tightened = _race_searches(
+        lambda t, stop: BranchOutcome("found" if t else "none", np.zeros(2) if t else None,
+                                      nodes=2), True, EXACT_CONCLUSIVE)
+    assert found.status == "found" and tightened and found.nodes == 4
+    # one search alone without tightening; an error in a thread reaches the caller
+    found, tightened = _race_searches(lambda t, stop: BranchOutcome("none", None), False,
+                                      EXACT_CONCLUSIVE)
+    assert found.status == "none" and not tightened
+
+    def broken(tightened, stop):
+        if tightened:
+            raise RuntimeError("boom")
+        while not stop():
+            time.sleep(0.001)
+        return BranchOutcome("none", None)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _race_searches(broken, True, EXACT_CONCLUSIVE)
+
+
+def test_tightening_stops_when_asked_and_its_bounds_hold(shallow) -> None:
+    net, z, x = shallow
+    b = int(_left_open(net, x)[0])
+    cons = active_set(net.layers[1], x[b], 1e-9)
+    top = exact_top(net, 1, cons, 0.0)
+    domain = data_bounds(net, 1, top, box=10.0)
+    relax = Relaxation(net, 1, domain, top)
+    before = relax.upper.copy()
+    assert relax.tighten(deadline=np.inf, stop=lambda: True) == "time_limit"
+    assert relax.n_lps == 0 and np.array_equal(relax.upper, before)
+    calls = []
+    assert relax.tighten(deadline=np.inf, stop=lambda: len(calls) > 5 or calls.append(1)) \
+        == "time_limit"
+    pre = net.layers[0].preactivation(z[b][None])[0]
+    assert np.all(relax.lower <= pre + 1e-7) and np.all(pre <= relax.upper + 1e-7)
+    # the LP is back on the dual simplex for the branch and bound
+    assert relax.lp._highs.getOptionValue("simplex_strategy")[1] == 1

@@ -62,8 +62,8 @@ def invert_global(
     noise : None, "linf" or "l1"
     noise_level : with noise: a bound on ||e||, for the status rule of the estimates
     rtol : exact data: the tolerance (default by precision, as for "exact")
-    fallback : GlobalSettings (``seconds`` per sample, ``latent_bound``, ``tighten``,
-        ``search``); default GlobalSettings()
+    fallback : GlobalSettings (``seconds`` per sample, ``latent_bound``, ``tighten`` for
+        exact data only, ``search``); default GlobalSettings()
     gap : with noise: the relative gap at which the minimum counts as proved
 
     Returns
@@ -105,7 +105,7 @@ def invert_global(
         try:
             found = global_projection(net, xb[b], norm=noise, start=z[b],
                                       seconds=settings.seconds, box=settings.latent_bound,
-                                      tighten=settings.tighten, rel_gap=gap)
+                                      rel_gap=gap)
         except Exception as err:  # one sample's solver failure must not cost the batch
             messages.append(f"the global projection failed: {type(err).__name__}: {err}; "
                             "the cell descent's point is kept")

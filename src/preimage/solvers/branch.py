@@ -109,6 +109,7 @@ def settle_exact(
     separation: float,
     deadline: float,
     second: Callable[[np.ndarray], np.ndarray | None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> BranchOutcome:
     """The exact problem (module docstring) on `relax` (an exact top).
 
@@ -126,6 +127,8 @@ def settle_exact(
     deadline : time.perf_counter() value
     second : z* -> a checked second preimage near z* (its own cell), or None; tried on the
         first preimage the search finds
+    stop : () -> True where the search is to end now, as at the deadline (another search
+        of the same sample has settled it)
     """
     k = relax.k
     z_star = z_known
@@ -140,7 +143,7 @@ def settle_exact(
                              unresolved=unresolved, message=message)
 
     while stack:
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline or (stop is not None and stop()):
             return outcome("found" if z_star is not None else "none",
                            f"out of time after {nodes} nodes ({len(stack)} open)")
         decisions = stack.pop()
@@ -235,12 +238,13 @@ def minimise_misfit(
     deadline: float,
     rel_gap: float,
     abs_gap: float,
+    stop: Callable[[], bool] | None = None,
 ) -> BranchOutcome:
     """The misfit problem (module docstring) on `relax` (a misfit top), best bound first.
 
     ``evaluate(z)`` -> (true misfit, point) of a point at least as good as z (refined in
     its cell); ``start``, ``start_value``: an incumbent (a local search's answer), whose
-    value is also the cutoff of the relaxation.
+    value is also the cutoff of the relaxation; ``stop`` as in `settle_exact`.
     """
     best_z, best = np.asarray(start, dtype=float), float(start_value)
     relax.set_cutoff(best)
@@ -260,7 +264,7 @@ def minimise_misfit(
         bound = heap[0][0]
         if closed(min([bound, *stuck])):
             break
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline or (stop is not None and stop()):
             low = min(max(lowest(), 0.0), best)
             return BranchOutcome("time_limit", best_z, value=best, bound=low,
                                  nodes=nodes, lps=relax.n_lps,

@@ -9,17 +9,18 @@ misfit min_z ||G(z) - x||. Both:
    the output layer's preimage polyhedron, or the incumbent's misfit, bounds
    every unit), with a box |z_j| <= ``box`` only along coordinates the data
    leave unbounded; the answer says which (``domain``);
-2. optionally tighten every unstable unit's bounds over the LP relaxation
-   (``tighten``: optimisation-based bound tightening);
-3. probe: Levenberg-Marquardt from random starts (`_probe`,
+2. probe: Levenberg-Marquardt from random starts (`_probe`,
    `preimage.solvers.cell.local_preimage`) for a first preimage, and a second
    one (another start's, or one along the null directions of the first's own
    cell): it proves nothing, but a sample whose preimages are not isolated is
    settled by it, and the search then starts with its hardest part done;
-4. search: ``engine="branch"`` the branch and bound over units on one live
-   HiGHS LP (`preimage.solvers.branch`), ``engine="milp"`` the same model as a
-   MILP through HiGHS's own branch and cut (`scipy.optimize.milp`; uniqueness
-   by a second MILP with a no-good cut on the first answer's pattern).
+3. search: ``engine="branch"`` the branch and bound over units on one live
+   HiGHS LP (`preimage.solvers.branch`), with ``tighten`` raced in a second
+   thread by a second one whose bounds are first tightened over the LP
+   relaxation (optimisation-based bound tightening, `_race_searches`);
+   ``engine="milp"`` the same model as a MILP through HiGHS's own branch and
+   cut (`scipy.optimize.milp`; uniqueness by a second MILP with a no-good cut
+   on the first answer's pattern), after the tightening with ``tighten``.
 
 Every preimage is refined in its activation cell (Gauss-Newton on the active
 rows, `preimage.solvers.cell.newton_refine`) and checked by a forward pass
@@ -29,7 +30,9 @@ preimage farther than ``separation`` from the first.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -38,7 +41,7 @@ from scipy.optimize import Bounds, LinearConstraint
 from preimage.model.layer import Layer
 from preimage.model.network import Network
 from preimage.model.operators import DenseOperator, dense
-from preimage.solvers.branch import minimise_misfit, settle_exact
+from preimage.solvers.branch import BranchOutcome, minimise_misfit, settle_exact
 from preimage.solvers.cell import (
     activation_pattern,
     cell_lp,
@@ -131,7 +134,7 @@ def settle(
     z_known : a preimage found already (checked again here)
     seconds : time budget
     box : |z_j| <= box along coordinates the data leave unbounded
-    tighten : optimisation-based bound tightening before the search
+    tighten : race a second search on bounds tightened first (`_race_searches`)
     engine : "branch" or "milp" (module docstring)
     probe, seed : the local probe before the search (`_probe`) and its random starts' seed
     """
@@ -279,8 +282,6 @@ def _settle(
         return _no_preimage(domain, where, "interval bounds over the box")
     relax = Relaxation(lp_net, top, domain, top_block)
     relax.deadline = deadline
-    if tighten and relax.tighten(deadline=deadline) == "infeasible":
-        return _no_preimage(domain, where, "bound tightening")
     if probe:
         probe_until = min(deadline, time.perf_counter() + PROBE_SHARE * seconds)
         known, witness, starts = _probe(upper, lo_pre, hi_pre, domain, accept,
@@ -291,6 +292,9 @@ def _settle(
                            f"probe ({starts} local starts)", where, bool(domain.boxed.any()))
     separation = separation_of(known)
     if engine == "milp":
+        # (after the probe: a sample it settles needs no tightening)
+        if tighten and relax.tighten(deadline=deadline) == "infeasible":
+            return _no_preimage(domain, where, "bound tightening")
         return _settle_milp(relax, accept, known, domain, where, deadline, separation)
 
     def directions(z_star: np.ndarray, on: np.ndarray) -> np.ndarray:
@@ -302,11 +306,20 @@ def _settle(
         fit = cell_lp(fit_net, fit_y, relax.patterns(on), tau=cons.tau)
         return fit.misfit, fit.z
 
-    found = settle_exact(relax, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
-                         z_known=known, separation=separation, deadline=deadline,
-                         second=second_in_cell)
-    # (no wall time in a message: results are the same whatever the machine's speed)
-    tail = f" ({found.nodes} nodes, {found.lps} LPs)"
+    def search(tightened: bool, stop: Callable[[], bool] | None) -> BranchOutcome:
+        own = Relaxation(lp_net, top, domain, top_block) if tightened else relax
+        own.deadline = deadline
+        if tightened and own.tighten(deadline=deadline, stop=stop) == "infeasible":
+            return BranchOutcome("infeasible", None, lps=own.n_lps)
+        return settle_exact(own, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
+                            z_known=known, separation=separation, deadline=deadline,
+                            second=second_in_cell, stop=stop)
+
+    found, _ = _race_searches(search, tighten, EXACT_CONCLUSIVE)
+    # (no wall time in a message: results are the same whatever the machine's speed; which
+    # of two raced searches answers, and after how many nodes, depends on it)
+    tail = (" (two branch and bounds raced, one on tightened bounds)" if tighten
+            else f" ({found.nodes} nodes, {found.lps} LPs)")
     if found.status == "unique":
         return Settled("unique", found.z, None, f"the only preimage of {where}" + tail, where,
                        bool(domain.boxed.any()), nodes=found.nodes, lps=found.lps)
@@ -323,6 +336,66 @@ def _settle(
                    f"{what}: {found.message}" + (f"; out of its {seconds:g} s" if timed else ""),
                    where, bool(domain.boxed.any()), out_of_time=timed, nodes=found.nodes,
                    lps=found.lps)
+
+
+#: The branch-and-bound answers that settle a sample (the others wait for the budget).
+EXACT_CONCLUSIVE = ("unique", "non_unique", "infeasible")
+
+
+def _race_searches(
+    search: Callable[[bool, Callable[[], bool] | None], BranchOutcome], tighten: bool,
+    conclusive: tuple[str, ...], misfit: bool = False,
+) -> tuple[BranchOutcome, bool]:
+    """(outcome, whether it is the tightened search's): ``search(tightened, stop)`` once,
+    or, with `tighten`, twice at once in two threads (HiGHS releases the GIL in its
+    simplex): on the bounds from the data, and on bounds tightened first
+    (`Relaxation.tighten`). Neither dominates: tightening settles in one node the
+    samples whose tightened relaxation closes onto the preimage's own cell (the
+    authors' decoder: 4-9 s of LPs, where the plain search had not finished in 40 s),
+    and costs the time that the plain search settles others in (docs/performance.md).
+    The first answer whose status is `conclusive` ends the other search; without one,
+    the answer with a preimage (exact) or the better incumbent and the higher bound
+    (misfit: each search's bound holds for every z of the domain), and the nodes and
+    LPs of both.
+    """
+    if not tighten:
+        return search(False, None), False
+    done = threading.Event()
+    answers: list[BranchOutcome | None] = [None, None]
+    order: list[int] = []
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            answers[i] = search(bool(i), done.is_set)
+            order.append(i)
+            if answers[i].status in conclusive:
+                done.set()
+        except BaseException as error:  # (re-raised below, in the caller's thread)
+            errors.append(error)
+            done.set()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    both = [a for a in answers if a is not None]
+    nodes, lps = sum(a.nodes for a in both), sum(a.lps for a in both)
+    for i in order:
+        answer = answers[i]
+        if answer is not None and answer.status in conclusive:
+            return replace(answer, nodes=nodes, lps=lps), bool(i)
+    plain, tight = answers
+    assert plain is not None and tight is not None
+    if misfit:
+        best = plain if plain.value <= tight.value else tight
+        return replace(best, bound=max(plain.bound, tight.bound), nodes=nodes, lps=lps), \
+            best is tight
+    best = plain if plain.z is not None or tight.z is None else tight
+    return replace(best, nodes=nodes, lps=lps), best is tight
 
 
 def _probe(
@@ -510,13 +583,6 @@ def _projection(net: Network, x: np.ndarray, norm: str, z0: np.ndarray, seconds:
     if domain.empty:  # nothing in the box beats the start
         return Settled("optimal", z0, None, f"no z of {where} does better than the start",
                        where, True, value=t0, bound=t0)
-    relax = Relaxation(lp_net, depth, domain, top)
-    relax.deadline = deadline
-    if tighten:
-        relax.set_cutoff(cutoff)
-        if relax.tighten(deadline=deadline) == "infeasible":
-            return Settled("optimal", z0, None, "no z does better than the start", where,
-                           bool(domain.boxed.any()), value=t0, bound=t0)
     upper_dim = net.below(depth - 1) if depth > 1 else None
 
     def evaluate(z: np.ndarray) -> tuple[float, np.ndarray]:
@@ -532,8 +598,18 @@ def _projection(net: Network, x: np.ndarray, norm: str, z0: np.ndarray, seconds:
                 return polished, fit.z
         return value, z
 
-    found = minimise_misfit(relax, evaluate, start=z0, start_value=cutoff, deadline=deadline,
-                            rel_gap=rel_gap, abs_gap=abs_gap)
+    def search(tightened: bool, stop: Callable[[], bool] | None) -> BranchOutcome:
+        relax = Relaxation(lp_net, depth, domain, top)
+        relax.deadline = deadline
+        if tightened:
+            relax.set_cutoff(cutoff)
+            if relax.tighten(deadline=deadline, stop=stop) == "infeasible":
+                # nothing beats the start
+                return BranchOutcome("optimal", z0, value=t0, bound=t0, lps=relax.n_lps)
+        return minimise_misfit(relax, evaluate, start=z0, start_value=cutoff,
+                               deadline=deadline, rel_gap=rel_gap, abs_gap=abs_gap, stop=stop)
+
+    found, _ = _race_searches(search, tighten, ("optimal",), misfit=True)
     value = min(found.value, t0) if found.z is not None else t0
     z = found.z if found.z is not None else z0
     if found.value > t0:  # the cutoff's slack: the start itself is the best

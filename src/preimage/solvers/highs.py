@@ -283,6 +283,11 @@ class LiveLP:
         self._highs.setOptionValue("primal_feasibility_tolerance", float(tolerance))
         self._highs.setOptionValue("dual_feasibility_tolerance", float(tolerance))
 
+    def set_primal(self, primal: bool) -> None:
+        """Primal simplex (after cost changes: the basis stays primal feasible) or dual
+        simplex (HiGHS's default; after bound changes: it stays dual feasible)."""
+        self._highs.setOptionValue("simplex_strategy", 4 if primal else 1)
+
     def model(self) -> Any:
         """HiGHS's copy of the LP (``HighsLp``: a_matrix_, row_lower_, col_upper_, ...)."""
         return self._highs.getLp()

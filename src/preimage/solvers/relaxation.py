@@ -43,6 +43,7 @@ layer from the latent side, while the bounds shrink.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -535,16 +536,29 @@ class Relaxation:
         elif self.top.norm == "l1":
             self.lp.set_row_bounds(self._sum_row, -np.inf, float(value))
 
-    def tighten(self, *, deadline: float, max_passes: int = 20) -> str:
+    def tighten(self, *, deadline: float, max_passes: int = 20,
+                stop: Callable[[], bool] | None = None) -> str:
         """Optimisation-based bound tightening of every unstable unit (module docstring).
 
         Layer by layer from the latent side, min and max of each unstable unit's
         pre-activation over the current relaxation (the branching decisions
         included: at a node it tightens that node), written back at once so that
-        the next LP sees it. Passes repeat while the unstable units' total range
-        falls by more than TIGHTEN_GAIN. Returns "optimal", "infeasible" (no
-        point satisfies the relaxation: proved) or "time_limit".
+        the next LP sees it: every unit's minimum first, then every maximum (the
+        next LP's optimum then lies nearer the last one's). Passes repeat while the
+        unstable units' total range falls by more than TIGHTEN_GAIN. Primal
+        simplex: each LP changes only the cost, so the last basis stays primal
+        feasible (the dual simplex took twice as long). ``stop``: a callable; when it
+        returns True the tightening ends as at the deadline. Returns "optimal",
+        "infeasible" (no point satisfies the relaxation: proved) or "time_limit".
         """
+        self.lp.set_primal(True)
+        try:
+            return self._tighten_passes(deadline, max_passes, stop)
+        finally:
+            self.lp.set_primal(False)
+
+    def _tighten_passes(self, deadline: float, max_passes: int,
+                        stop: Callable[[], bool] | None) -> str:
         for _ in range(max_passes):
             units = self.unstable
             units = units[self.fixed[units] < 0]
@@ -553,12 +567,12 @@ class Relaxation:
             before = float(np.sum(self.upper[units] - self.lower[units]))
             # nearest to stable first: those decide most per LP when time is short
             units = units[np.argsort(np.minimum(self.upper[units], -self.lower[units]))]
-            for g in units:
-                cols, w = self._unit_row(int(g))
-                for sign in (1.0, -1.0):
+            for sign in (1.0, -1.0):
+                for g in units:
+                    cols, w = self._unit_row(int(g))
                     if self.stable[g] >= 0:
-                        break
-                    if time.perf_counter() > deadline:
+                        continue
+                    if time.perf_counter() > deadline or (stop is not None and stop()):
                         return "time_limit"
                     cost = np.zeros(self.n_cols)
                     cost[cols] = sign * w
