@@ -338,7 +338,7 @@ def test_the_race_takes_the_first_settled_answer_and_stops_the_other() -> None:
         _race_searches(broken, True, EXACT_CONCLUSIVE)
 
 
-def test_tightening_stops_when_asked_and_its_bounds_hold(shallow) -> None:
+def test_tightening_stops_when_asked_and_its_bounds_hold(shallow, monkeypatch) -> None:
     net, z, x = shallow
     b = int(_left_open(net, x)[0])
     cons = active_set(net.layers[1], x[b], 1e-9)
@@ -353,5 +353,14 @@ def test_tightening_stops_when_asked_and_its_bounds_hold(shallow) -> None:
         == "time_limit"
     pre = net.layers[0].preactivation(z[b][None])[0]
     assert np.all(relax.lower <= pre + 1e-7) and np.all(pre <= relax.upper + 1e-7)
-    # the LP is back on the dual simplex for the branch and bound
+    # the LP is back on the dual simplex, without a pivot limit, for the branch and bound
     assert relax.lp._highs.getOptionValue("simplex_strategy")[1] == 1
+    assert relax.lp._highs.getOptionValue("simplex_iteration_limit")[1] == 2**31 - 1
+    # a pivot limit too small for any bound's LP: every LP skipped, nothing tightened
+    import preimage.solvers.relaxation as relaxation
+
+    fresh = Relaxation(net, 1, domain, top)
+    before = fresh.upper.copy()
+    monkeypatch.setattr(relaxation, "TIGHTEN_PIVOTS", 0)
+    assert fresh.tighten(deadline=np.inf) == "optimal"
+    assert np.array_equal(fresh.upper, before) and fresh.n_lps > 0

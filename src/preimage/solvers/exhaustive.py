@@ -351,7 +351,7 @@ def _race_searches(
     simplex): on the bounds from the data, and on bounds tightened first
     (`Relaxation.tighten`). Neither dominates: tightening settles in one node the
     samples whose tightened relaxation closes onto the preimage's own cell (the
-    authors' decoder: 4-9 s of LPs, where the plain search had not finished in 40 s),
+    authors' decoder: 3-6 s of LPs, where the plain search needed 8 s or more than 40),
     and costs the time that the plain search settles others in (docs/performance.md).
     The first answer whose status is `conclusive` ends the other search; without one,
     the answer with a preimage (exact) or the better incumbent and the higher bound

@@ -214,6 +214,10 @@ def _not_optimal(status: Any, raw: str) -> LPSolution:
     return LPSolution(names.get(status, "error"), None, np.inf, f"HiGHS: {raw}")
 
 
+#: HiGHS's default simplex_iteration_limit (none).
+ITERATIONS_UNLIMITED = 2**31 - 1
+
+
 class LiveLP:
     """An LP kept alive in one HiGHS instance, changed in place between solves.
 
@@ -283,10 +287,14 @@ class LiveLP:
         self._highs.setOptionValue("primal_feasibility_tolerance", float(tolerance))
         self._highs.setOptionValue("dual_feasibility_tolerance", float(tolerance))
 
-    def set_primal(self, primal: bool) -> None:
+    def set_primal(self, primal: bool, iterations: int | None = None) -> None:
         """Primal simplex (after cost changes: the basis stays primal feasible) or dual
-        simplex (HiGHS's default; after bound changes: it stays dual feasible)."""
+        simplex (HiGHS's default; after bound changes: it stays dual feasible); with at
+        most `iterations` pivots a solve (None: no limit), past which a solve is not
+        optimal."""
         self._highs.setOptionValue("simplex_strategy", 4 if primal else 1)
+        self._highs.setOptionValue("simplex_iteration_limit",
+                                   ITERATIONS_UNLIMITED if iterations is None else int(iterations))
 
     def model(self) -> Any:
         """HiGHS's copy of the LP (``HighsLp``: a_matrix_, row_lower_, col_upper_, ...)."""
