@@ -364,3 +364,30 @@ def test_tightening_stops_when_asked_and_its_bounds_hold(shallow, monkeypatch) -
     monkeypatch.setattr(relaxation, "TIGHTEN_PIVOTS", 0)
     assert fresh.tighten(deadline=np.inf) == "optimal"
     assert np.array_equal(fresh.upper, before) and fresh.n_lps > 0
+
+
+def test_a_relaxation_adopts_only_tighter_bounds_and_keeps_the_true_point(shallow) -> None:
+    from preimage.solvers.exhaustive import _SharedBounds
+
+    net, z, x = shallow
+    b = int(_left_open(net, x)[0])
+    cons = active_set(net.layers[1], x[b], 1e-9)
+    top = exact_top(net, 1, cons, 0.0)
+    domain = data_bounds(net, 1, top, box=10.0)
+    tightened, plain = Relaxation(net, 1, domain, top), Relaxation(net, 1, domain, top)
+    assert tightened.tighten(deadline=np.inf) == "optimal"
+    shared = _SharedBounds(plain.lower, plain.upper)
+    shared.refresh(plain)  # nothing published yet: nothing changes
+    assert plain.n_lps == 0 and np.array_equal(plain.upper, domain.upper[0])
+    shared.publish(tightened.lower, tightened.upper)
+    shared.refresh(plain)
+    assert np.array_equal(plain.lower, tightened.lower)
+    assert np.array_equal(plain.upper, tightened.upper)
+    assert np.all(plain.upper <= domain.upper[0]) and np.any(plain.upper < domain.upper[0])
+    assert np.array_equal(plain.stable >= 0, tightened.stable >= 0)
+    # looser bounds change nothing; the network's own point satisfies the adopted relaxation
+    assert plain.adopt(plain.lower - 1.0, plain.upper + 1.0) == 0
+    pre = net.layers[0].preactivation(z[b][None])[0]
+    assert np.all(plain.lower <= pre + 1e-7) and np.all(pre <= plain.upper + 1e-7)
+    plain.fix(np.where(plain.stable < 0, (pre > 0).astype(np.int8), -1).astype(np.int8))
+    assert plain.solve().optimal

@@ -110,6 +110,7 @@ def settle_exact(
     deadline: float,
     second: Callable[[np.ndarray], np.ndarray | None] | None = None,
     stop: Callable[[], bool] | None = None,
+    refresh: Callable[[Relaxation], None] | None = None,
 ) -> BranchOutcome:
     """The exact problem (module docstring) on `relax` (an exact top).
 
@@ -129,6 +130,11 @@ def settle_exact(
         first preimage the search finds
     stop : () -> True where the search is to end now, as at the deadline (another search
         of the same sample has settled it)
+    refresh : relax -> None, called before each node once a preimage is known: may tighten
+        relax's bounds (`Relaxation.adopt`; bounds valid over the whole domain hold in
+        every node). Not before: while no preimage is known, the LP points are the seeds
+        of the local search for one, and other bounds move them (the authors' sample
+        193, whose preimage only they find, then ran out of time)
     """
     k = relax.k
     z_star = z_known
@@ -147,6 +153,8 @@ def settle_exact(
             return outcome("found" if z_star is not None else "none",
                            f"out of time after {nodes} nodes ({len(stack)} open)")
         decisions = stack.pop()
+        if refresh is not None and z_star is not None:
+            refresh(relax)
         relax.fix(decisions)
         sol = relax.solve()
         nodes += 1

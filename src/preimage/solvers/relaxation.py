@@ -500,6 +500,18 @@ class Relaxation:
         open_ &= np.minimum(hi, -lo) > NEGLIGIBLE * (hi - lo)
         return np.flatnonzero(open_)
 
+    def adopt(self, lower: np.ndarray, upper: np.ndarray) -> int:
+        """Take the units' bounds [lower, upper] where they are tighter than the current
+        ones (bounds valid for every z of the domain: another relaxation's tightening);
+        how many units changed."""
+        changed = np.flatnonzero((lower > self.lower) | (upper < self.upper))
+        if changed.size:
+            self.lower[changed] = np.maximum(self.lower[changed], lower[changed])
+            self.upper[changed] = np.minimum(self.upper[changed], upper[changed])
+            self.lower[changed] = np.minimum(self.lower[changed], self.upper[changed])
+            self._apply_bounds(changed)
+        return int(changed.size)
+
     def fix(self, decisions: np.ndarray) -> None:
         """Set the branching decisions: decisions[g] = 1 on, 0 off, -1 free (unstable units
         only; stable units keep their state)."""
@@ -541,7 +553,8 @@ class Relaxation:
             self.lp.set_row_bounds(self._sum_row, -np.inf, float(value))
 
     def tighten(self, *, deadline: float, max_passes: int = 20,
-                stop: Callable[[], bool] | None = None) -> str:
+                stop: Callable[[], bool] | None = None,
+                publish: Callable[[np.ndarray, np.ndarray], None] | None = None) -> str:
         """Optimisation-based bound tightening of every unstable unit (module docstring).
 
         Layer by layer from the latent side, min and max of each unstable unit's
@@ -559,12 +572,13 @@ class Relaxation:
         # stalled on exact equality rows elsewhere, 21,000 pivots on one LP)
         self.lp.set_primal(True, TIGHTEN_PIVOTS)
         try:
-            return self._tighten_passes(deadline, max_passes, stop)
+            return self._tighten_passes(deadline, max_passes, stop, publish)
         finally:
             self.lp.set_primal(False)
 
     def _tighten_passes(self, deadline: float, max_passes: int,
-                        stop: Callable[[], bool] | None) -> str:
+                        stop: Callable[[], bool] | None,
+                        publish: Callable[[np.ndarray, np.ndarray], None] | None) -> str:
         for _ in range(max_passes):
             units = self.unstable
             units = units[self.fixed[units] < 0]
@@ -598,6 +612,8 @@ class Relaxation:
                         if new < self.upper[g]:
                             self.upper[g] = max(float(new), self.lower[g])
                             self._apply_bounds(np.array([g]))
+            if publish is not None:
+                publish(self.lower, self.upper)
             after = float(np.sum(np.where(self.stable[units] < 0,
                                           self.upper[units] - self.lower[units], 0.0)))
             if after > (1 - TIGHTEN_GAIN) * before:
