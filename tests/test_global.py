@@ -376,7 +376,7 @@ def test_a_relaxation_adopts_only_tighter_bounds_and_keeps_the_true_point(shallo
     domain = data_bounds(net, 1, top, box=10.0)
     tightened, plain = Relaxation(net, 1, domain, top), Relaxation(net, 1, domain, top)
     assert tightened.tighten(deadline=np.inf) == "optimal"
-    shared = _SharedBounds(plain.lower, plain.upper)
+    shared = _SharedBounds()
     shared.refresh(plain)  # nothing published yet: nothing changes
     assert plain.n_lps == 0 and np.array_equal(plain.upper, domain.upper[0])
     shared.publish(tightened.lower, tightened.upper)

@@ -306,7 +306,7 @@ def _settle(
         fit = cell_lp(fit_net, fit_y, relax.patterns(on), tau=cons.tau)
         return fit.misfit, fit.z
 
-    shared = _SharedBounds(relax.lower, relax.upper)
+    shared = _SharedBounds()  # (published to only when racing)
 
     def search(tightened: bool, stop: Callable[[], bool] | None) -> BranchOutcome:
         own = Relaxation(lp_net, top, domain, top_block) if tightened else relax
@@ -317,7 +317,7 @@ def _settle(
         return settle_exact(own, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
                             z_known=known, separation=separation, deadline=deadline,
                             second=second_in_cell, stop=stop,
-                            refresh=None if tightened or not tighten else shared.refresh)
+                            refresh=None if tightened else shared.refresh)
 
     found, _ = _race_searches(search, tighten, EXACT_CONCLUSIVE)
     # (no wall time in a message: results are the same whatever the machine's speed; which
@@ -346,24 +346,25 @@ class _SharedBounds:
     """The tightened search's bounds, published after each pass of its tightening, for the
     plain search to take up between nodes (bounds valid for every z of the domain)."""
 
-    def __init__(self, lower: np.ndarray, upper: np.ndarray) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.lower, self.upper = lower.copy(), upper.copy()
-        self.version = 0
-        self._seen: dict[int, int] = {}
+        self._bounds: tuple[np.ndarray, np.ndarray] | None = None
+        self._version = self._adopted = 0
 
     def publish(self, lower: np.ndarray, upper: np.ndarray) -> None:
         with self._lock:
-            self.lower, self.upper = lower.copy(), upper.copy()
-            self.version += 1
+            self._bounds = (lower.copy(), upper.copy())
+            self._version += 1
 
     def refresh(self, relax: Relaxation) -> None:
-        if self._seen.get(id(relax), 0) == self.version:
+        """`relax` takes up the last published bounds, if it has not yet."""
+        if self._version == self._adopted:
             return
         with self._lock:
-            lower, upper, version = self.lower, self.upper, self.version
-        relax.adopt(lower, upper)
-        self._seen[id(relax)] = version
+            bounds, version = self._bounds, self._version
+        assert bounds is not None
+        relax.adopt(*bounds)
+        self._adopted = version
 
 
 #: The branch-and-bound answers that settle a sample (the others wait for the budget).
@@ -542,6 +543,8 @@ def global_projection(
     any better z has G(z) within t of x), so the answer's bound holds for every z
     in ``domain``. Status "optimal" when the gap is within rel_gap (relative) of
     the misfit, else "time_limit" with the best z and the bound reached.
+    ``tighten``: race a second search on bounds tightened first (`_race_searches`;
+    measured no faster here, so `invert` leaves it off).
     """
     if norm not in ("linf", "l1"):
         raise ValueError(f"`norm` must be 'linf' or 'l1' for the global projection; got {norm!r}.")

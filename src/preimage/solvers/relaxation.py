@@ -565,7 +565,8 @@ class Relaxation:
         unstable units' total range falls by more than TIGHTEN_GAIN. Primal
         simplex: each LP changes only the cost, so the last basis stays primal
         feasible (the dual simplex took twice as long). ``stop``: a callable; when it
-        returns True the tightening ends as at the deadline. Returns "optimal",
+        returns True the tightening ends as at the deadline. ``publish(lower, upper)``:
+        called with the units' bounds after each pass. Returns "optimal",
         "infeasible" (no point satisfies the relaxation: proved) or "time_limit".
         """
         # (a bound's LP past TIGHTEN_PIVOTS pivots is skipped: the primal simplex has
@@ -589,9 +590,9 @@ class Relaxation:
             units = units[np.argsort(np.minimum(self.upper[units], -self.lower[units]))]
             for sign in (1.0, -1.0):
                 for g in units:
-                    cols, w = self._unit_row(int(g))
                     if self.stable[g] >= 0:
                         continue
+                    cols, w = self._unit_row(int(g))
                     if time.perf_counter() > deadline or (stop is not None and stop()):
                         return "time_limit"
                     cost = np.zeros(self.n_cols)
