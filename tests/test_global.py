@@ -391,3 +391,45 @@ def test_a_relaxation_adopts_only_tighter_bounds_and_keeps_the_true_point(shallo
     assert np.all(plain.lower <= pre + 1e-7) and np.all(pre <= plain.upper + 1e-7)
     plain.fix(np.where(plain.stable < 0, (pre > 0).astype(np.int8), -1).astype(np.int8))
     assert plain.solve().optimal
+
+
+def test_two_workers_share_one_tree_and_it_drains_only_when_both_are_done() -> None:
+    from preimage.solvers.branch import NodePool
+
+    pool = NodePool(3, workers=2)
+    never = lambda: False  # noqa: E731
+    root = pool.take(0, never)
+    assert root is not None and np.all(root == -1) and pool.open == 0
+    first, second = root.copy(), root.copy()
+    first[0], second[0] = 0, 1
+    pool.give(0, [first, second])
+    # the idle worker takes the oldest node of the other's stack, the owner its newest
+    assert np.array_equal(pool.take(1, never), first)
+    assert np.array_equal(pool.take(0, never), second)
+    # both busy, nothing open: a worker waits (here: gives up) instead of declaring the end
+    assert pool.take(1, lambda: True) is None and not pool.drained
+    pool.leave(0)
+    assert pool.take(1, never) is None and pool.drained
+    # the first preimage offered is the pool's; a later one is not
+    z = np.ones(2)
+    assert pool.offer(z)[1] and not pool.offer(2 * z)[1] and pool.z_star is z
+
+
+def test_a_decision_against_a_units_tightened_state_is_a_contradiction(shallow) -> None:
+    net, _, x = shallow
+    b = int(_left_open(net, x)[0])
+    cons = active_set(net.layers[1], x[b], 1e-9)
+    top = exact_top(net, 1, cons, 0.0)
+    relax = Relaxation(net, 1, domain := data_bounds(net, 1, top, box=10.0), top)
+    g = int(relax.unstable[0])
+    decisions = np.full(relax.n_units, -1, dtype=np.int8)
+    decisions[g] = 1
+    assert not relax.contradicts(decisions)
+    # bounds tightened since: unit g can only be off
+    lower, upper = relax.lower.copy(), relax.upper.copy()
+    upper[g] = -1e-3
+    lower[g] = min(lower[g], -1.0)
+    relax.adopt(lower, upper)
+    assert relax.stable[g] == 0 and relax.contradicts(decisions)
+    decisions[g] = 0
+    assert not relax.contradicts(decisions) and domain.upper[0][g] > 0

@@ -21,6 +21,10 @@ space, no point of Q farther than ``separation`` from z* along it (two LPs per
 null direction). With no preimage and every node infeasible, y has none in
 the domain (proved).
 
+The tree can be shared by workers in threads, each on its own relaxation
+(`NodePool`): each depth first on its own stack, an idle one taking another's
+shallowest open node.
+
 Misfit (`minimise_misfit`): min t over the relaxation is a lower bound of the
 misfit in each node; the incumbent is the best true misfit at the LP points
 (refined in their cells by ``evaluate``). The search ends when the lowest
@@ -31,6 +35,7 @@ then the global minimum over the domain, to that gap.
 from __future__ import annotations
 
 import heapq
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +103,81 @@ def _children(decisions: np.ndarray, g: int, prefer_on: bool) -> list[np.ndarray
     return [off, on] if prefer_on else [on, off]
 
 
+class NodePool:
+    """The open nodes of one exact branch and bound, shared by the workers (threads) that
+    search it, and what they have found.
+
+    Each worker goes depth first on its own stack; one whose stack is empty takes
+    the oldest open node of the fullest other stack (the shallowest: the largest
+    subtree), so two workers search disjoint parts of one tree instead of the same
+    tree twice. The tree is done (`take` returns None, `drained`) when every stack
+    is empty and no worker is processing a node (which may push children). The
+    first checked preimage found by any worker is ``z_star`` (`offer`); unresolved
+    nodes are counted over all workers. Workers may join late (a second one after
+    its bound tightening) or never: an idle worker does not hold the tree open.
+    """
+
+    def __init__(self, n_units: int, workers: int = 1, z_known: np.ndarray | None = None) -> None:
+        self._cond = threading.Condition()
+        self._stacks: list[list[np.ndarray]] = [[] for _ in range(workers)]
+        self._stacks[0].append(np.full(n_units, -1, dtype=np.int8))
+        self._busy = [False] * workers
+        self.z_star = z_known
+        self.unresolved = 0
+        self.drained = False
+
+    @property
+    def open(self) -> int:
+        """Open nodes over all stacks."""
+        return sum(len(stack) for stack in self._stacks)
+
+    def take(self, worker: int, give_up: Callable[[], bool]) -> np.ndarray | None:
+        """The next node for `worker` (its own stack's last, else another's oldest), or None:
+        the tree is drained, or ``give_up()`` (checked while waiting for work)."""
+        with self._cond:
+            self._busy[worker] = False
+            while True:
+                own = self._stacks[worker]
+                if own:
+                    self._busy[worker] = True
+                    return own.pop()
+                donor = max(range(len(self._stacks)), key=lambda j: len(self._stacks[j]))
+                if self._stacks[donor]:
+                    self._busy[worker] = True
+                    return self._stacks[donor].pop(0)
+                if not any(self._busy):
+                    self.drained = True
+                    self._cond.notify_all()
+                    return None
+                if give_up():
+                    return None
+                self._cond.wait(timeout=0.01)
+
+    def give(self, worker: int, children: list[np.ndarray]) -> None:
+        """Push `worker`'s children (the one to search first last)."""
+        with self._cond:
+            self._stacks[worker] += children
+            self._cond.notify_all()
+
+    def offer(self, z: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(the pool's preimage, whether it is z): z becomes it where there is none yet."""
+        with self._cond:
+            if self.z_star is None:
+                self.z_star = z
+                return z, True
+            return self.z_star, False
+
+    def leave(self, worker: int) -> None:
+        """`worker` stops (its answer given): it no longer holds the tree open."""
+        with self._cond:
+            self._busy[worker] = False
+            self._cond.notify_all()
+
+    def count_unresolved(self) -> None:
+        with self._cond:
+            self.unresolved += 1
+
+
 def settle_exact(
     relax: Relaxation,
     accept: Callable[..., np.ndarray | None],
@@ -111,6 +191,8 @@ def settle_exact(
     second: Callable[[np.ndarray], np.ndarray | None] | None = None,
     stop: Callable[[], bool] | None = None,
     refresh: Callable[[Relaxation], None] | None = None,
+    pool: NodePool | None = None,
+    worker: int = 0,
 ) -> BranchOutcome:
     """The exact problem (module docstring) on `relax` (an exact top).
 
@@ -124,6 +206,7 @@ def settle_exact(
     leaf_fit : on (n_units,) -> (misfit, z): the best fit to y inside the cell of `on`
         (`preimage.solvers.cell.cell_lp`); above ``leaf_tol`` the cell holds no preimage
     z_known : a checked preimage already found (the layer-wise method's), or None
+        (with a `pool`: the pool's own, given when it was made)
     separation : two preimages farther apart than this (l_inf) are distinct
     deadline : time.perf_counter() value
     second : z* -> a checked second preimage near z* (its own cell), or None; tried on the
@@ -135,33 +218,70 @@ def settle_exact(
         every node). Not before: while no preimage is known, the LP points are the seeds
         of the local search for one, and other bounds move them (the authors' sample
         193, whose preimage only they find, then ran out of time)
+    pool, worker : the tree shared with other workers (`NodePool`; each on its own
+        Relaxation of the same network) and this one's number; None: a tree of its own.
+        The verdict ("unique", "infeasible") is then the whole tree's, every worker's
+        nodes done
     """
+    pool = NodePool(relax.n_units, 1, z_known) if pool is None else pool
+    try:
+        return _search_exact(relax, accept, null_directions, leaf_fit, leaf_tol, separation,
+                             deadline, second, stop, refresh, pool, worker)
+    finally:
+        pool.leave(worker)
+
+
+def _search_exact(relax: Relaxation, accept, null_directions, leaf_fit, leaf_tol: float,
+                  separation: float, deadline: float, second, stop, refresh, pool: NodePool,
+                  worker: int) -> BranchOutcome:
+    """`settle_exact`'s search, `worker`'s part of the pool's tree."""
     k = relax.k
-    z_star = z_known
-    stack = [np.full(relax.n_units, -1, dtype=np.int8)]
-    nodes = unresolved = 0
+    nodes = 0
+
+    def give_up() -> bool:
+        return time.perf_counter() > deadline or (stop is not None and stop())
 
     def distinct(z: np.ndarray) -> bool:
-        return z_star is not None and float(np.max(np.abs(z - z_star))) > separation
+        return pool.z_star is not None and float(np.max(np.abs(z - pool.z_star))) > separation
 
     def outcome(status: str, message: str, witness: np.ndarray | None = None) -> BranchOutcome:
-        return BranchOutcome(status, z_star, witness, nodes=nodes, lps=relax.n_lps,
-                             unresolved=unresolved, message=message)
+        return BranchOutcome(status, pool.z_star, witness, nodes=nodes, lps=relax.n_lps,
+                             unresolved=pool.unresolved, message=message)
 
-    while stack:
-        if time.perf_counter() > deadline or (stop is not None and stop()):
-            return outcome("found" if z_star is not None else "none",
-                           f"out of time after {nodes} nodes ({len(stack)} open)")
-        decisions = stack.pop()
-        if refresh is not None and z_star is not None:
+    def witness_of(found: np.ndarray, where: str) -> BranchOutcome | None:
+        """A checked preimage into the pool: the answer "non_unique" where it is a second
+        one (or, the first, its cell holds a second), else None."""
+        z_star, first = pool.offer(found)
+        if not first:
+            return (outcome("non_unique", f"a second preimage {where}", found)
+                    if distinct(found) else None)
+        near = second(z_star) if second is not None else None
+        if near is not None:
+            return outcome("non_unique", f"a second preimage next to the first ({where})", near)
+        return None
+
+    while True:
+        decisions = pool.take(worker, give_up)
+        if decisions is None:
+            if pool.drained:
+                break
+            return outcome("found" if pool.z_star is not None else "none",
+                           f"out of time after {nodes} nodes ({pool.open} open)")
+        if give_up():
+            pool.give(worker, [decisions])  # (open still: the answer counts it)
+            return outcome("found" if pool.z_star is not None else "none",
+                           f"out of time after {nodes} nodes ({pool.open} open)")
+        if refresh is not None and pool.z_star is not None:
             refresh(relax)
+        if relax.contradicts(decisions):
+            continue  # (no point of its own: its sibling, the other state, holds them all)
         relax.fix(decisions)
         sol = relax.solve()
         nodes += 1
         if sol.status == "infeasible":
             continue
         if not sol.optimal or sol.x is None:
-            unresolved += 1  # HiGHS gave no answer: this subtree stays open
+            pool.count_unresolved()  # HiGHS gave no answer: this subtree stays open
             continue
         u = sol.x
         z_lp = u[:k]
@@ -169,28 +289,23 @@ def settle_exact(
         # with a preimage in hand, only LP points near a point of the network are worth a
         # refinement (one from far off rarely lands on a second preimage, and costs more
         # than the node's LP)
-        if z_star is None or (distinct(z_lp) and float(np.max(_violations(relax, u, pre),
-                                                               initial=0.0)) <= NEAR_NETWORK):
-            found = accept(z_lp, z_star is None)
+        if pool.z_star is None or (distinct(z_lp) and float(np.max(
+                _violations(relax, u, pre), initial=0.0)) <= NEAR_NETWORK):
+            found = accept(z_lp, pool.z_star is None)
             if found is not None:
-                if z_star is None:
-                    z_star = found
-                    near = second(z_star) if second is not None else None
-                    if near is not None:
-                        return outcome("non_unique", f"a second preimage next to the first "
-                                       f"(node {nodes})", near)
-                elif distinct(found):
-                    return outcome("non_unique", f"a second preimage at node {nodes}", found)
+                answer = witness_of(found, f"at node {nodes}")
+                if answer is not None:
+                    return answer
         undecided = relax.undecided()
         if undecided.size:
             g, _ = _branch_unit(relax, u, undecided, pre)
-            stack += _children(decisions, g, bool(pre[g] > 0))
+            pool.give(worker, _children(decisions, g, bool(pre[g] > 0)))
             continue
         # A leaf: every unit decided, the LP is the cell's own preimage set Q.
         on = np.where(relax.stable >= 0, relax.stable, relax.fixed) == 1
         negligible = (relax.stable < 0) & (relax.fixed < 0)
         on[negligible] = relax.upper[negligible] > -relax.lower[negligible]
-        if z_star is None or distinct(z_lp):
+        if pool.z_star is None or distinct(z_lp):
             # the cell's own LP (scaled, tight tolerances) decides: the relaxation's point
             # is feasible only to HiGHS's tolerance
             misfit, z_cell = leaf_fit(on)
@@ -198,16 +313,13 @@ def settle_exact(
                 continue  # no preimage in this cell
             found = accept(z_cell)
             if found is None:
-                unresolved += 1
+                pool.count_unresolved()
                 continue
-            if z_star is None:
-                z_star = found
-                near = second(z_star) if second is not None else None
-                if near is not None:
-                    return outcome("non_unique", f"a second preimage next to the first "
-                                   f"(leaf {nodes})", near)
-            elif distinct(found):
-                return outcome("non_unique", f"a second preimage in leaf {nodes}", found)
+            answer = witness_of(found, f"in leaf {nodes}")
+            if answer is not None:
+                return answer
+        z_star = pool.z_star
+        assert z_star is not None
         directions = null_directions(z_star, on)
         far = None
         for v in directions.T:
@@ -227,14 +339,15 @@ def settle_exact(
             if found is not None and distinct(found):
                 return outcome("non_unique", f"a second preimage in the cell of z* (leaf {nodes})",
                                found)
-        unresolved += 1
-    if z_star is None:
-        if unresolved:
-            return outcome("none", f"no preimage found; {unresolved} node(s) unresolved")
-        return outcome("infeasible", f"no preimage: all {nodes} nodes infeasible")
-    if unresolved:
-        return outcome("found", f"a preimage; {unresolved} node(s) unresolved, uniqueness open")
-    return outcome("unique", f"the only preimage: {nodes} nodes, every other one infeasible")
+        pool.count_unresolved()
+    if pool.z_star is None:
+        if pool.unresolved:
+            return outcome("none", f"no preimage found; {pool.unresolved} node(s) unresolved")
+        return outcome("infeasible", f"no preimage: every node infeasible ({nodes} here)")
+    if pool.unresolved:
+        return outcome("found", f"a preimage; {pool.unresolved} node(s) unresolved, "
+                       "uniqueness open")
+    return outcome("unique", f"the only preimage: every other node infeasible ({nodes} here)")
 
 
 def minimise_misfit(

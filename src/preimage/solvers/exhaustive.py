@@ -41,7 +41,7 @@ from scipy.optimize import Bounds, LinearConstraint
 from preimage.model.layer import Layer
 from preimage.model.network import Network
 from preimage.model.operators import DenseOperator, dense
-from preimage.solvers.branch import BranchOutcome, minimise_misfit, settle_exact
+from preimage.solvers.branch import BranchOutcome, NodePool, minimise_misfit, settle_exact
 from preimage.solvers.cell import (
     activation_pattern,
     cell_lp,
@@ -307,6 +307,9 @@ def _settle(
         return fit.misfit, fit.z
 
     shared = _SharedBounds()  # (published to only when racing)
+    # one tree for both searches when racing: the tightened one joins it after its
+    # tightening, taking the other's shallowest open nodes (`NodePool`)
+    pool = NodePool(relax.n_units, 2 if tighten else 1, known)
 
     def search(tightened: bool, stop: Callable[[], bool] | None) -> BranchOutcome:
         own = Relaxation(lp_net, top, domain, top_block) if tightened else relax
@@ -317,7 +320,8 @@ def _settle(
         return settle_exact(own, accept, directions, leaf_fit, leaf_tol=10 * rtol * cons.scale,
                             z_known=known, separation=separation, deadline=deadline,
                             second=second_in_cell, stop=stop,
-                            refresh=None if tightened else shared.refresh)
+                            refresh=None if tightened else shared.refresh, pool=pool,
+                            worker=int(tightened))
 
     found, _ = _race_searches(search, tighten, EXACT_CONCLUSIVE)
     # (no wall time in a message: results are the same whatever the machine's speed; which
@@ -386,6 +390,9 @@ def _race_searches(
     to `search` through its closure), which the plain one takes up between nodes once it
     knows a preimage (valid over the whole domain, they hold in every node: samples
     169, 89, 124 of the authors' decoder then settle in 4-5 s instead of 6-11).
+    An exact search's two are one tree (`NodePool`, given the same way): the tightened
+    one, done tightening, takes the plain one's shallowest open nodes, and the two
+    search disjoint subtrees instead of the same tree twice.
     The first answer whose status is `conclusive` ends the other search; without one,
     the answer with a preimage (exact) or the better incumbent and the higher bound
     (misfit: each search's bound holds for every z of the domain), and the nodes and

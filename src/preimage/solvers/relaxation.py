@@ -512,6 +512,12 @@ class Relaxation:
             self._apply_bounds(changed)
         return int(changed.size)
 
+    def contradicts(self, decisions: np.ndarray) -> bool:
+        """Whether a decision goes against a unit's state that its bounds now fix (on where
+        U <= 0, off where L >= 0: bounds tightened since the decision was taken)."""
+        decided = (self.stable >= 0) & (decisions >= 0)
+        return bool(np.any(decisions[decided] != self.stable[decided]))
+
     def fix(self, decisions: np.ndarray) -> None:
         """Set the branching decisions: decisions[g] = 1 on, 0 off, -1 free (unstable units
         only; stable units keep their state)."""
