@@ -17,7 +17,8 @@ misfit min_z ||G(z) - x||. Both:
 3. search: ``engine="branch"`` the branch and bound over units on one live
    HiGHS LP (`preimage.solvers.branch`), with ``tighten`` raced in a second
    thread by a second one whose bounds are first tightened over the LP
-   relaxation (optimisation-based bound tightening, `_race_searches`);
+   relaxation (optimisation-based bound tightening, `_race_searches`), which
+   then works on the same tree (`preimage.solvers.branch.NodePool`);
    ``engine="milp"`` the same model as a MILP through HiGHS's own branch and
    cut (`scipy.optimize.milp`; uniqueness by a second MILP with a no-good cut
    on the first answer's pattern), after the tightening with ``tighten``.
