@@ -408,11 +408,17 @@ def test_two_workers_share_one_tree_and_it_drains_only_when_both_are_done() -> N
     assert np.array_equal(pool.take(0, never), second)
     # both busy, nothing open: a worker waits (here: gives up) instead of declaring the end
     assert pool.take(1, lambda: True) is None and not pool.drained
-    pool.leave(0)
-    assert pool.take(1, never) is None and pool.drained
+    # the other finishing its node (its next take) ends the tree
+    assert pool.take(0, never) is None and pool.drained
     # the first preimage offered is the pool's; a later one is not
     z = np.ones(2)
     assert pool.offer(z)[1] and not pool.offer(2 * z)[1] and pool.z_star is z
+    # a worker that leaves with its node unfinished (a witness, out of time) leaves the
+    # tree open for good: no other worker may then conclude from it
+    pool = NodePool(3, workers=2)
+    assert pool.take(0, never) is not None
+    pool.leave(0)
+    assert pool.take(1, never) is None and not pool.drained
 
 
 def test_a_decision_against_a_units_tightened_state_is_a_contradiction(shallow) -> None:

@@ -111,7 +111,8 @@ class NodePool:
     the oldest open node of the fullest other stack (the shallowest: the largest
     subtree), so two workers search disjoint parts of one tree instead of the same
     tree twice. The tree is done (`take` returns None, `drained`) when every stack
-    is empty and no worker is processing a node (which may push children). The
+    is empty and no worker is processing a node (which may push children) or has
+    left the search before its end (`leave`). The
     first checked preimage found by any worker is ``z_star`` (`offer`); unresolved
     nodes are counted over all workers. Workers may join late (a second one after
     its bound tightening) or never: an idle worker does not hold the tree open.
@@ -125,6 +126,7 @@ class NodePool:
         self.z_star = z_known
         self.unresolved = 0
         self.drained = False
+        self._abandoned = False
 
     @property
     def open(self) -> int:
@@ -145,11 +147,11 @@ class NodePool:
                 if self._stacks[donor]:
                     self._busy[worker] = True
                     return self._stacks[donor].pop(0)
-                if not any(self._busy):
+                if not any(self._busy) and not self._abandoned:
                     self.drained = True
                     self._cond.notify_all()
                     return None
-                if give_up():
+                if give_up() or self._abandoned:
                     return None
                 self._cond.wait(timeout=0.01)
 
@@ -168,9 +170,12 @@ class NodePool:
             return self.z_star, False
 
     def leave(self, worker: int) -> None:
-        """`worker` stops (its answer given): it no longer holds the tree open."""
+        """`worker` stops (its answer given). Before the tree is drained (a witness, out of
+        time, stopped), the node it held is not done: the tree then never counts as
+        drained, and no other worker can conclude "unique" or "infeasible" from it."""
         with self._cond:
             self._busy[worker] = False
+            self._abandoned |= not self.drained
             self._cond.notify_all()
 
     def count_unresolved(self) -> None:
