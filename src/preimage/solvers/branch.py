@@ -135,10 +135,13 @@ class NodePool:
 
     def take(self, worker: int, give_up: Callable[[], bool]) -> np.ndarray | None:
         """The next node for `worker` (its own stack's last, else another's oldest), or None:
-        the tree is drained, or ``give_up()`` (checked while waiting for work)."""
+        the tree is drained, or ``give_up()`` (checked before each node and while waiting
+        for work)."""
         with self._cond:
             self._busy[worker] = False
             while True:
+                if give_up() or self._abandoned:
+                    return None
                 own = self._stacks[worker]
                 if own:
                     self._busy[worker] = True
@@ -147,11 +150,9 @@ class NodePool:
                 if self._stacks[donor]:
                     self._busy[worker] = True
                     return self._stacks[donor].pop(0)
-                if not any(self._busy) and not self._abandoned:
+                if not any(self._busy):
                     self.drained = True
                     self._cond.notify_all()
-                    return None
-                if give_up() or self._abandoned:
                     return None
                 self._cond.wait(timeout=0.01)
 
@@ -270,10 +271,6 @@ def _search_exact(relax: Relaxation, accept, null_directions, leaf_fit, leaf_tol
         if decisions is None:
             if pool.drained:
                 break
-            return outcome("found" if pool.z_star is not None else "none",
-                           f"out of time after {nodes} nodes ({pool.open} open)")
-        if give_up():
-            pool.give(worker, [decisions])  # (open still: the answer counts it)
             return outcome("found" if pool.z_star is not None else "none",
                            f"out of time after {nodes} nodes ({pool.open} open)")
         if refresh is not None and pool.z_star is not None:
