@@ -175,3 +175,19 @@ def test_unknown_options_and_bad_shared_arguments(small: tuple) -> None:
         invert(net, x, rtol=-1.0)
     with pytest.raises(ValueError, match="`method` must be one of"):
         invert(net, x, method="magic")
+
+
+def test_a_device_this_torch_cannot_use_is_named_not_raised_from_inside_torch() -> None:
+    import torch
+
+    net = random_network([3, 12, 30], seed=0)
+    x = net.forward(np.random.default_rng(0).standard_normal(3))
+    for device, rule in (("bogus", "torch device such as"), ("meta", "of type cpu or cuda")):
+        with pytest.raises(ValueError, match=f"`device`.*{rule}"):
+            invert(net, x, method="adam", device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            invert(net, x, method="adam", device="cuda")
+    with pytest.raises(TypeError, match="meta device"):
+        invert(net, torch.empty(30, device="meta"))
+    assert invert(net, x, device="cpu").status == "unique"

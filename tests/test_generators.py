@@ -306,6 +306,23 @@ def test_smooth_activations_invert_and_match_torch(act: Activation) -> None:
         assert act.inverse(np.array([hi]))[0] == np.inf
 
 
+
+def test_a_softplus_whose_jump_makes_it_two_to_one_is_refused() -> None:
+    # torch's Softplus(threshold=1) jumps down by 0.31 at pre = 1 (to pre itself): 0.8 and
+    # 1.17 map to the same output, so no inversion of it can say "unique"
+    act = nn.Softplus(beta=1.0, threshold=1.0)
+    pre = torch.tensor([0.8, 1.1711006659477776], dtype=torch.float64)
+    assert abs(float(act(pre)[0] - act(pre)[1])) < 1e-12
+    with pytest.raises(ValueError, match="threshold 1 is not invertible"):
+        Activation("softplus", threshold=1.0)
+    g = nn.Sequential(nn.Linear(3, 30), act).double().eval()
+    with pytest.raises(ValueError, match=r"'1' \(Softplus\).*not invertible"):
+        Network.from_torch(g)
+    # the default threshold's jump (2e-9) is far below every tolerance: read as before
+    smooth = nn.Sequential(nn.Linear(3, 30), nn.Softplus()).eval()
+    assert Network.from_torch(smooth).widths == [3, 30]
+
+
 def _export(module: nn.Module, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

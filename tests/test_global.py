@@ -439,3 +439,22 @@ def test_a_decision_against_a_units_tightened_state_is_a_contradiction(shallow) 
     assert relax.stable[g] == 0 and relax.contradicts(decisions)
     decisions[g] = 0
     assert not relax.contradicts(decisions) and domain.upper[0][g] > 0
+
+
+def test_a_float32_preimage_blurred_by_the_tolerance_is_no_second_preimage() -> None:
+    # float32 (rtol 1e-5), tanh outputs of steep weights: points 3e-5 to 1e-4 from the code
+    # still reproduce x within 10 rtol. They were reported as witnesses ("non_unique");
+    # distinct preimages must lie farther apart than the tolerance blurs one
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    mod = torch.nn.Sequential(torch.nn.Linear(5, 40), torch.nn.ReLU(), torch.nn.Linear(40, 120),
+                              torch.nn.Tanh()).eval()
+    with torch.no_grad():
+        mod[2].weight.mul_(15)
+        z = torch.randn(4, 5)
+        x = mod(z).numpy()
+    net = Network.from_torch(mod)
+    res = invert(net, x)
+    for b in range(4):
+        assert res.status[b] in ("unique", "feasible"), res.message[b]
+        assert np.max(np.abs(net.forward(res.z[b][None])[0] - x[b])) <= 1e-4

@@ -46,6 +46,7 @@ from preimage.model.operators import Mask, as_mask, as_measurement
 from preimage.model.validation import (
     check_choice,
     check_count,
+    check_device,
     check_observation,
     check_positive,
 )
@@ -274,6 +275,7 @@ def invert(
         rtol = check_positive(rtol, "rtol")
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
+    device = check_device(device)
     if n_jobs is not None:
         n_jobs = check_count(n_jobs, "n_jobs", 1)
     if batched is not None and not isinstance(batched, (bool, np.bool_)):

@@ -23,6 +23,12 @@ ACTIVATIONS: tuple[str, ...] = (
 PIECEWISE_LINEAR: tuple[str, ...] = ("relu", "leaky_relu", "identity")
 
 
+#: A Softplus's jump at its threshold (torch's switch to the identity), relative to the
+#: output there, below which it counts as invertible (threshold >= 18; the default 20:
+#: 1e-10).
+SOFTPLUS_JUMP = 1e-9
+
+
 @dataclass(frozen=True)
 class Activation:
     """An elementwise activation.
@@ -68,6 +74,20 @@ class Activation:
                 raise ValueError(
                     f"The {name} of an activation must be a finite number > 0; got {value!r}."
                 )
+
+        if self.kind == "softplus" and np.log1p(np.exp(-self.threshold)) > (
+            SOFTPLUS_JUMP * self.threshold
+        ):
+            # past beta pre = threshold torch's Softplus is pre itself, below it the smooth
+            # curve, which lies log(1 + exp(-threshold)) / beta above: the output jumps
+            # down there, and the outputs just past the jump have two pre-activations
+            raise ValueError(
+                f"A Softplus with threshold {self.threshold:g} is not invertible: it jumps "
+                f"down by {np.log1p(np.exp(-self.threshold)) / self.beta:.3g} where beta pre "
+                "= threshold (to pre itself), so outputs just past it have two "
+                "pre-activations; a threshold of at least 18 keeps the jump below 1e-9 of "
+                "the output (the default is 20)."
+            )
 
     @property
     def range(self) -> tuple[float, float]:

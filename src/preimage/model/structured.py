@@ -80,8 +80,10 @@ def _torch_call(op: Any, h: np.ndarray) -> np.ndarray:
     """op applied to a NumPy batch (B, n) through its torch function, in float64."""
     import torch
 
-    batch = np.asarray(h, dtype=np.float64)
-    x = torch.from_numpy(np.ascontiguousarray(batch)).reshape(batch.shape[0], *op.in_shape)
+    batch = np.ascontiguousarray(h, dtype=np.float64)
+    if not batch.flags.writeable:  # (torch warns on read-only memory; it only reads it here)
+        batch = batch.copy()
+    x = torch.from_numpy(batch).reshape(batch.shape[0], *op.in_shape)
     if op._float64 is None:  # the float64 parameters, converted once
         op._float64 = op.torch_parameters(torch.float64)
     with torch.no_grad():

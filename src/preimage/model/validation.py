@@ -64,6 +64,8 @@ def _tensor_values(t: Any, name: str) -> np.ndarray:
         raise TypeError(
             f"`{name}` must be a tensor of real numbers; got complex numbers ({t.dtype})."
         )
+    if getattr(t, "is_meta", False):
+        raise TypeError(f"`{name}` is a tensor on the meta device: it holds no values.")
     t = t.detach().cpu()
     if t.is_floating_point() and t.element_size() < 4:  # float16 / bfloat16 / float8
         t = t.float()
@@ -189,3 +191,35 @@ def check_choice(value: Any, name: str, choices: Sequence[str], *, optional: boo
             f"{value!r:.40}."
         )
     return value
+
+
+#: The torch device types the torch routes run on.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(device: Any, name: str = "device") -> Any:
+    """`device` (None, a string such as "cuda:0" or a torch.device) as a torch.device this
+    process can use, or None (the default: CUDA when available); else a ValueError
+    naming `name` and the rule (torch's own error would be an assertion inside it)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be a torch device such as 'cpu' or 'cuda'; got {device!r:.40}."
+        ) from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"`{name}` must be a device of type {' or '.join(DEVICE_TYPES)}; got "
+                         f"{device!r:.40}.")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"`{name}` is {device!r:.40}, but this torch ({torch.__version__}) "
+                             "sees no CUDA device; pass 'cpu' or None (CUDA when available).")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"`{name}` is {device!r:.40}, but this torch sees {count} CUDA "
+                             f"device(s) (0 to {count - 1}).")
+    return dev

@@ -75,6 +75,13 @@ PROBE_SHARE = 0.2
 PROBE_STARTS = 200
 PROBE_AFTER = 20
 
+#: Two preimages are distinct where farther apart (l_inf) than SEPARATION max(1, |z*|_inf),
+#: or SEPARATION_RTOL rtol max(1, |z*|_inf) where the data's tolerance is coarser: in
+#: float32 (rtol 1e-5) points 1e-5 to 1e-4 from z* still reproduce x within 10 rtol, the
+#: same preimage blurred by the tolerance, not a second one.
+SEPARATION = 1e-6
+SEPARATION_RTOL = 100.0
+
 #: Levenberg-Marquardt steps from a branch-and-bound LP point while no preimage is known.
 ACCEPT_ITERATIONS = 20
 
@@ -252,7 +259,8 @@ def _settle(
     known = accept(z_known / unit) if z_known is not None else None
 
     def separation_of(z_star: np.ndarray | None) -> float:
-        return 1e-6 * (1.0 if z_star is None else max(1.0, float(np.max(np.abs(z_star)))))
+        size = 1.0 if z_star is None else max(1.0, float(np.max(np.abs(z_star))))
+        return max(SEPARATION, SEPARATION_RTOL * rtol) * size
 
     def second_in_cell(z_star: np.ndarray) -> np.ndarray | None:
         """A second preimage in z*'s own cell, along the directions that keep its pinned
