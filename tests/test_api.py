@@ -191,3 +191,14 @@ def test_a_device_this_torch_cannot_use_is_named_not_raised_from_inside_torch() 
     with pytest.raises(TypeError, match="meta device"):
         invert(net, torch.empty(30, device="meta"))
     assert invert(net, x, device="cpu").status == "unique"
+
+
+def test_an_observation_near_float64s_subnormals_is_refused_not_called_unique() -> None:
+    # x of 1e-308 was "unique" with z = 0 (G(0) = 0, a 100% misfit the relative check
+    # missed); an all-zero x is still an observation
+    net = random_network([3, 6, 10], seed=1)
+    x = net.forward(np.random.default_rng(0).standard_normal(3))
+    with pytest.raises(ValueError, match=r"`x` has sample\(s\) \[1\] of largest magnitude"):
+        invert(net, np.stack([x, x * 1e-308]))
+    assert invert(net, np.zeros(10)).status in ("unique", "non_unique")
+    assert invert(net, x * 1e-90).status == invert(net, x).status

@@ -458,3 +458,41 @@ def test_a_float32_preimage_blurred_by_the_tolerance_is_no_second_preimage() -> 
     for b in range(4):
         assert res.status[b] in ("unique", "feasible"), res.message[b]
         assert np.max(np.abs(net.forward(res.z[b][None])[0] - x[b])) <= 1e-4
+
+
+@pytest.mark.parametrize("dead_bias", [1e3, 1e5, 1e7])
+def test_a_dead_unit_with_a_huge_bias_does_not_shrink_the_latent_unit(dead_bias) -> None:
+    # G(z) = relu(relu(z) - relu(z - T)) = z on [0, T]: x = 5 has the one preimage z = 5.
+    # The unit off below T, rescaled by its bias (`balanced`), once made the codes look
+    # 1e-5 their size: a box of 0.08, then "infeasible" over every z, or a false "unique"
+    net = Network.from_weights([np.array([[1.0], [1.0]]), np.array([[1.0, -1.0]])],
+                               [np.array([0.0, -dead_bias]), np.array([0.0])])
+    res = invert(net, np.array([5.0]), method="global")
+    assert res.status == "unique" and abs(float(res.z[0]) - 5.0) < 1e-9
+    # a random net with one such unit: a second preimage 1.6e5 away, and z0 itself
+    base = random_network([2, 4, 6], bias=True, seed=20)
+    biases = [layer.bias.copy() for layer in base.layers]
+    biases[0][0] = -dead_bias
+    net = Network.from_weights([layer.weight.matrix() for layer in base.layers], biases)
+    z0 = np.random.default_rng(20).standard_normal((4, 2))[2]
+    res = invert(net, net.forward(z0), method="global")
+    assert res.status in ("unique", "non_unique", "feasible"), res.message
+    # (where the search ran: at 1e7 the layer-wise method's far z stays "feasible")
+    assert res.proof_domain in ("", "every z") or "|z_j| <= 10 " in res.proof_domain \
+        or res.proof_domain.startswith("every z")
+    if res.status == "unique":  # then it must be z0, the one inside the box
+        assert np.max(np.abs(res.z - z0)) < 1e-6
+
+
+@pytest.mark.parametrize("noise", [None, "linf"])
+def test_the_global_route_takes_the_calls_time_limit(noise) -> None:
+    net = random_network([5, 20, 50], seed=0)
+    rng = np.random.default_rng(0)
+    x = net.forward(rng.standard_normal((3, 5))) if noise is None else np.abs(
+        rng.standard_normal((3, 50)))
+    res = invert(net, x, method="global", noise=noise, time_limit=0.0)
+    assert all("out of time" in m for m in res.message), res.message
+    if noise is not None:  # nothing proved: the bound is the trivial one
+        assert np.all(res.misfit_bound == 0.0) and np.all(res.out_of_time)
+    done = invert(net, x, method="global", noise=noise, time_limit=60.0)
+    assert not any("out of time" in m for m in done.message)

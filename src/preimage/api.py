@@ -84,7 +84,7 @@ ROUTES: dict[str, Route] = {
     "pgd": Route(pgd_invert, frozenset({"rtol", "time_limit"})),
     "gradient": Route(gradient_invert, frozenset({"device", "time_limit"})),
     "hybrid": Route(hybrid_invert, frozenset({"rtol", "fallback", "device", "time_limit"})),
-    "global": Route(invert_global, frozenset({"rtol", "fallback"})),
+    "global": Route(invert_global, frozenset({"rtol", "fallback", "time_limit"})),
 }
 
 

@@ -31,6 +31,7 @@ from preimage.methods.search import GlobalSettings
 from preimage.model.network import Network
 from preimage.model.validation import check_observation
 from preimage.results import (
+    Deadline,
     InversionResult,
     ProgressCallback,
     build_result,
@@ -52,6 +53,7 @@ def invert_global(
     gap: float = 1e-6,
     A: Any = None,
     progress: ProgressCallback | None = None,
+    time_limit: float | Deadline | None = None,
 ) -> InversionResult:
     """The global method on observations x (n,) or (B, n); see the module docstring.
 
@@ -65,6 +67,8 @@ def invert_global(
     fallback : GlobalSettings (``seconds`` per sample, ``latent_bound``, ``tighten`` for
         exact data only, ``search``); default GlobalSettings()
     gap : with noise: the relative gap at which the minimum counts as proved
+    time_limit : seconds (or a `Deadline`) for the whole call: no sample's search starts
+        past it and a running one stops at it ("out of time", its best point kept)
 
     Returns
     -------
@@ -74,6 +78,7 @@ def invert_global(
     if A is not None:
         raise ValueError("method='global' does not take a measurement `A`; use `observe` "
                          "for a mask, or method='exact' for compressed sensing.")
+    deadline = Deadline.of(time_limit)
     settings = GlobalSettings() if fallback is None else fallback
     if settings.search == "cells":
         raise ValueError("method='global' needs GlobalSettings(search='branch' or 'milp').")
@@ -82,7 +87,7 @@ def invert_global(
         xb, single = check_observation(x, net.output_dim)
         own_rtol = default_rtol(net, x) if rtol is None else rtol
         result = invert_exact(net, xb, single=single, rtol=own_rtol, fallback=settings,
-                              progress=progress)
+                              progress=progress, time_limit=deadline)
         result.method = "global"
         return result
     if noise not in ("linf", "l1"):
@@ -94,7 +99,8 @@ def invert_global(
         raise ValueError("method='global' with noise needs ReLU layers only, the output's too.")
     start = time.perf_counter()
     xb, single = check_observation(x, net.output_dim)
-    local = project(net, xb, norm=noise, restarts=2, adam_steps=200, descents=2)
+    local = project(net, xb, norm=noise, restarts=2, adam_steps=200, descents=2,
+                    time_limit=deadline)
     batch = xb.shape[0]
     z = np.array(local.z, copy=True).reshape(batch, net.latent_dim)
     bound = np.zeros(batch)
@@ -102,9 +108,15 @@ def invert_global(
     timed = np.zeros(batch, dtype=bool)
     messages = []
     for b in range(batch):
+        seconds = min(settings.seconds, deadline.remaining())
+        if seconds <= 0:
+            messages.append(f"{deadline.note()} before this sample's global projection; the "
+                            "cell descent's point is kept")
+            timed[b] = True
+            continue
         try:
             found = global_projection(net, xb[b], norm=noise, start=z[b],
-                                      seconds=settings.seconds, box=settings.latent_bound,
+                                      seconds=seconds, box=settings.latent_bound,
                                       rel_gap=gap)
         except Exception as err:  # one sample's solver failure must not cost the batch
             messages.append(f"the global projection failed: {type(err).__name__}: {err}; "

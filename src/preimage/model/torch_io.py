@@ -5,20 +5,27 @@
 where tracing meets Python control flow (the DCGAN generator of PyTorch's
 examples tests ``input.is_cuda``), by recording the leaf modules one forward
 pass calls, in order, checking that each takes exactly the output of the one
-before. Each operation becomes a step of `preimage.model.chain`, which folds
-them into layers. Supported: Linear, Conv2d and ConvTranspose2d (groups = 1,
-zero padding), BatchNorm1d/2d in eval mode, Upsample (nearest, bilinear),
-Flatten, Unflatten, view / reshape, Dropout and Identity in eval mode, and the
-activations ReLU, LeakyReLU, ELU, Softplus, Tanh, Sigmoid (as modules, as
-``torch`` / ``F`` functions or as tensor methods). Anything else raises a
-TypeError that names the operation and its module path.
+before (or a view of it in another shape), unchanged in place. Each operation
+becomes a step of `preimage.model.chain`, which folds them into layers.
+Supported: Linear, Conv2d and ConvTranspose2d (groups = 1, zero padding),
+BatchNorm1d/2d in eval mode, Upsample / interpolate (nearest, bilinear; no
+antialias), Flatten, Unflatten, view / reshape (to a fixed shape or to
+``h.size(0)`` first), Dropout and Identity in eval mode, and the activations
+ReLU, LeakyReLU, ELU, Softplus, Tanh, Sigmoid (as modules, as ``torch`` / ``F``
+functions or as tensor methods). Anything else raises a TypeError that names
+the operation and its module path. Last, the layers read are run against the
+module's own forward on a few random codes: whatever the reading missed is
+refused there (a TypeError) rather than inverted as a different function.
 
 Kept apart so that the solvers themselves work on NumPy arrays only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -163,14 +170,10 @@ def _steps_of_module(mod: Any, where: str, in_shape: Shape, out_shape: Shape) ->
                                         mod.eps, weight, bias,
                                         in_shape, where)]
     if isinstance(mod, nn.Upsample):
-        if len(in_shape) != 3:
-            raise TypeError(f"{where!r} (Upsample) gets inputs of shape {in_shape}, not (C, H, W).")
-        op = UpsampleOperator(in_shape, size=mod.size, scale_factor=mod.scale_factor,
-                              mode=mod.mode, align_corners=mod.align_corners)
-        if tuple(op.out_shape) != tuple(out_shape):
-            raise TypeError(f"{where!r} (Upsample): output shape {op.out_shape} differs from "
-                            f"torch's {out_shape}.")
-        return [chain.Linear(op, None, where)]
+        return [_upsample_step(f"{where!r} (Upsample)", where, in_shape, out_shape, size=mod.size,
+                               scale_factor=mod.scale_factor, mode=mod.mode,
+                               align_corners=mod.align_corners,
+                               recompute_scale_factor=mod.recompute_scale_factor)]
     if isinstance(mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)):
         _check_eval(mod, where)
         return []
@@ -224,16 +227,73 @@ def _steps_of_function(
     ):
         return [chain.Reshape(tuple(out_shape), where)] if in_shape != out_shape else []
     if target is F.interpolate:
-        kwargs = dict(node.kwargs)
-        op = UpsampleOperator(in_shape, size=kwargs.get("size"),
-                              scale_factor=kwargs.get("scale_factor"),
-                              mode=kwargs.get("mode", "nearest"),
-                              align_corners=kwargs.get("align_corners"))
-        return [chain.Linear(op, None, where)]
+        return [_interpolate_step(node, where, in_shape, out_shape)]
     raise TypeError(
         f"Unsupported operation {node.format_node()} ({where}): preimage handles linear "
         "layers, batch norm, reshapes and elementwise monotone activations."
     )
+
+
+def _upsample_step(
+    what: str, where: str, in_shape: Shape, out_shape: Shape, *, size: Any, scale_factor: Any,
+    mode: str, align_corners: bool | None, recompute_scale_factor: bool | None,
+) -> chain.Linear:
+    """The step of one ``F.interpolate`` / ``nn.Upsample`` (`what` names it in errors)."""
+    if len(in_shape) != 3:
+        raise TypeError(f"{what} gets inputs of shape {in_shape}, not (C, H, W).")
+    if recompute_scale_factor and size is None and scale_factor is not None:
+        # torch then takes the size floor(in * scale) and interpolates with the ratio
+        # in / out, as if called with that size: not with 1 / scale_factor.
+        factors = (tuple(scale_factor) if isinstance(scale_factor, (tuple, list))
+                   else (scale_factor, scale_factor))
+        if len(factors) != 2:
+            raise TypeError(f"{what} has {len(factors)} scale factors for (C, H, W) inputs.")
+        size = tuple(int(np.floor(n * float(f)))
+                     for n, f in zip(in_shape[1:], factors, strict=True))
+        scale_factor = None
+    try:
+        op = UpsampleOperator(in_shape, size=size, scale_factor=scale_factor, mode=mode,
+                              align_corners=align_corners)
+    except (TypeError, ValueError) as exc:  # an unsupported mode, no size nor scale
+        raise TypeError(f"{what}: {exc}") from exc
+    if tuple(op.out_shape) != tuple(out_shape):
+        raise TypeError(f"{what}: output shape {op.out_shape} differs from torch's {out_shape}.")
+    return chain.Linear(op, None, where)
+
+
+#: The arguments of ``F.interpolate`` that `_upsample_step` reads; any other one must keep
+#: its default (``antialias=True`` low-pass filters first, which UpsampleOperator does not).
+_INTERPOLATE_READ = ("input", "size", "scale_factor", "mode", "align_corners",
+                     "recompute_scale_factor")
+
+
+def _interpolate_step(node: Any, where: str, in_shape: Shape, out_shape: Shape) -> chain.Linear:
+    """The step of an ``F.interpolate`` node, its arguments read by name or position."""
+    import inspect
+
+    import torch.fx as fx
+    import torch.nn.functional as F
+
+    what = f"{node.format_node()} ({where})"
+    signature = inspect.signature(F.interpolate)
+    try:
+        bound = signature.bind(*node.args, **node.kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{what}: cannot read its arguments ({exc}).") from exc
+    for name, value in bound.arguments.items():
+        if name == "input":
+            continue
+        if isinstance(value, fx.Node) or (
+            isinstance(value, (tuple, list)) and any(isinstance(v, fx.Node) for v in value)
+        ):
+            raise TypeError(f"{what}: its {name} is computed from a tensor; preimage needs a "
+                            "fixed size or scale_factor.")
+        if name not in _INTERPOLATE_READ and value != signature.parameters[name].default:
+            raise TypeError(f"{what}: {name}={value!r} is not supported; preimage's upsampling "
+                            f"reads {', '.join(_INTERPOLATE_READ[1:])} only.")
+    args = {name: bound.arguments.get(name, signature.parameters[name].default)
+            for name in _INTERPOLATE_READ[1:]}
+    return _upsample_step(what, where, in_shape, out_shape, **args)
 
 
 # --- following the module ----------------------------------------------------------
@@ -267,6 +327,62 @@ def _example_input(
     raise TypeError(f"No linear layer found in {type(module).__name__}.")
 
 
+class _Untraceable(Exception):
+    """torch.fx could not trace the forward (the message says why; the cause is chained).
+
+    Not a TypeError, which `layers_from_module` passes on as a refusal of the loader's own.
+    """
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
+def _size_kind(node: Any, tensors: set[Any], sizes: set[Any]) -> str | None:
+    """"sizes" for x.shape / x.size() of a tensor x of the chain, "batch" for their entry 0
+    and x.size(0) (the batch size), "other" for another entry, else None."""
+    import torch.fx as fx
+
+    args = tuple(node.args)
+    if not args or not isinstance(args[0], fx.Node):
+        return None
+    if node.op == "call_method" and node.target == "size" and args[0] in tensors:
+        dim = node.kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if dim is None:
+            return "sizes"
+        return "batch" if dim == 0 else "other"
+    if node.op == "call_function" and node.target is getattr and len(args) == 2 and (
+        args[0] in tensors and args[1] == "shape"
+    ):
+        return "sizes"
+    if node.op == "call_function" and node.target is operator.getitem and args[0] in sizes:
+        return "batch" if len(args) == 2 and isinstance(args[1], int) and args[1] == 0 else (
+            "other")
+    return None
+
+
+def _reshape_with_batch_first(node: Any, batch: set[Any]) -> bool:
+    """Whether node is a view / reshape to (batch size, fixed sizes...)."""
+    import torch
+    import torch.fx as fx
+
+    args = tuple(node.args)
+    if node.op == "call_method" and node.target in ("view", "reshape") and not node.kwargs:
+        dims = args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+    elif node.op == "call_function" and node.target is torch.reshape:
+        dims = args[1] if len(args) > 1 else node.kwargs.get("shape")
+    else:
+        return False
+    if not isinstance(dims, (tuple, list)) or not dims or not (
+        isinstance(dims[0], fx.Node) and dims[0] in batch
+    ):
+        return False
+    return not any(isinstance(d, fx.Node) for d in dims[1:])
+
+
 def _traced_steps(
     module: Any, entry: str, input_shape: Sequence[int] | None
 ) -> tuple[list[chain.Step], Shape]:
@@ -285,7 +401,12 @@ def _traced_steps(
             return getattr(self.root, entry)(x)
 
     wrapper = Entry(module) if entry != "forward" else module
-    graph_module = fx.symbolic_trace(wrapper)
+    try:
+        graph_module = fx.symbolic_trace(wrapper)
+    except Exception as exc:  # control flow, or user code meeting a Proxy (int(z.size(0)))
+        # Not a refusal of ours, though it may be a TypeError: the caller falls back on
+        # recording the modules one forward pass calls.
+        raise _Untraceable(f"{type(exc).__name__}: {_first_line(exc)}") from exc
     submodules = dict(graph_module.named_modules())
     used = [submodules[n.target] for n in graph_module.graph.nodes if n.op == "call_module"]
     prefix = "root." if entry != "forward" else ""
@@ -295,22 +416,43 @@ def _traced_steps(
                 str(node.target))
             _steps_of_module(submodules[node.target], where, (), ())  # raises, naming it
     shape, dtype = _example_input(module, input_shape, used)
+    # ShapeProp prints the traceback of a failing node to stderr (traceback.print_exc)
+    # before raising; the error below names it, and chains the original.
+    printed = io.StringIO()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
             ShapeProp(graph_module).propagate(torch.zeros((2, *shape), dtype=dtype))
     except Exception as exc:  # the module's own error on the example input
+        cause = exc.__cause__ or exc  # (ShapeProp wraps it in "ShapeProp error for: node=...")
         raise TypeError(
             f"{type(module).__name__}.{entry} fails on codes of shape {shape} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass "
+            f"({type(cause).__name__}: {_first_line(cause)}); pass "
             "the shape of one code as `input_shape`."
         ) from exc
+    sys.stderr.write(printed.getvalue())  # what the forward itself printed, if anything
     prefix = "root." if entry != "forward" else ""
     steps: list[chain.Step] = []
     previous = None
+    tensors: set[Any] = set()  # the chain's results so far, each with the batch first
+    sizes: set[Any] = set()  # x.shape / x.size() of one of them
+    batch: set[Any] = set()  # x.size(0), x.shape[0]: the batch size
+    other: set[Any] = set()  # x.size(1), x.shape[1:], ...: read only to be refused
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
             previous = node
+            tensors.add(node)
             continue
+        kind = _size_kind(node, tensors, sizes)
+        if kind is not None:
+            {"batch": batch, "sizes": sizes, "other": other}[kind].add(node)
+            continue
+        read = [a for a in node.all_input_nodes if a in sizes or a in batch or a in other]
+        if read and not _reshape_with_batch_first(node, batch):
+            raise TypeError(
+                f"{type(module).__name__}.{entry}: operation {node.format_node()} uses a "
+                f"tensor's size ({', '.join(str(a) for a in read)}); preimage reads sizes only "
+                "as the batch dimension of a view / reshape (h.view(h.size(0), C, H, W))."
+            )
         if node.op == "output":
             if node.args[0] is not previous:
                 raise TypeError(f"{type(module).__name__}.{entry} does not return the result of "
@@ -319,7 +461,7 @@ def _traced_steps(
         if node.op == "get_attr":
             raise TypeError(f"{type(module).__name__}.{entry} uses a tensor attribute "
                             f"({node.target}) directly: not a chain of layers.")
-        inputs = [a for a in node.all_input_nodes]
+        inputs = [a for a in node.all_input_nodes if a not in batch]
         if len(inputs) != 1 or inputs[0] is not previous:
             raise TypeError(
                 f"{type(module).__name__}.{entry} is not a simple chain of layers: operation "
@@ -328,6 +470,7 @@ def _traced_steps(
         in_shape = tuple(previous.meta["tensor_meta"].shape[1:])
         out_shape = tuple(node.meta["tensor_meta"].shape[1:])
         previous = node
+        tensors.add(node)
         if node.op == "call_module":
             where = str(node.target)
             where = where[len(prefix):] if where.startswith(prefix) else where
@@ -338,17 +481,34 @@ def _traced_steps(
 
 
 def _recorded_steps(module: Any, entry: str, shape: Shape) -> list[chain.Step]:
-    """Steps from the leaf modules one forward pass calls, checked to form a chain."""
+    """Steps from the leaf modules one forward pass calls, checked to form a chain.
+
+    Between two modules the tensor may only be viewed in another shape (h.view(B, C, H, W));
+    an operation in place (F.relu(h, inplace=True), h.mul_(2)) keeps the tensor object but
+    bumps its version counter, which is how it is caught.
+    """
     import torch
 
-    calls: list[tuple[str, Any, Any, Any]] = []
+    # (name, module, its input and the input's version when called, its output and the
+    # output's version when it returned)
+    calls: list[tuple[str, Any, Any, int, Any, int]] = []
+    versions: dict[Any, int] = {}
     handles = []
     names = {mod: name for name, mod in module.named_modules()}
+
+    def before(m: Any, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            versions[m] = args[0]._version
+
+    def after(m: Any, args: tuple, out: Any) -> None:
+        given = args[0] if args else None
+        calls.append((names[m], m, given, versions.pop(m, -1), out,
+                      out._version if isinstance(out, torch.Tensor) else -1))
+
     for mod in module.modules():
         if not list(mod.children()):
-            handles.append(mod.register_forward_hook(
-                lambda m, args, out: calls.append((names[m], m, args[0] if args else None, out))
-            ))
+            handles.append(mod.register_forward_pre_hook(before))
+            handles.append(mod.register_forward_hook(after))
     x = torch.zeros((2, *shape), dtype=_example_input(module, shape)[1])
     try:
         with torch.no_grad():
@@ -356,21 +516,92 @@ def _recorded_steps(module: Any, entry: str, shape: Shape) -> list[chain.Step]:
     finally:
         for h in handles:
             h.remove()
+    name = type(module).__name__
     steps: list[chain.Step] = []
-    previous = x
-    for where, mod, given, result in calls:
-        if given is not previous:
+    previous, previous_version, previous_name = x, x._version, "the code"
+    for where, mod, given, given_version, result, result_version in calls:
+        if given is not previous and not _viewed(given, previous):
             raise TypeError(
-                f"{type(module).__name__}.{entry} is not a chain of layers: {where} "
+                f"{name}.{entry} is not a chain of layers: {where} "
                 f"({type(mod).__name__}) does not take the output of the layer before it "
                 "(an operation between them that is not a module?). Pass an nn.Sequential."
             )
+        if given_version != previous_version:
+            raise TypeError(
+                f"{name}.{entry} changes {previous_name} in place before {where} "
+                f"({type(mod).__name__}) takes it (an in-place operation that is not a module, "
+                "such as F.relu(h, inplace=True) or h.mul_(2)); preimage cannot read it."
+            )
+        if given is not previous:
+            steps.append(chain.Reshape(tuple(given.shape[1:]), where))
         steps += _steps_of_module(mod, where, tuple(given.shape[1:]), tuple(result.shape[1:]))
-        previous = result
-    if out is not previous:
-        raise TypeError(f"{type(module).__name__}.{entry} does not return the output of its last "
+        previous, previous_version, previous_name = result, result_version, f"the output of {where}"
+    if out is not previous and not _viewed(out, previous):
+        raise TypeError(f"{name}.{entry} does not return the output of its last "
                         "layer. Pass an nn.Sequential.")
+    if isinstance(out, torch.Tensor) and out._version != previous_version:
+        raise TypeError(f"{name}.{entry} changes {previous_name} in place before returning it "
+                        "(an in-place operation that is not a module, such as h.tanh_()); "
+                        "preimage cannot read it.")
+    if out is not previous:
+        steps.append(chain.Reshape(tuple(out.shape[1:]), "the output"))
     return steps
+
+
+def _viewed(t: Any, base: Any) -> bool:
+    """Whether tensor t is base's values, batch first, seen in another shape (a view / reshape
+    of a contiguous tensor: the same memory, the same order)."""
+    import torch
+
+    return (isinstance(t, torch.Tensor) and isinstance(base, torch.Tensor)
+            and t.dim() >= 1 and base.dim() >= 1 and t.shape[0] == base.shape[0]
+            and t.numel() == base.numel() and t.is_contiguous() and base.is_contiguous()
+            and t.data_ptr() == base.data_ptr() and t.dtype == base.dtype)
+
+
+#: How far the layers read may be from the module's own forward, relative to the scale of the
+#: outputs, by the module's dtype: its own rounding, a few hundred units of its last place.
+_FORWARD_RTOL = {"float64": 1e-8, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def _check_forward(module: Any, entry: str, layers: Sequence[Layer], shape: Shape,
+                   dtype: Any) -> None:
+    """Refuse (TypeError) when the layers do not compute the module's own forward.
+
+    Catches whatever the reading missed (an operation hidden from the hooks, an argument
+    not read). One forward pass of each on three random codes (a batch other than the two
+    shapes were read with), under no_grad: the module is left as it was (a batch norm in
+    training mode was refused before).
+    """
+    import torch
+
+    name = type(module).__name__
+    generator = torch.Generator().manual_seed(0)  # (torch's global generator left alone)
+    z = torch.randn((3, *shape), generator=generator, dtype=torch.float64).to(dtype)
+    try:
+        with torch.no_grad():
+            out = getattr(module, entry)(z)
+    except Exception as exc:  # a forward that hard-codes the batch size
+        raise TypeError(f"{name}.{entry} fails on a batch of 3 codes ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); preimage needs a batch dimension first.") from exc
+    x = tensor_to_numpy(out, f"the output of {name}.{entry}").reshape(3, -1)
+    h = tensor_to_numpy(z, "the codes").reshape(3, -1)  # the values the module was given
+    scale = float(np.abs(x).max(initial=0.0))
+    for layer in layers:  # `preimage.Network.forward`
+        h = layer.forward(h)
+        scale = max(scale, float(np.abs(h).max(initial=0.0)))  # (each layer's outputs)
+    if h.shape != x.shape:
+        raise TypeError(f"{name}.{entry} returns {x.shape[1]} values per code, the layers read "
+                        f"from it {h.shape[1]}: it does something the chain of layers does not.")
+    diff = float(np.abs(h - x).max(initial=0.0))
+    rtol = _FORWARD_RTOL.get(str(dtype).replace("torch.", ""), 1e-2)
+    if not diff <= rtol * scale:  # (NaN included)
+        raise TypeError(
+            f"{name}.{entry} does something the chain of layers read from it does not: on random "
+            f"codes their outputs differ by up to {diff:.3g} ({diff / scale if scale else diff:.2g}"
+            f" of the outputs' scale {scale:.3g}; {str(dtype).replace('torch.', '')} allows "
+            f"{rtol:g}). An operation preimage did not see (in place, between modules)?"
+        )
 
 
 def layers_from_module(
@@ -399,17 +630,20 @@ def layers_from_module(
         )
     try:
         steps, shape = _traced_steps(module, entry, input_shape)
-    except TypeError:
+    except TypeError:  # a refusal of the loader's own (fx's failures come as _Untraceable)
         raise
     except Exception as traced:  # fx raises many kinds on data-dependent control flow
+        why = str(traced) if isinstance(traced, _Untraceable) else (
+            f"{type(traced).__name__}: {_first_line(traced)}")
         shape, _ = _example_input(module, input_shape)
         try:
             steps = _recorded_steps(module, entry, shape)
         except TypeError as exc:
-            raise TypeError(f"{exc} (symbolic tracing failed too: {type(traced).__name__}: "
-                            f"{str(traced).splitlines()[0] if str(traced) else ''})") from exc
+            raise TypeError(f"{exc} (symbolic tracing failed too: {why})") from exc
     layers, out_shape = chain.fold(steps, shape)
-    return layers, str(_example_input(module, shape)[1]).replace("torch.", ""), shape, out_shape
+    dtype = _example_input(module, shape)[1]
+    _check_forward(module, entry, layers, shape, dtype)
+    return layers, str(dtype).replace("torch.", ""), shape, out_shape
 
 
 def module_from_layers(layers: Sequence[Layer], dtype: Any = None) -> Any:

@@ -17,6 +17,10 @@ import numpy as np
 #: the layers' scales) overflows: 1e100 squared is 1e200, still finite.
 MAX_MAGNITUDE = 1e100
 
+#: The smallest largest magnitude of an observation (unless it is all zero): its
+#: relative tolerances stay far above float64's subnormals (1e-308).
+MIN_SCALE = 1e-100
+
 #: NumPy dtype kinds that hold real numbers: bool, signed and unsigned int, float.
 _REAL_KINDS = "biuf"
 
@@ -147,8 +151,21 @@ def check_latent(z: Any, width: int, name: str = "z") -> tuple[np.ndarray, bool]
 
 
 def check_observation(x: Any, width: int, name: str = "x") -> tuple[np.ndarray, bool]:
-    """x as a float64 (B, n) copy, and whether the caller passed one sample."""
-    return _check_batch(to_float_array(x, name), width, name, "output layer")
+    """x as a float64 (B, n) copy, and whether the caller passed one sample.
+
+    A sample whose largest magnitude is not 0 but below MIN_SCALE is refused as well: the
+    checks' tolerances are relative to it, and near float64's subnormals a forward pass
+    rounds such an x to 0 (x of 1e-308 was "unique" with z = 0, a 100% misfit)."""
+    batch, single = _check_batch(to_float_array(x, name), width, name, "output layer")
+    scale = np.max(np.abs(batch), axis=1)
+    tiny = np.flatnonzero((scale > 0) & (scale < MIN_SCALE))
+    if tiny.size:
+        raise ValueError(
+            f"`{name}` has sample(s) {tiny[:5].tolist()} of largest magnitude "
+            f"{float(scale[tiny[0]]):.3g}; preimage accepts samples of magnitude "
+            f"{MIN_SCALE:g} to {MAX_MAGNITUDE:g}, or all zero (rescale the data)."
+        )
+    return batch, single
 
 
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:

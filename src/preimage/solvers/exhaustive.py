@@ -173,11 +173,20 @@ def _latent_unit(lp_net: Network, top: int, cons: ActiveSet) -> float:
     """The unit z is measured in for the LPs: 1, or, where the codes the observation
     implies are far from 1 in size (the hidden values of `lp_net`, balanced in z's own
     units, are of z's size), about their size, so that HiGHS's absolute tolerances stay
-    relative (x of 1e7: false "infeasible")."""
+    relative (x of 1e7: false "infeasible").
+
+    The size is max |y_r - b_r| / |W_r diag(g)| over the active rows r, with g the gain
+    of each hidden unit from z (the norm of its row in z, through the layers below:
+    |h_j| <~ g_j |z| + its bias' share). Not |W_r| alone: a unit that `balanced` scales by
+    a large bias (a dead unit, bias -1e5) has a small gain and a large top weight, which
+    made the codes look 1e-5 times their size (a box of 0.08, a false "unique")."""
     if not cons.active.any():
         return 1.0
+    gain = np.ones(lp_net.latent_dim)
+    for layer in lp_net.layers[:top]:
+        gain = np.linalg.norm(dense(layer.weight) * gain[None, :], axis=1)
     layer = lp_net.layers[top]
-    norms = np.linalg.norm(dense(layer.weight), axis=1)
+    norms = np.linalg.norm(dense(layer.weight) * gain[None, :], axis=1)
     rows = cons.active & (norms > 0)
     if not rows.any():
         return 1.0
@@ -338,8 +347,8 @@ def _settle(
     tail = (" (two branch and bounds raced, one on tightened bounds)" if tighten
             else f" ({found.nodes} nodes, {found.lps} LPs)")
     if found.status == "unique":
-        return Settled("unique", found.z, None, f"the only preimage of {where}" + tail, where,
-                       bool(domain.boxed.any()), nodes=found.nodes, lps=found.lps)
+        return _unique(domain, found.z, f"the only preimage of {where}" + tail, where,
+                       nodes=found.nodes, lps=found.lps)
     if found.status == "non_unique":
         return Settled("non_unique", found.z, found.witness,
                        "a second preimage found by the branch and bound" + tail, where,
@@ -489,6 +498,21 @@ def _timed_out(z: np.ndarray | None, when: str, where: str) -> Settled:
     return Settled(status, z, None, f"out of time {when}", where, out_of_time=True)
 
 
+def _unique(domain: Domain, z_star: np.ndarray | None, message: str, where: str,
+            **counts: int) -> Settled:
+    """"unique" for z* (in z' units) where it lies in the domain the search covered; one
+    outside the box (a far preimage the layer-wise method or the probe handed in) is the
+    only one in the box, not proved the only one: "feasible"."""
+    assert z_star is not None
+    boxed = bool(domain.boxed.any())
+    slack = 1e-6 * (1.0 + np.maximum(np.abs(domain.z_lower), np.abs(domain.z_upper)))
+    if boxed and np.any((z_star < domain.z_lower - slack) | (z_star > domain.z_upper + slack)):
+        return Settled("feasible", z_star, None, "uniqueness unsettled: this preimage lies "
+                       f"outside the box searched, which holds no other ({message})", where,
+                       boxed, **counts)
+    return Settled("unique", z_star, None, message, where, boxed, **counts)
+
+
 def _no_preimage(domain: Domain, where: str, how: str) -> Settled:
     if domain.boxed.any():
         # no preimage in the box: proved for the box only, not "not in the range"
@@ -514,8 +538,7 @@ def _settle_milp(relax: Relaxation, accept, known, domain: Domain, where: str,
         if sol.status == "infeasible":
             if z_star is None:
                 return _no_preimage(domain, where, "the MILP")
-            return Settled("unique", z_star, None, f"the only preimage of {where} (MILP)",
-                           where, boxed)
+            return _unique(domain, z_star, f"the only preimage of {where} (MILP)", where)
         if sol.x is None:
             break
         z = accept(sol.x[: relax.k])
