@@ -127,6 +127,9 @@ def _operators() -> list[object]:
         UpsampleOperator((2, 3, 4), size=(7, 5), mode="bilinear", align_corners=True),
         UpsampleOperator((2, 3, 4), scale_factor=1.5, mode="bilinear"),
         UpsampleOperator((2, 3, 4), scale_factor=2.5, mode="nearest"),
+        # a scale that leaves an axis's size as it is (3 at 1.2): torch copies that axis
+        UpsampleOperator((2, 3, 4), scale_factor=(1.2, 1.6), mode="bilinear"),
+        UpsampleOperator((2, 3, 4), scale_factor=1.2, mode="nearest"),
         DiagonalOperator(rng.standard_normal(24), (2, 3, 4)),
         ComposedOperator([UpsampleOperator((2, 3, 4), scale_factor=2), conv.__class__(
             rng.standard_normal((1, 2, 3, 3)), (2, 6, 8), padding=1)]),

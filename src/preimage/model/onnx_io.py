@@ -1,31 +1,41 @@
 """Reading a generator from an ONNX file with the ``onnx`` package.
 
 The graph must be a chain: every node takes the previous node's output as its
-one data input (weights come from initializers or Constant nodes; shape
-arithmetic such as Shape -> Gather -> Concat feeding a Reshape is followed and
-dropped). Each node becomes a step of `preimage.model.chain`:
+one data input. Weights come from initializers, Constant nodes or nodes computed
+from those alone (a Transpose, Reshape, Cast, ... of a weight, as an export with
+``do_constant_folding=False`` leaves them), which onnx's reference evaluator
+computes first; shape arithmetic on the data such as Shape -> Gather -> Concat
+feeding a Reshape is followed and dropped. Each node becomes a step of
+`preimage.model.chain`:
 
 | ONNX op | step |
 | --- | --- |
 | Gemm, MatMul (+ Add) | dense linear map (and bias) |
 | Conv, ConvTranspose | convolution (group = 1, symmetric pads) |
 | BatchNormalization | elementwise scale and shift |
-| Add, Mul with a constant | elementwise shift / scale |
-| Resize (nearest with floor / asymmetric, or linear) | upsampling |
+| Add, Sub, Mul, Div with a constant | elementwise shift / scale |
+| Resize (nearest, linear; from opset 11) | upsampling, where torch's interpolation is ONNX's |
 | Flatten, Reshape, Squeeze, Unsqueeze | a change of shape |
 | Identity, Dropout | nothing |
 | Relu, LeakyRelu, Elu, Softplus, Tanh, Sigmoid | activation |
 
-Every other op is refused with its name and the node's name. Shapes come from
-``onnx.shape_inference``; the first (batch) dimension may be symbolic.
+Every other op is refused with its name and the node's name, and so is a node
+whose attributes the step cannot reproduce (a cubic or antialiased Resize, a
+constant that broadcasts over the batch axis). Shapes come from running onnx's
+reference evaluator on two random codes (``onnx.shape_inference`` where it
+cannot run); the first (batch) dimension may be symbolic. The same run checks
+the result: a network whose forward pass differs from the evaluator's on those
+codes is refused, naming the first node where they part.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from preimage.model import chain
 from preimage.model.activations import Activation
@@ -37,12 +47,29 @@ Shape = tuple[int, ...]
 
 _ACTIVATIONS = {"Relu", "LeakyRelu", "Elu", "Softplus", "Tanh", "Sigmoid"}
 _RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+# Ops whose constant operands are weights: their float type is the model's precision.
+_WEIGHTED = {"Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Conv", "ConvTranspose",
+             "BatchNormalization"}
+# Ops that draw random numbers: never computed ahead as constants, inputs or not.
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+           "Multinomial", "Bernoulli"}
+# preimage's precisions, least precise first (`preimage.model.validation.PRECISIONS`).
+_PRECISIONS = ("bfloat16", "float16", "float32", "float64")
+# How far the network read may be from onnx's reference evaluator, relative to the largest
+# output, by the model's precision: the evaluator computes in it, the network in float64
+# from the same weights, so they differ by rounding (far below these) unless a node is misread.
+_AGREEMENT = {"float64": 1e-7, "float32": 1e-3, "float16": 3e-2, "bfloat16": 2e-1}
 
 
 def _attributes(node: Any) -> dict[str, Any]:
     from onnx import helper
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _text(attrs: dict[str, Any], name: str, default: str) -> str:
+    value = attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _load(path: str | Path) -> Any:
@@ -68,7 +95,10 @@ def _load(path: str | Path) -> Any:
 def layers_from_onnx(path: str | Path) -> tuple[list[Layer], str, Shape, Shape]:
     """The layers of an ONNX chain, its weights' dtype and its input / output shapes.
 
-    Any error names the file; a tensor kept in an external data file is refused.
+    The dtype is the least precise float type among the weights the nodes compute with
+    (float16 when any is float16, as `preimage.model.torch_io` reports a half module;
+    float32 for float16 weights cast up before use). Any error names the file; a tensor
+    kept in an external data file is refused.
     """
     model = _load(path)
     try:
@@ -90,7 +120,9 @@ def _read(model: Any, path: Path) -> tuple[list[Layer], str, Shape, Shape]:
             "does not read (save the model with its weights inside the .onnx file)."
         )
     values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    dtypes = {str(v.dtype) for v in values.values() if v.dtype.kind == "f"}
+    # (the stored type, not the array's: older onnx widens bfloat16 to float32 arrays)
+    stored: dict[str, str | None] = {t.name: _precision_of_type(t.data_type)
+                                     for t in graph.initializer}
     shapes: dict[str, Shape] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
         dims = info.type.tensor_type.shape.dim
@@ -104,19 +136,36 @@ def _read(model: Any, path: Path) -> tuple[list[Layer], str, Shape, Shape]:
     if any(d < 1 for d in in_shape):
         raise ValueError(f"{path}: the input's shape {shapes[current]} is not static beyond the "
                          "batch dimension.")
-    shapes.update(_shapes_by_running(model, current, in_shape))
+    in_type = inputs[0].type.tensor_type.elem_type
+    opsets = {"" if imp.domain == "ai.onnx" else imp.domain: int(imp.version)
+              for imp in model.opset_import}
+    # As many codes as a static batch dimension says (a model exported for one batch size
+    # may compute with it), else two.
+    batch = shapes[current][0] if shapes[current][:1] and shapes[current][0] > 0 else 2
+    codes = _codes(in_type, (batch, *in_shape))
+    run = _run_reference(model, current, codes)
+    shapes.update({name: (-1, *np.shape(value)[1:]) for name, value in run.items()
+                   if np.ndim(value) >= 1})
     meta: set[str] = set()  # tensors computed from shapes, not from the data
     steps: list[chain.Step] = []
+    nodes: list[tuple[str, str, int]] = []  # each chain node: where, its output, steps so far
+    precisions: set[str] = set()
     for node in graph.node:
         where = f"node {node.name or node.op_type} ({node.op_type})"
         attrs = _attributes(node)
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" and "value" in attrs:
             values[node.output[0]] = numpy_helper.to_array(attrs["value"])
+            stored[node.output[0]] = _precision_of_type(attrs["value"].data_type)
             continue
         data = [i for i in node.input if i and i not in values and i not in meta]
-        if not data and node.op_type == "Identity" and node.input[0] in values:
-            values[node.output[0]] = values[node.input[0]]  # a weight passed through
-            continue
+        if (not data and node.op_type not in _RANDOM
+                and all(i in values for i in node.input if i)):
+            # Constants only (a transposed weight, a Constant's other forms, the Shape of a
+            # constant): computed now, so the chain below sees a weight, as after folding.
+            folded = _folded(node, values, opsets)
+            if folded is not None:
+                values.update(folded)
+                continue
         if not data or node.op_type == "Shape":  # arithmetic on shapes and constants
             meta.update(node.output)
             continue
@@ -126,51 +175,144 @@ def _read(model: Any, path: Path) -> tuple[list[Layer], str, Shape, Shape]:
         out = node.output[0]
         here = shapes.get(current, ())[1:]
         there = shapes.get(out, ())[1:]
-        steps += _steps_of_node(node, attrs, values, here, there, where, str(path))
+        if node.op_type == "Resize":
+            steps.append(_resize_step(node, attrs, values, run, here, there, where, str(path),
+                                      opsets))
+        else:
+            steps += _steps_of_node(node, attrs, values, here, there, where, str(path))
+        for i in node.input if node.op_type in _WEIGHTED else ():
+            if i in values and (kind := stored.get(i) or _precision_of_array(values[i])):
+                precisions.add(kind)
+        nodes.append((where, out, len(steps)))
         current = out
     outputs = [o.name for o in graph.output]
     if outputs != [current]:
         raise TypeError(f"{path}: the graph's output {outputs} is not its last node's output.")
     layers, out_shape = chain.fold(steps, in_shape)
-    return layers, "float32" if dtypes <= {"float32", "float16"} else "float64", in_shape, out_shape
+    dtype = min(precisions or {_precision_of_type(in_type) or "float32"}, key=_PRECISIONS.index)
+    if codes is not None and current in run:
+        looser = max(_AGREEMENT[dtype], _AGREEMENT[_precision_of_type(in_type) or dtype])
+        _check_forward(layers, steps, nodes, codes, run, looser, str(path))
+    return layers, dtype, in_shape, out_shape
 
 
-def _shapes_by_running(model: Any, input_name: str, in_shape: Shape) -> dict[str, Shape]:
-    """Every tensor's shape, from running the graph on a batch of two zero codes.
+def _precision_of_type(elem_type: int) -> str | None:
+    """preimage's name of an ONNX float element type (None for other types)."""
+    from onnx import TensorProto
+
+    names = {TensorProto.DOUBLE: "float64", TensorProto.FLOAT: "float32",
+             TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+    if elem_type in names:
+        return names[elem_type]
+    try:
+        name = TensorProto.DataType.Name(elem_type)
+    except ValueError:  # (a type this onnx does not know)
+        return None
+    # float8 / float4 weights: coarser than any precision preimage names, so its coarsest
+    return "bfloat16" if name.startswith("FLOAT") else None
+
+
+def _precision_of_array(arr: np.ndarray) -> str | None:
+    name = str(np.asarray(arr).dtype)
+    if name in _PRECISIONS:
+        return name
+    return "bfloat16" if name.startswith("float") else None
+
+
+def _codes(elem_type: int, shape: Shape) -> np.ndarray | None:
+    """A batch of random codes in the model's input type (None for a type numpy lacks)."""
+    from onnx import TensorProto
+
+    kinds: dict[int, Any] = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
+                             TensorProto.FLOAT16: np.float16}
+    try:
+        import ml_dtypes
+
+        kinds[TensorProto.BFLOAT16] = ml_dtypes.bfloat16
+    except ImportError:  # (an onnx older than its ml_dtypes dependency)
+        pass
+    if elem_type not in kinds:
+        return None
+    return np.random.default_rng(0).standard_normal(shape).astype(kinds[elem_type])
+
+
+def _run_reference(model: Any, input_name: str, codes: np.ndarray | None) -> dict[str, Any]:
+    """Every tensor of the graph, from onnx's reference evaluator on a batch of codes.
 
     Static shape inference leaves the targets of computed reshapes (torch's
     Unflatten and view export Shape -> Slice -> Concat -> Reshape) unknown; the
-    reference evaluator of ``onnx`` computes them. Where it cannot run (an op it
-    lacks), the inferred shapes are kept and the reader reports what is missing.
+    reference evaluator computes them, and the output it gives checks the network
+    read (`_check_forward`). Where it cannot run (an op it lacks), nothing is
+    returned: the inferred shapes are kept and the reader reports what is missing.
     """
     import onnx
     from onnx.reference import ReferenceEvaluator
 
+    if codes is None:
+        return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
     names = [o for node in probe.graph.node for o in node.output if o and o not in known]
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    dtype = {1: np.float32, 11: np.float64, 10: np.float16}.get(
-        probe.graph.input[0].type.tensor_type.elem_type, np.float32)
     try:
-        results = ReferenceEvaluator(probe).run(
-            None, {input_name: np.zeros((2, *in_shape), dtype=dtype)}
-        )
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # (a log or division the codes push out of range)
+            results = ReferenceEvaluator(probe).run(None, {input_name: codes})
     except Exception:  # an op the evaluator lacks: keep the static shapes
         return {}
     outputs = [o.name for o in probe.graph.output]
-    return {name: (-1, *np.shape(value)[1:]) for name, value in zip(outputs, results, strict=True)
-            if np.ndim(value) >= 1}
+    return dict(zip(outputs, results, strict=True))
+
+
+def _folded(node: Any, values: dict[str, np.ndarray],
+            opsets: dict[str, int]) -> dict[str, np.ndarray] | None:
+    """The outputs of a node whose inputs are all constants, by onnx's reference evaluator
+    (None where it cannot compute them: the node is then taken for shape arithmetic)."""
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            results = ReferenceEvaluator(node, opsets=opsets).run(
+                None, {i: values[i] for i in node.input if i})
+    except Exception:
+        return None
+    return {name: np.asarray(value) for name, value in zip(node.output, results, strict=False)
+            if name}
 
 
 def _constant(values: dict[str, np.ndarray], name: str, where: str) -> np.ndarray:
     if name not in values:
-        raise TypeError(f"{where}: its input {name!r} is not a constant (an initializer).")
+        raise TypeError(f"{where}: its input {name!r} is not a constant (an initializer, a "
+                        "Constant node or ops on those alone).")
     arr = np.asarray(values[name], dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{where}: the tensor {name!r} contains NaN or inf.")
     return arr
+
+
+def _per_sample(c: np.ndarray, shape: Shape, where: str, path: str) -> np.ndarray:
+    """A constant operand of a batch (B, *shape), as the flattened array it gives each sample.
+
+    A leading axis of 1 where the batch axis is ((1, n) against (B, n), (1, C, 1, 1)
+    against (B, C, H, W)) is ordinary broadcasting: it is dropped. A constant that
+    would differ from sample to sample, or enlarge the data, is refused.
+    """
+    if c.ndim > len(shape):
+        if c.ndim > len(shape) + 1 or c.shape[0] != 1:
+            raise TypeError(f"{path}: {where}: its constant of shape {c.shape} broadcasts over "
+                            f"the batch axis of its data (B, {', '.join(map(str, shape))}); "
+                            "preimage needs the same map for every sample.")
+        c = c[0]
+    try:
+        wider = np.broadcast_shapes(c.shape, shape) != tuple(shape)
+    except ValueError:
+        wider = True
+    if wider:
+        raise TypeError(f"{path}: {where}: its constant of shape {c.shape} does not broadcast "
+                        f"to its data's shape per sample {tuple(shape)}.")
+    return np.broadcast_to(c, shape).ravel()
 
 
 def _steps_of_node(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarray],
@@ -201,7 +343,7 @@ def _steps_of_node(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarra
         bias = None
         if len(node.input) > 2 and node.input[2]:
             c = _constant(values, node.input[2], where) * float(attrs.get("beta", 1.0))
-            bias = np.broadcast_to(c, (weight.shape[0],)).copy()
+            bias = _per_sample(c, (weight.shape[0],), where, path).copy()
         return [chain.Linear(DenseOperator(weight, name=node.input[1]), bias, name)]
     if op == "MatMul":
         return [chain.Linear(DenseOperator(_constant(values, node.input[1], where).T,
@@ -210,7 +352,7 @@ def _steps_of_node(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarra
         const = [i for i in node.input if i in values]
         if len(const) != 1:
             raise TypeError(f"{path}: {where} combines two data tensors; not a chain.")
-        c = np.broadcast_to(_constant(values, const[0], where), here).ravel()
+        c = _per_sample(_constant(values, const[0], where), here, where, path)
         ones, zeros = np.ones(c.size), np.zeros(c.size)
         if op == "Add":
             return [chain.Affine(ones, c.copy(), here, name)]
@@ -248,30 +390,195 @@ def _steps_of_node(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarra
         scale, shift, mean, var = (_constant(values, i, where) for i in node.input[1:5])
         return [chain.batch_norm_affine(mean, var, float(attrs.get("epsilon", 1e-5)), scale,
                                         shift, here, name)]
-    if op == "Resize":
-        mode = attrs.get("mode", b"nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        transform = attrs.get("coordinate_transformation_mode", b"half_pixel")
-        transform = transform.decode() if isinstance(transform, bytes) else transform
-        if len(there) != 3 or any(d < 1 for d in there):
-            raise ValueError(f"{path}: {where}: its output shape {there} is not static (C, H, W).")
-        if mode == "nearest":
-            nearest = attrs.get("nearest_mode", b"round_prefer_floor")
-            nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
-            if transform != "asymmetric" or nearest != "floor":
-                raise TypeError(f"{path}: {where}: nearest resizing with {transform!r} / "
-                                f"{nearest!r} is not supported (asymmetric / floor, as torch).")
-            up = UpsampleOperator(here, size=there[1:], mode="nearest")
-        elif mode == "linear" and transform in ("half_pixel", "pytorch_half_pixel",
-                                                "align_corners"):
-            up = UpsampleOperator(here, size=there[1:], mode="bilinear",
-                                  align_corners=transform == "align_corners")
-        else:
-            raise TypeError(f"{path}: {where}: resizing mode {mode!r} with {transform!r} is not "
-                            "supported.")
-        return [chain.Linear(up, None, name)]
     raise TypeError(
-        f"{path}: unsupported {where}: preimage reads Gemm, MatMul, Add, Mul, Conv, "
-        "ConvTranspose, BatchNormalization, Resize, Flatten, Reshape, Identity, Dropout, Relu, "
-        "LeakyRelu, Elu, Softplus, Tanh and Sigmoid."
+        f"{path}: unsupported {where}: preimage reads Gemm, MatMul, Add, Sub, Mul, Div, Conv, "
+        "ConvTranspose, BatchNormalization, Resize, Flatten, Reshape, Squeeze, Unsqueeze, "
+        "Identity, Dropout, Relu, LeakyRelu, Elu, Softplus, Tanh and Sigmoid."
     )
+
+
+def _resize_step(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarray],
+                 run: dict[str, Any], here: Shape, there: Shape, where: str, path: str,
+                 opsets: dict[str, int]) -> chain.Step:
+    """A Resize as torch's upsampling (`UpsampleOperator`), where the two compute the same.
+
+    The scale is the node's ``scales`` input where it has one (the in / out size
+    ratio only for ``sizes``, as ONNX says); every attribute is read, and the
+    interpolation along each axis is checked against onnx's reference evaluator's
+    before it is accepted: ONNX's coordinate rules agree with torch's only in part
+    (align_corners with a fractional scale, pytorch_half_pixel onto one pixel,
+    nearest modes other than asymmetric / floor at most scales differ).
+    """
+    mode = _text(attrs, "mode", "nearest")
+    transform = _text(attrs, "coordinate_transformation_mode", "half_pixel")
+    nearest = _text(attrs, "nearest_mode", "round_prefer_floor")
+    opset = opsets.get("", 0)
+    said = f"{path}: {where}"
+    if opset < 11:
+        raise TypeError(f"{said}: Resize of opset {opset} leaves its coordinates unspecified; "
+                        "preimage reads Resize from opset 11 on (export with opset >= 11).")
+    if mode not in ("nearest", "linear"):
+        raise TypeError(f"{said}: mode {mode!r} is not supported (nearest and linear are, as "
+                        "torch's nearest and bilinear upsampling).")
+    if int(attrs.get("antialias", 0)):
+        raise TypeError(f"{said}: antialias = 1 is not supported (torch's upsampling without "
+                        "antialiasing is what preimage models).")
+    if int(attrs.get("exclude_outside", 0)):
+        raise TypeError(f"{said}: exclude_outside = 1 is not supported.")
+    if transform == "tf_crop_and_resize":
+        raise TypeError(f"{said}: coordinate_transformation_mode 'tf_crop_and_resize' (a crop, "
+                        "with extrapolation_value outside it) is not supported.")
+    if len(here) != 3 or len(there) != 3 or any(d < 1 for d in there):
+        raise ValueError(f"{said}: its input / output shapes {here} / {there} are not static, "
+                         "nonempty (C, H, W).")
+
+    names = [*node.input, "", "", ""]
+    scales = None
+    if names[2]:
+        if names[2] in values:
+            scales = np.asarray(values[names[2]], dtype=np.float64).ravel()
+        elif names[2] in run:  # shape arithmetic, as the reference evaluator computed it
+            scales = np.asarray(run[names[2]], dtype=np.float64).ravel()
+        else:
+            raise TypeError(f"{said}: its scales {names[2]!r} are neither a constant nor "
+                            "computed from shapes alone.")
+    # (sizes' values are the output shape, known already; an empty tensor stands for none)
+    sized = bool(names[3]) and not (names[3] in values and np.size(values[names[3]]) == 0)
+    axes = [int(a) % 4 for a in attrs.get("axes", range(4))]
+    if scales is not None and scales.size:
+        if scales.size != len(axes):
+            raise TypeError(f"{said}: it has {scales.size} scales for {len(axes)} axes.")
+        full = [1.0] * 4
+        for a, factor in zip(axes, scales, strict=True):
+            full[a] = float(factor)
+        if full[:2] != [1.0, 1.0]:
+            raise TypeError(f"{said}: its scales {full} resize the batch or channel axis; "
+                            "preimage upsamples (H, W) only.")
+        target: dict[str, Any] = {"scale_factor": (full[2], full[3])}
+    elif sized:
+        policy = _text(attrs, "keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":
+            raise TypeError(f"{said}: keep_aspect_ratio_policy {policy!r} is not supported "
+                            "(stretch is).")
+        if there[0] != here[0]:
+            raise TypeError(f"{said}: it resizes the channel axis ({here} -> {there}); preimage "
+                            "upsamples (H, W) only.")
+        target = {"size": there[1:]}  # what `sizes` says, as the graph computed it
+    else:
+        raise TypeError(f"{said}: it has neither scales nor sizes.")
+    kind = "nearest" if mode == "nearest" else "bilinear"
+    align = transform == "align_corners" if kind == "bilinear" else None
+    up = UpsampleOperator(here, mode=kind, align_corners=align, **target)
+    if tuple(up.out_shape) != tuple(there):
+        raise TypeError(f"{said}: torch's upsampling gives shape {up.out_shape}, the graph "
+                        f"{there}.")
+    rule = f"mode {mode!r}, coordinate_transformation_mode {transform!r}" + (
+        f", nearest_mode {nearest!r}" if mode == "nearest" else "")
+    for axis in (2, 3):
+        n_in, n_out = here[axis - 1], there[axis - 1]
+        factor = target["scale_factor"][axis - 2] if "scale_factor" in target else None
+        one_axis = {"size": (n_out, 1)} if factor is None else {"scale_factor": (factor, 1.0)}
+        line = UpsampleOperator((1, n_in, 1), mode=kind, align_corners=align, **one_axis)
+        try:
+            theirs = _onnx_resize_matrix(node, opsets, axis, n_in, n_out, factor)
+        except Exception as exc:
+            raise TypeError(f"{said}: onnx's reference evaluator cannot run it ({rule}) to check "
+                            f"it: {type(exc).__name__}: {str(exc)[:120]}") from exc
+        # Both what the solvers see (the sparse matrix) and the forward pass (torch, which
+        # copies an axis whose size a scale leaves as it is) must be ONNX's interpolation.
+        ours = line.matrix()
+        computed = line.apply(np.eye(n_in)).T
+        if (ours.shape != theirs.shape or abs(ours - sparse.csr_matrix(theirs)).max() > 1e-9
+                or np.abs(computed - theirs).max() > 1e-9):
+            raise TypeError(f"{said}: Resize with {rule} and these scales / sizes does not "
+                            f"interpolate as torch's {kind} upsampling, which preimage models, "
+                            f"does (along axis {axis}, by onnx's reference evaluator).")
+    return chain.Linear(up, None, node.name or node.op_type)
+
+
+def _onnx_resize_matrix(node: Any, opsets: dict[str, int], axis: int, n_in: int, n_out: int,
+                        scale: float | None) -> np.ndarray:
+    """ONNX's (n_out, n_in) interpolation along one axis: the node's own Resize (its
+    attributes, one axis scaled) run by onnx's reference evaluator on unit vectors."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    shape = [1, n_in, 1, 1]
+    shape[axis] = n_in
+    feeds = {"x": np.eye(n_in).reshape(shape), "roi": np.zeros(0, np.float32)}
+    if scale is not None:
+        feeds["scales"] = np.ones(4, np.float32)
+        feeds["scales"][axis] = scale
+    else:
+        feeds["scales"] = np.zeros(0, np.float32)
+        feeds["sizes"] = np.array(shape, np.int64)
+        feeds["sizes"][axis] = n_out
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "axes"}
+    probe = helper.make_node("Resize", list(feeds), ["y"], **attrs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = ReferenceEvaluator(probe, opsets=opsets).run(None, feeds)[0]
+    return np.asarray(y, dtype=np.float64).reshape(n_in, -1).T
+
+
+def _check_forward(layers: list[Layer], steps: list[chain.Step], nodes: list[tuple[str, str, int]],
+                   codes: np.ndarray, run: dict[str, Any], rtol: float, path: str) -> None:
+    """Refuse a network whose forward pass on the codes is not the reference evaluator's.
+
+    A safety net under the reading of each node: an attribute misread or a rule of
+    ONNX that differs from torch's shows here. The blame goes to the first node whose
+    output already differs, running the steps one by one.
+    """
+    batch = len(codes)
+    expected = _per_code(run[nodes[-1][1]], batch)
+    if expected is not None and not np.all(np.isfinite(expected)):
+        return  # (the model overflows its own precision on these codes: nothing to compare)
+    h = np.asarray(codes, dtype=np.float64).reshape(batch, -1)
+    for layer in layers:
+        h = layer.forward(h)
+    if expected is not None and _agrees(h, expected, rtol):
+        return
+    if expected is None or expected.shape != h.shape:
+        error = f"its output has shape {np.shape(run[nodes[-1][1]])}, the network's {h.shape}"
+    else:
+        error = (f"output max |difference| {np.abs(h - expected).max():.2g}, max |output| "
+                 f"{np.abs(expected).max():.2g}, allowed {rtol:g} of it")
+    culprit, h, start = nodes[-1][0], np.asarray(codes, dtype=np.float64).reshape(batch, -1), 0
+    for where, out, end in nodes:
+        for step in steps[start:end]:
+            h = _apply_step(step, h)
+        start = end
+        value = _per_code(run[out], batch) if out in run else h
+        if value is None or (np.all(np.isfinite(value)) and not _agrees(h, value, rtol)):
+            culprit = where
+            break
+    raise TypeError(
+        f"{path}: {culprit}: the network read differs from onnx's reference evaluator on "
+        f"random codes ({error}): preimage misreads this node and refuses the model."
+    )
+
+
+def _per_code(value: Any, batch: int) -> np.ndarray | None:
+    """A tensor of the run as (batch, -1) float64, or None where its first axis is not the
+    batch (a node that mixes samples)."""
+    arr = np.asarray(value, dtype=np.float64)
+    return arr.reshape(batch, -1) if arr.ndim >= 1 and arr.shape[0] == batch else None
+
+
+def _agrees(ours: np.ndarray, theirs: np.ndarray, rtol: float) -> bool:
+    if ours.shape != theirs.shape:
+        return False
+    scale = max(float(np.abs(theirs).max(initial=0.0)), float(np.abs(ours).max(initial=0.0)))
+    return bool(np.abs(ours - theirs).max(initial=0.0) <= rtol * scale)
+
+
+def _apply_step(step: chain.Step, h: np.ndarray) -> np.ndarray:
+    """One step of the chain on a batch of flattened tensors (as `chain.fold` composes them)."""
+    if isinstance(step, chain.Linear):
+        out = step.op.apply(h)
+        return out if step.bias is None else out + step.bias
+    if isinstance(step, chain.Affine):
+        return step.scale * h + step.shift
+    if isinstance(step, chain.Act):
+        return step.activation(h)
+    return h  # a Reshape: the flattened tensor is the same
