@@ -68,6 +68,8 @@ def test_operators_copy_their_input() -> None:
         (lambda: MatrixMeasurement(np.ones(3)), ValueError, "2-D"),
         (lambda: MatrixMeasurement(np.full((2, 2), np.nan)), ValueError, "NaN"),
         (lambda: GaussianMatrix(0, 5), ValueError, ">= 1"),
+        (lambda: GaussianMatrix(40.5, 5), ValueError, "`m` must be an integer"),
+        (lambda: GaussianMatrix("40", 5), TypeError, "`m` must be an integer"),
         (lambda: as_measurement(np.ones((3, 4)), 5), ValueError, "has 4 columns"),
         (lambda: as_mask(np.ones(4, dtype=bool), 5), ValueError, "has length 4"),
         (lambda: Mask(np.ones(3, dtype=bool)).apply(np.ones(4)), ValueError, "shape"),

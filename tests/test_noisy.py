@@ -214,3 +214,16 @@ def test_leaky_relu_layers_and_a_zero_noise_level(rng: np.random.Generator) -> N
     res = preimage.invert(exact, x, method="layerwise", noise="linf", noise_level=0.0)
     assert res.status == "feasible" and res.z_error_bound < 1e-9
     assert rel(res.z, np.ones(8)) < 1e-12
+
+
+@pytest.mark.parametrize("noise", ["l2", "linf"])
+def test_a_blank_observation_is_projected_not_skipped(noise) -> None:
+    # x = 0 (a blank image): the cell LP was scaled by max |x| = 0 (floored at 1e-300),
+    # its walls at 1e299: "the best start" without a descent (linf) or an internal error
+    # (l2); the global projection's proved minimum is 0.447 for linf
+    net = preimage.random_network([3, 12, 30], bias=True, seed=0)
+    res = preimage.invert(net, np.zeros(30), noise=noise)
+    assert res.local_minimum and "error" not in res.message, res.message
+    if noise == "linf":
+        best = preimage.invert(net, np.zeros(30), method="global", noise="linf")
+        assert res.misfit <= best.misfit * (1 + 1e-6)

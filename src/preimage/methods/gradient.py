@@ -221,9 +221,11 @@ def latent_descent(
         if bound is not None:
             with torch.no_grad():
                 out = z.abs() > bound
-                if out.any():
-                    fresh = (torch.rand(z.shape, generator=gen, dtype=dtype) * 2 - 1) * bound
-                    z[out] = fresh.to(device)[out]
+                # drawn at every step, used or not: the stream must not depend on whether
+                # another sample of the batch left the box (one sample's data changed the
+                # others' answers)
+                fresh = (torch.rand(z.shape, generator=gen, dtype=dtype) * 2 - 1) * bound
+                z[out] = fresh.to(device)[out]
         if progress is not None:  # in samples: the batch's share of the steps done
             progress(B * (step + 1) // int(steps), B)
     if progress is not None and taken < int(steps):

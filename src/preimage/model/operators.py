@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from preimage.model.validation import check_finite, to_float_array
+from preimage.model.validation import check_count, check_finite, to_float_array
 
 
 @runtime_checkable
@@ -169,10 +169,9 @@ class GaussianMatrix(MatrixMeasurement):
     """
 
     def __init__(self, m: int, n: int, *, seed: int | np.random.Generator | None = 0) -> None:
-        if int(m) < 1 or int(n) < 1:
-            raise ValueError(f"`m` and `n` must be >= 1; got m={m}, n={n}.")
+        m, n = check_count(m, "m", 1), check_count(n, "n", 1)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        super().__init__(rng.standard_normal((int(m), int(n))) / np.sqrt(int(m)))
+        super().__init__(rng.standard_normal((m, n)) / np.sqrt(m))
 
 
 class Mask:

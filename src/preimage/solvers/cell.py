@@ -21,9 +21,9 @@ observation y over the cell:
                 or with a measurement A (the output's pattern fixed too):
                   |A_j G(z) - y_j| <= t.
 
-Variables u = (z, t) (l_inf) or (z, s) (l_1), z scaled by max |y| so that
-HiGHS's absolute tolerances are relative ones. A misfit of 0 is an exact
-preimage. With ``walls=False`` and a trust region |z - center|_inf <= radius
+Variables u = (z, t) (l_inf) or (z, s) (l_1), z scaled by max |y| (by the biases'
+offsets where y = 0) so that HiGHS's absolute tolerances are relative ones. A
+misfit of 0 is an exact preimage. With ``walls=False`` and a trust region |z - center|_inf <= radius
 the same LP is one step of sequential linear programming on the linearised
 misfit (`preimage.methods.search`).
 """
@@ -147,7 +147,6 @@ def _cell_system(
     d = len(net.layers)
     k = net.latent_dim
     chain = affine_chain(net, patterns, d, known)
-    scale = max(float(np.max(np.abs(y))), 1e-300)
     output_cell = output_cell or A is not None
     last = net.layers[-1].activation
     fixed_output = output_cell and last.is_piecewise_linear
@@ -179,6 +178,13 @@ def _cell_system(
             target = y
         if A is not None:  # a measurement of a smooth output: its linearisation at y
             raise ValueError("A measurement of a non-piecewise-linear output is not supported.")
+    # the data's size, or where y is 0 (a blank image, background pixels only) the
+    # offsets' (a scale of 1e-300 put the walls at 1e299: no LP, no descent)
+    scale = float(np.max(np.abs(y), initial=0.0))
+    if scale == 0.0:
+        scale = max((float(np.max(np.abs(v), initial=0.0)) for v in (*rhs, fit_q)),
+                    default=0.0)
+    scale = scale if scale > 0.0 else 1.0
     return _CellSystem(
         np.vstack(rows) if rows else np.zeros((0, k)),
         np.concatenate(rhs) / scale if rhs else np.zeros(0),
