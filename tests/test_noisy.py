@@ -227,3 +227,10 @@ def test_a_blank_observation_is_projected_not_skipped(noise) -> None:
     if noise == "linf":
         best = preimage.invert(net, np.zeros(30), method="global", noise="linf")
         assert res.misfit <= best.misfit * (1 + 1e-6)
+
+
+def test_a_bad_tau_is_refused_before_any_sample_runs() -> None:
+    net = random_network([5, 40, 200], seed=0)
+    x = net.forward(np.random.default_rng(0).standard_normal((2, 5)))
+    with pytest.raises(ValueError, match="`tau` must be"):
+        preimage.invert(net, x, method="layerwise", noise="linf", options={"tau": -1})

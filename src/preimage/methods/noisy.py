@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from preimage.model.network import Network
-from preimage.model.validation import check_observation
+from preimage.model.validation import check_observation, check_positive
 from preimage.results import (
     CONSISTENCY,
     Deadline,
@@ -145,6 +145,8 @@ def invert_noisy(
     """
     deadline = Deadline.of(time_limit)
     xb, single = check_observation(x, net.output_dim)
+    if tau is not None:  # (checked per layer too; here once, before any sample fails on it)
+        tau = check_positive(tau, "tau", allow_zero=True)
     start = time.perf_counter()
     d = len(net.layers)
     outcomes = [
