@@ -152,3 +152,18 @@ def test_invert_into_a_results_folder(tmp_path: Path, capsys: pytest.CaptureFixt
         assert main(["invert", str(tmp_path / "g.pt"), str(tmp_path / "x.npy"), "--out",
                      "/sys/preimage-results"]) == 2
         assert "cannot write the results folder" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_file_is_refused_before_the_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.npz").mkdir()
+    for out, says in ((tmp_path / "afile" / "z.npz", "is not a writable folder"),
+                      (tmp_path / "adir.npz", "is a folder")):
+        assert main(["invert", "mnist-relu", "--codes", "2", "--out", str(out)]) == 2
+        text = capsys.readouterr()
+        assert says in text.err and "inverting" not in text.out
+    # without a noise level the summary names the noise alone (it read "<= None")
+    assert main(["invert", "mnist-relu", "--codes", "2", "--noise", "l2"]) == 0
+    assert "None" not in capsys.readouterr().out

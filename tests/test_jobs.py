@@ -364,3 +364,36 @@ def test_other_methods_stream_chunk_by_chunk(tmp_path: Path) -> None:
     assert report.complete
     by_chunk = combine_results([invert(net, x[lo : lo + 5], **settings) for lo in (0, 5, 10)])
     assert_identical(load_results(tmp_path / "r"), by_chunk)
+
+
+def test_a_damaged_chunk_or_a_cut_manifest_line_is_redone_not_loaded(tmp_path: Path) -> None:
+    # a chunk file cut short counted as done (load_results then raised BadZipFile, for
+    # good); a manifest line cut short by a crash swallowed the next run's first line
+    net = random_network([5, 40, 100], seed=0)
+    x = net.forward(np.random.default_rng(0).standard_normal((40, 5)))
+    np.save(tmp_path / "x.npy", x)
+    folder = tmp_path / "out"
+    invert_stream(net, tmp_path / "x.npy", folder, chunk_size=10)
+    whole = load_results(folder)
+    damaged = ResultsFolder(folder).chunk_path(1)
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    path = folder / "manifest.jsonl"
+    lines = path.read_text().splitlines(True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:15])  # the last chunk's line, cut
+    report = invert_stream(net, tmp_path / "x.npy", folder, chunk_size=10)
+    assert report.complete and report.computed == 2
+    assert_identical(load_results(folder), whole)
+    again = invert_stream(net, tmp_path / "x.npy", folder, chunk_size=10)
+    assert again.computed == 0  # the manifest is readable after the repair
+
+
+def test_a_forking_process_pool_is_refused_not_left_to_hang(tmp_path: Path) -> None:
+    import multiprocessing
+
+    net = random_network([5, 40, 100], seed=0)
+    np.save(tmp_path / "x.npy", net.forward(np.zeros((4, 5))))
+    fork = multiprocessing.get_context("fork")
+    with cf.ProcessPoolExecutor(1, mp_context=fork) as pool, pytest.raises(
+        ValueError, match="forks its workers"
+    ):
+        invert_stream(net, tmp_path / "x.npy", tmp_path / "out", executor=pool)

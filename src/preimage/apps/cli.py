@@ -12,6 +12,7 @@ Imported as `preimage.apps.cli`; the console script ``preimage`` calls `main`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -160,6 +161,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
             if x.ndim == 1 or tuple(x.shape) == net.output_shape:
                 x = x[None]  # one sample: a batch of one, so every result field is an array
         kwargs = _settings(args)
+        if args.out is not None and not _streaming(args):
+            _check_writable(Path(args.out))  # before the work, not after it
         if args.time_limit is not None:
             if _streaming(args):
                 raise ValueError("--time-limit bounds one call: it needs --out FILE.npz (or no "
@@ -182,7 +185,6 @@ def cmd_invert(args: argparse.Namespace) -> int:
     print(f"time: {result.time:.2f} s ({result.time / n * 1e3:.1f} ms per sample)")
     if args.out is not None:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {
             "z": result.z, "status": result.status.astype(str), "success": result.success,
             "residual": result.residual, "witness": result.witness,
@@ -191,9 +193,25 @@ def cmd_invert(args: argparse.Namespace) -> int:
             arrays["z_error_bound"] = result.z_error_bound
         if z_true is not None:
             arrays["z_true"] = z_true
-        np.savez(out, **arrays)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(out, **arrays)
+        except OSError as exc:
+            return _fail(ValueError(f"cannot write --out {out}: {exc.strerror or exc}"))
         print(f"saved: {out.resolve()} ({', '.join(arrays)})")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """A ValueError where the results file --out cannot be written (checked before the
+    inversion, which may take hours, not after it)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name ending in .npz")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write --out {out}: {parent} is not a writable folder")
 
 
 def _fail(exc: BaseException) -> int:
@@ -268,7 +286,8 @@ def _summary(args: argparse.Namespace, net: Network, z_true: Any, method: str,
     else:
         source = str(args.x)
     print(f"x: {source}; {status.size} sample(s); method {method!r}"
-          + (f", noise {noise} <= {args.noise_level}" if noise else ""))
+          + (f", noise {noise}" if noise else "")
+          + (f" <= {args.noise_level}" if noise and args.noise_level is not None else ""))
     print()
     rows = [[s, int(np.sum(status == s)), STATUS_MEANING.get(s, "")]
             for s in dict.fromkeys(status.tolist())]

@@ -187,7 +187,9 @@ class ResultsFolder:
     # --- manifest ---------------------------------------------------------------
 
     def entries(self) -> list[dict[str, Any]]:
-        """The manifest's lines, in order (a last line cut short by a crash is left out)."""
+        """The manifest's lines, in order. A line cut short by a crash (the last one, or
+        one `append` has since closed) is left out; any other line that is not JSON is an
+        error."""
         path = self.path / MANIFEST
         if not path.exists():
             return []
@@ -197,7 +199,7 @@ class ResultsFolder:
             try:
                 out.append(json.loads(line))
             except ValueError:
-                if k < len(lines) - 1:
+                if k < len(lines) - 1 and line.rstrip().endswith("}"):
                     raise ValueError(f"{path}: line {k + 1} is not JSON") from None
         return out
 
@@ -206,14 +208,23 @@ class ResultsFolder:
         return {int(e["chunk"]): e for e in self.entries()}
 
     def done(self) -> dict[int, dict[str, Any]]:
-        """The chunks done: last line "done" and the chunk's file present."""
+        """The chunks done: last line "done" and the chunk's file present and intact (every
+        member's CRC; a file cut short or damaged is a chunk to redo, not one to load)."""
         return {i: e for i, e in self.state().items()
-                if e["status"] == "done" and self.chunk_path(i).exists()}
+                if e["status"] == "done" and _intact(self.chunk_path(i))}
 
     def append(self, entry: dict[str, Any]) -> None:
-        with (self.path / MANIFEST).open("a") as fh:
-            fh.write(json.dumps(entry) + "\n")
+        path = self.path / MANIFEST
+        with path.open("ab") as fh:
+            # a last line cut short by a crash (`entries` skips it) must not swallow this one
+            if fh.tell() > 0:
+                with path.open("rb") as last:
+                    last.seek(-1, os.SEEK_END)
+                    if last.read(1) != b"\n":
+                        fh.write(b"\n")
+            fh.write((json.dumps(entry) + "\n").encode())
             fh.flush()
+            os.fsync(fh.fileno())
 
     # --- chunks -----------------------------------------------------------------
 
@@ -223,6 +234,8 @@ class ResultsFolder:
         tmp = path.with_name(f".{path.stem}-{os.getpid()}.tmp")
         with tmp.open("wb") as fh:
             np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())  # (on disk before the manifest says "done")
         os.replace(tmp, path)
 
     def read_chunk(self, index: int) -> InversionResult:
@@ -286,6 +299,17 @@ def load_results(path: str | os.PathLike[str]) -> InversionResult:
             f"({len(failed)} failed: {failed[:5]}); rerun the job to finish them"
         )
     return combine_results([folder.read_chunk(i) for i in range(job["chunks"])])
+
+
+def _intact(path: Path) -> bool:
+    """Whether `path` is a whole .npz file: every member there, its CRC right."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

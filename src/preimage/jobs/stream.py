@@ -459,6 +459,15 @@ def _executor_kind(executor: Any) -> str:
 
         if isinstance(executor, Client):
             return "dask"
+    if isinstance(executor, cf.ProcessPoolExecutor):
+        context = getattr(executor, "_mp_context", None)
+        if context is not None and context.get_start_method() == "fork":
+            # the forked workers inherit torch's OpenMP pool mid-use and wait on it for ever
+            raise ValueError(
+                "`executor` is a ProcessPoolExecutor that forks its workers, which hang in "
+                "torch's thread pool; make it with mp_context=multiprocessing.get_context("
+                "'spawn') (or 'forkserver')."
+            )
     if isinstance(executor, cf.Executor):
         return "futures"
     raise TypeError(
