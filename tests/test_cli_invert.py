@@ -167,3 +167,21 @@ def test_an_unwritable_out_file_is_refused_before_the_work(
     # without a noise level the summary names the noise alone (it read "<= None")
     assert main(["invert", "mnist-relu", "--codes", "2", "--noise", "l2"]) == 0
     assert "None" not in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_npy_and_ctrl_c_get_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "x.npy").write_text("not a numpy file")  # NumPy's message spoke of a pickle
+    assert main(["invert", "mnist-relu", str(tmp_path / "x.npy")]) == 2
+    assert "not a .npy file" in capsys.readouterr().err
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    import preimage.apps.cli as cli
+
+    monkeypatch.setattr(cli, "invert", interrupted)
+    assert main(["invert", "mnist-relu", "--codes", "2"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err

@@ -397,3 +397,15 @@ def test_a_forking_process_pool_is_refused_not_left_to_hang(tmp_path: Path) -> N
         ValueError, match="forks its workers"
     ):
         invert_stream(net, tmp_path / "x.npy", tmp_path / "out", executor=pool)
+
+
+def test_settings_equal_to_inverts_defaults_are_the_same_job(tmp_path: Path) -> None:
+    # the CLI passes method="exact", rtol=None; a Python call nothing: one job, resumable
+    net = random_network([5, 40, 100], seed=0)
+    np.save(tmp_path / "x.npy", net.forward(np.random.default_rng(0).standard_normal((8, 5))))
+    invert_stream(net, tmp_path / "x.npy", tmp_path / "out", chunk_size=4)
+    again = invert_stream(net, tmp_path / "x.npy", tmp_path / "out", chunk_size=4,
+                          method="exact", rtol=None)
+    assert again.computed == 0 and again.skipped == 2
+    with pytest.raises(ValueError, match="another settings"):
+        invert_stream(net, tmp_path / "x.npy", tmp_path / "out", chunk_size=4, rtol=1e-6)

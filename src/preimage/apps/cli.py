@@ -113,6 +113,10 @@ def _load_array(path: str, what: str) -> Any:
     import numpy as np
 
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic != b"\x93NUMPY":  # (else NumPy's message says the file holds a pickle)
+            raise ValueError("it is not a .npy file (no NumPy header)")
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read {what} from {path}: {exc}") from exc
@@ -540,7 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever it landed
+        print(f"preimage {args.command}: interrupted (a results folder keeps its finished "
+              "chunks: rerun the same command to resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -489,8 +489,19 @@ def _route_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _identity(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings that the results depend on."""
-    return {k: v for k, v in settings.items() if k != "n_jobs"}
+    """The settings that the results depend on, those equal to `invert`'s defaults left
+    out (the CLI passes method="exact", rtol=None; Python code often nothing: one job)."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(invert).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    def default(name: str, value: Any) -> bool:
+        plain = isinstance(value, (str, bool, int, float, type(None)))
+        return name in defaults and plain and type(value) is type(defaults[name]) and (
+            value == defaults[name])
+
+    return {k: v for k, v in settings.items() if k != "n_jobs" and not default(k, v)}
 
 
 def _summary(settings: dict[str, Any]) -> dict[str, str]:
