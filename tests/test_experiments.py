@@ -284,3 +284,17 @@ def test_nonconvex_example(tmp_path: Path) -> None:
     assert found["misfit_mid"] > 0.1  # ... whose midpoint is not one
     assert module.main(["--out", str(tmp_path)]) == 0
     assert (tmp_path / "nonconvex_preimage.png").exists()
+
+
+def test_bad_experiment_options_get_one_line_and_status_2(
+    tmp_path, capsys
+) -> None:
+    from preimage.apps.cli import main
+
+    (tmp_path / "afile").write_text("")
+    for extra, says in ((["--runs", "0", "--out", str(tmp_path)], "--runs must be >= 1"),
+                        (["--out", str(tmp_path / "afile")], "is a file"),
+                        (["--model", str(tmp_path / "none"), "--out", str(tmp_path)],
+                         "does not exist")):
+        assert main(["experiment", "noise", "--quick", *extra]) == 2
+        assert says in capsys.readouterr().err

@@ -366,6 +366,14 @@ def _order(value: Any) -> tuple[int, float, str]:
 def cmd_experiment(args: argparse.Namespace) -> int:
     experiment = ex.EXPERIMENTS[args.name]
     runs = args.runs if args.runs is not None else experiment.default_runs
+    # bad options: one line and status 2, as for `preimage invert`, before any run
+    problem = (f"--runs must be >= 1; got {runs}" if runs < 1
+               else f"--out {args.out} is a file, not a folder" if Path(args.out).is_file()
+               else f"--model {args.model} does not exist" if args.model is not None
+               and not Path(args.model).exists() else None)
+    if problem is not None:
+        print(f"preimage experiment: {problem}", file=sys.stderr)
+        return 2
     adam = ex.AdamSettings(steps=args.adam_steps, restarts=args.adam_restarts)
     config = ex.Config(runs=runs, seed=args.seed, quick=args.quick, model=args.model, adam=adam)
     out = Path(args.out)
