@@ -508,7 +508,7 @@ def _unique(domain: Domain, z_star: np.ndarray | None, message: str, where: str,
     slack = 1e-6 * (1.0 + np.maximum(np.abs(domain.z_lower), np.abs(domain.z_upper)))
     if boxed and np.any((z_star < domain.z_lower - slack) | (z_star > domain.z_upper + slack)):
         return Settled("feasible", z_star, None, "uniqueness unsettled: this preimage lies "
-                       f"outside the box searched, which holds no other ({message})", where,
+                       "outside the box searched, which holds no other preimage", where,
                        boxed, **counts)
     return Settled("unique", z_star, None, message, where, boxed, **counts)
 
