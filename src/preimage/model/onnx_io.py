@@ -42,6 +42,7 @@ from preimage.model.activations import Activation
 from preimage.model.layer import Layer
 from preimage.model.operators import DenseOperator
 from preimage.model.structured import Conv2dOperator, UpsampleOperator
+from preimage.model.validation import PRECISIONS
 
 Shape = tuple[int, ...]
 
@@ -53,8 +54,6 @@ _WEIGHTED = {"Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Conv", "ConvTranspos
 # Ops that draw random numbers: never computed ahead as constants, inputs or not.
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
            "Multinomial", "Bernoulli"}
-# preimage's precisions, least precise first (`preimage.model.validation.PRECISIONS`).
-_PRECISIONS = ("bfloat16", "float16", "float32", "float64")
 # How far the network read may be from onnx's reference evaluator, relative to the largest
 # output, by the model's precision: the evaluator computes in it, the network in float64
 # from the same weights, so they differ by rounding (far below these) unless a node is misread.
@@ -189,7 +188,7 @@ def _read(model: Any, path: Path) -> tuple[list[Layer], str, Shape, Shape]:
     if outputs != [current]:
         raise TypeError(f"{path}: the graph's output {outputs} is not its last node's output.")
     layers, out_shape = chain.fold(steps, in_shape)
-    dtype = min(precisions or {_precision_of_type(in_type) or "float32"}, key=_PRECISIONS.index)
+    dtype = max(precisions or {_precision_of_type(in_type) or "float32"}, key=PRECISIONS.index)
     if codes is not None and current in run:
         looser = max(_AGREEMENT[dtype], _AGREEMENT[_precision_of_type(in_type) or dtype])
         _check_forward(layers, steps, nodes, codes, run, looser, str(path))
@@ -214,7 +213,7 @@ def _precision_of_type(elem_type: int) -> str | None:
 
 def _precision_of_array(arr: np.ndarray) -> str | None:
     name = str(np.asarray(arr).dtype)
-    if name in _PRECISIONS:
+    if name in PRECISIONS:
         return name
     return "bfloat16" if name.startswith("float") else None
 
