@@ -157,3 +157,24 @@ def test_one_samples_data_does_not_change_the_others_answers(method: str) -> Non
     res = preimage.invert(net, bad, method=method, options=opts)
     for b in (0, 2):
         assert np.array_equal(ref.z[b], res.z[b])
+
+
+@pytest.mark.parametrize("kw", [
+    {"method": "adam", "options": {"steps": 100, "restarts": 2}},
+    {"method": "clipping", "options": {"steps": 100, "restarts": 2}},
+    {"method": "hybrid", "noise": "l2"},
+    {"noise": "l1", "noise_level": 0.05},
+])
+def test_a_samples_answer_is_the_same_alone_and_in_any_batch(kw: dict) -> None:
+    # the starts were drawn as randn(restarts * B, k): sample 1 of a batch of two started
+    # elsewhere than alone, and its z, misfit and z_error_bound moved by 1e-3 relative
+    net = random_network([4, 20, 60], bias=True, seed=3)
+    rng = np.random.default_rng(0)
+    x = net.forward(rng.standard_normal((3, 4)))
+    x[1] += 0.01 * rng.standard_normal(60)
+    alone = preimage.invert(net, x[1], **kw)
+    for batch in (x[[1, 1]], x[[0, 1]], x[[2, 0, 1]]):
+        res = preimage.invert(net, batch, **kw)
+        np.testing.assert_allclose(res.z[-1], alone.z, rtol=1e-9, atol=1e-12)
+        if res.z_error_bound is not None:
+            np.testing.assert_allclose(res.z_error_bound[-1], alone.z_error_bound, rtol=1e-9)

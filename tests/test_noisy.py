@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -234,3 +236,29 @@ def test_a_bad_tau_is_refused_before_any_sample_runs() -> None:
     x = net.forward(np.random.default_rng(0).standard_normal((2, 5)))
     with pytest.raises(ValueError, match="`tau` must be"):
         preimage.invert(net, x, method="layerwise", noise="linf", options={"tau": -1})
+
+
+def _scaled_net(widths: list[int], seed: int) -> preimage.Network:
+    rng = np.random.default_rng(seed)
+    weights, biases = [], []
+    for a, b in pairwise(widths):
+        weights.append(rng.standard_normal((b, a)) / np.sqrt(b))
+        biases.append(rng.standard_normal(b) / np.sqrt(b))
+    return preimage.Network.from_weights(weights, biases)
+
+
+@pytest.mark.parametrize("kw", [{"noise": "linf"}, {"noise": "l2"},
+                                {"noise": "linf", "method": "layerwise"}])
+def test_the_error_bound_allows_float32_datas_own_rounding(kw: dict) -> None:
+    # G(z0) stored as float32 with noise_level 0: the bound held the level only, and the
+    # true code lay 1.5e-7 from z against a bound of 9.5e-8
+    for seed in range(1, 7):
+        net = _scaled_net([4, 20, 60], seed)
+        z0 = np.random.default_rng(seed + 77).standard_normal(4)
+        x32 = net.forward(z0[None])[0].astype(np.float32)
+        res = preimage.invert(net, x32, noise_level=0.0, **kw)
+        if np.isfinite(res.z_error_bound):
+            assert np.linalg.norm(res.z - z0) <= res.z_error_bound, seed
+    # float64 data keep their own (tighter) bound
+    x64 = net.forward(z0[None])[0]
+    assert preimage.invert(net, x64, noise_level=0.0, **kw).z_error_bound < 1e-6

@@ -66,6 +66,17 @@ def default_rtol(net: Network, x: Any) -> float:
     return max(DEFAULT_RTOL[precision_of(net.source_dtype)], DEFAULT_RTOL[input_precision(x)])
 
 
+def data_floor(net: Network, x: Any, xb: np.ndarray) -> np.ndarray:
+    """(B,) the error a noise bound must allow in every coordinate of each sample of xb
+    beyond the noise itself: float32 (or coarser) data or models define x only to
+    `default_rtol` of its scale (a float32 G(z) with noise_level 0 put the true code
+    outside z_error_bound); 0 for float64, whose rounding the bounds carry already."""
+    rtol = default_rtol(net, x)
+    if rtol <= DEFAULT_RTOL["float64"]:
+        return np.zeros(xb.shape[0])
+    return rtol * np.max(np.abs(xb), axis=1, initial=0.0)
+
+
 #: Relative tolerance for "this constraint is tight at h" (float64 solve accuracy).
 TIGHT_RTOL = 1e-8
 
@@ -452,10 +463,10 @@ class InversionResult:
         The noise model ("linf", "l1", "l2") the result was computed under.
     local_minimum : ndarray of bool (B,), or bool, or None
         The cell descent (`preimage.methods.descent`): z is a certified local
-        minimum of the misfit (no tight wall with a positive multiplier, or one
-        whose flip does not improve). None for the other methods.
+        minimum of the misfit (no tight wall, or every cell around z tried,
+        none fitting better). None for the other methods.
     tight_walls : ndarray of int (B,), or int, or None
-        The cell descent: walls tight with a positive multiplier at z.
+        The cell descent: walls tight at z (units with pre-activation 0).
     proof_domain : ndarray of str (B,), or str, or None
         The global search (`preimage.solvers.exhaustive`): the z its verdict holds for
         ("every z" where the data bound the domain; a box |z_j| <= R on the coordinates
@@ -464,8 +475,9 @@ class InversionResult:
         The global search ran out of its time budget on the sample (which keeps its best
         z and, for a projection, the bound reached).
     misfit_bound : ndarray (B,), or float, or None
-        The global projection: a proved lower bound of min_z ||G(z) - x|| (the gap is
-        misfit - misfit_bound).
+        The global projection: a proved lower bound of ||G(z) - x|| over the z of
+        ``proof_domain`` (the gap is misfit - misfit_bound; with a box, a z beyond it
+        may fit better).
     """
 
     z: np.ndarray

@@ -43,6 +43,7 @@ from preimage.results import (
     SampleFailure,
     build_result,
     check_noise,
+    data_floor,
     estimate_rule,
     isolated,
     per_sample,
@@ -193,7 +194,8 @@ def project(
     # l_inf / l_1 with a fixed output pattern would be ruled by the brightest pixel of a unit
     # that is off (a constant of the cell): there, as in the layer-wise noisy fits, the
     # units above the noise floor tau are fitted two-sidedly and the rest one-sidedly, an
-    # upper bound of the misfit that the walk lowers (the answer is scored by the true one).
+    # upper bound of the misfit that the walk lowers (the answer is scored by the true one),
+    # then a walk on the misfit itself (the output's pattern fixed) from its end certifies.
     exact_misfit = norm == "l2" or meas is not None
     tau = 2.0 * np.maximum(-np.min(yb, axis=1), 0.0)
 
@@ -214,6 +216,15 @@ def project(
         lps[b] += fit.n_lps
         if not np.all(np.isfinite(fit.z)):
             return
+        if not exact_misfit:
+            # then on the misfit itself from there (the output's pattern part of the cell):
+            # it can only lower the misfit, and its certificate is of the misfit, not of the
+            # surrogate (a "local minimum" of the surrogate fell linearly along a line)
+            exact = cell_walk(net, yb[b], fit.z, norm=norm, max_lps=int(max_lps),
+                              deadline=until, output_cell=True)
+            lps[b] += exact.n_lps
+            if np.all(np.isfinite(exact.z)):
+                fit = exact
         misfit = float(_misfits(net, meas, fit.z[None], yb[b : b + 1], norm)[0])
         if misfit <= best[b]:
             z[b], best[b] = fit.z, misfit
@@ -253,7 +264,9 @@ def project(
                             f" ({OUT_OF_TIME}: its {seconds:g} s per sample ran out)")
     bounds = None
     if level is not None and meas is None:
-        bounds = np.array([error_bound(net, yb[b], z[b], norm, level) for b in range(batch)])
+        floor = data_floor(net, x, yb)
+        bounds = np.array([error_bound(net, yb[b], z[b], norm, level, float(floor[b]))
+                           for b in range(batch)])
     result = build_result(
         net, yb, z, estimate_rule(yb, norm, level, success_rtol), messages, method="descent",
         rtol=success_rtol, elapsed=time.perf_counter() - start, single=single,

@@ -139,7 +139,9 @@ def latent_descent(
         Observations (of G(z), or of M G(z) when `meas` is given).
     meas : Mask or MatrixMeasurement, optional
     starts : ndarray of shape (R, B, k), optional
-        Start points (default: z ~ N(0, I), or U[-bound, bound] when `bound`).
+        Start points (default: R = `restarts` draws of z ~ N(0, I), or U[-bound, bound]
+        when `bound`, the same R for every sample, so that a sample's answer does not
+        depend on the rest of the batch).
     optimizer : "adam" or "sgd"
         "sgd": plain (sub)gradient steps z <- z - s grad f(z), the step s per
         row starting at `lr`, halved when f would not decrease enough (Armijo)
@@ -168,11 +170,14 @@ def latent_descent(
     B, k = yb.shape[0], net.latent_dim
     gen = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
     if starts is None:
+        # R starts shared by every sample (row r * B + b is start r of sample b): a
+        # sample's answer must not depend on the batch it came in, its size or its place
         R = int(restarts)
         if bound is not None:
-            z0 = (torch.rand(R * B, k, generator=gen, dtype=dtype) * 2 - 1) * bound
+            z0 = (torch.rand(R, 1, k, generator=gen, dtype=dtype) * 2 - 1) * bound
         else:
-            z0 = torch.randn(R * B, k, generator=gen, dtype=dtype)
+            z0 = torch.randn(R, 1, k, generator=gen, dtype=dtype)
+        z0 = z0.repeat(1, B, 1).reshape(R * B, k)
     else:
         R = starts.shape[0]
         z0 = torch.tensor(np.array(starts, dtype=np.float64).reshape(R * B, k), dtype=dtype)
@@ -224,8 +229,8 @@ def latent_descent(
                 # drawn at every step, used or not: the stream must not depend on whether
                 # another sample of the batch left the box (one sample's data changed the
                 # others' answers)
-                fresh = (torch.rand(z.shape, generator=gen, dtype=dtype) * 2 - 1) * bound
-                z[out] = fresh.to(device)[out]
+                fresh = (torch.rand(R, 1, k, generator=gen, dtype=dtype) * 2 - 1) * bound
+                z[out] = fresh.repeat(1, B, 1).reshape(R * B, k).to(device)[out]
         if progress is not None:  # in samples: the batch's share of the steps done
             progress(B * (step + 1) // int(steps), B)
     if progress is not None and taken < int(steps):

@@ -142,7 +142,8 @@ def hybrid_invert(
         np.isin(exact_status, SUCCESS) if exact_status is not None else np.zeros(B, dtype=bool)
     )
     rng = np.random.default_rng(seed)
-    starts = rng.standard_normal((restarts, B, k))
+    # the same starts for every sample: a sample's answer must not depend on its batch
+    starts = np.repeat(rng.standard_normal((restarts, 1, k)), B, axis=1)
     finite = np.all(np.isfinite(z_lp), axis=1)
     starts[0, finite] = z_lp[finite]
     run = latent_descent(

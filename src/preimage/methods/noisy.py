@@ -32,6 +32,7 @@ from preimage.results import (
     SampleFailure,
     build_result,
     consistent_misfit,
+    data_floor,
     per_sample,
     vector_norm,
 )
@@ -64,13 +65,15 @@ def invert_noisy_one(
     tau: float | None = None,
     rtol: float = 1e-9,
     keep_rank: bool = False,
+    floor: float = 0.0,
 ) -> NoisyOutcome:
-    """Layer-wise noisy inversion of one observation x of shape (n,); see `invert`."""
+    """Layer-wise noisy inversion of one observation x of shape (n,); see `invert`
+    (``floor``: the data's own error per coordinate, `data_floor`)."""
     d = len(net.layers)
     layers: list[NoisyLayerResult | None] = [None] * d
     bounds = [np.inf] * d
     bound = (
-        NoiseBound.from_level(norm, noise_level, net.output_dim)
+        NoiseBound.from_level(norm, noise_level, net.output_dim, floor)
         if noise_level is not None
         else NoiseBound.unbounded(net.output_dim)
     )
@@ -149,12 +152,13 @@ def invert_noisy(
         tau = check_positive(tau, "tau", allow_zero=True)
     start = time.perf_counter()
     d = len(net.layers)
+    floor = data_floor(net, x, xb)
     outcomes = [
         NoisyOutcome(np.full(net.latent_dim, np.nan), "failed", o.message, [None] * d,
                      [np.inf] * d, np.inf) if isinstance(o, SampleFailure) else o
         for o in per_sample(
             lambda b: invert_noisy_one(net, xb[b], norm=norm, noise_level=noise_level, tau=tau,
-                                       rtol=rtol),
+                                       rtol=rtol, floor=float(floor[b])),
             xb.shape[0], deadline=deadline, progress=progress,
         )
     ]
@@ -181,8 +185,10 @@ def invert_noisy(
     )
 
 
-def error_bound(net: Network, x: np.ndarray, z: np.ndarray, norm: str, noise_level: float) -> float:
-    """A proved bound on ||z - z_true||_2 for any estimate z of x = G(z_true) + e, ||e|| <= level.
+def error_bound(net: Network, x: np.ndarray, z: np.ndarray, norm: str, noise_level: float,
+                floor: float = 0.0) -> float:
+    """A proved bound on ||z - z_true||_2 for any estimate z of x = G(z_true) + e, ||e|| <= level
+    (and |e_i| <= level + floor per coordinate: the data's own rounding, `data_floor`).
 
     `propagate_bound` holds for any estimate of a layer's input: applied down the
     layers to z's own activations (G's layer outputs at z), it bounds the error of
@@ -191,7 +197,7 @@ def error_bound(net: Network, x: np.ndarray, z: np.ndarray, norm: str, noise_lev
     if not np.all(np.isfinite(z)):
         return np.inf
     outputs = net.forward_all(z[None])
-    bound = NoiseBound.from_level(norm, noise_level, net.output_dim)
+    bound = NoiseBound.from_level(norm, noise_level, net.output_dim, floor)
     y = x
     for i in range(len(net.layers) - 1, -1, -1):
         h = outputs[i][0]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
@@ -133,12 +134,15 @@ def cell_walk(
     `max_lps` LPs or at `deadline` (a `time.perf_counter()` value). The misfit
     never rises above the best fit of z0's own cell, so never above z0's.
 
-    At the end, ``n_tight`` counts the walls with a positive multiplier at the
-    optimum, and ``local_minimum`` certifies z as a local minimum of the
-    misfit over all of z: no such wall (the cell's optimum is one of the whole
-    piecewise problem near z), or one whose flip was tried and does not
-    improve. With several, every cell around z would need checking: the count
-    is reported, no certificate.
+    At the end, ``n_tight`` counts the walls tight at the optimum (whatever
+    their multiplier: a wall with none can still hide a lower misfit across
+    it), and ``local_minimum`` certifies z as a local minimum of the misfit
+    over all of z: no tight wall (the cell's optimum is one of the whole
+    piecewise problem near z), or at most `CORNER_WALLS` of them and every cell
+    their on/off combinations give, which all touch z, tried without a lower
+    fit. With more, the count is reported, no certificate. Only where the cell
+    problem is the misfit itself (``output_cell`` or ``A``, a piecewise-linear
+    output): the fit with the noise floor `tau` is a surrogate.
 
     Parameters
     ----------
@@ -198,19 +202,56 @@ def cell_walk(
                 break
         else:
             exhausted = True  # every tight wall tried, none improves
+        if exhausted and whole and 2 <= len(moves) <= CORNER_WALLS:
+            # z sits on a corner of several cells: the cells of every other combination of
+            # its tight walls also touch z (single flips are tried above)
+            exhausted = False
+            for flips in _corner_flips(len(moves)):
+                if n_lps >= max_lps or time.perf_counter() >= deadline:
+                    break
+                trial = [p.copy() for p in patterns]
+                for m in flips:
+                    _, i, j = moves[m]
+                    trial[i][j] = ~trial[i][j]
+                first = min(moves[m][1] for m in flips)
+                fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z,
+                              known=best.chain[: first + 1], output_cell=output_cell)
+                n_lps += fit.n_lps
+                if fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit:
+                    best, patterns, moved = fit, trial, True
+                    steps += 1
+                    break
+            else:
+                exhausted = True  # every cell around z tried, none improves
         if not moved:
             break
     if np.isfinite(best.misfit) and best.wall_duals is not None:
-        positive = [d for d, _, _ in _tight_walls(net, best, flippable) if d > 0]
-        best.n_tight = len(positive)
-        best.local_minimum = best.n_tight == 0 or (best.n_tight == 1 and exhausted)
+        tight = _tight_walls(net, best, flippable)
+        best.n_tight = len(tight)
+        # Near z only the tight units can change state, so z is a local minimum when no
+        # wall is tight (the misfit is the cell's near z), or when every cell that the
+        # tight walls' combinations give was tried (`exhausted`) and none fits better (each
+        # cell problem is convex: none lower there means z is optimal there). Only where
+        # the cell problem is the misfit itself (`whole`), not the surrogate of `tau`.
+        best.local_minimum = whole and (
+            best.misfit <= 0.0 or not tight or (exhausted and len(tight) <= CORNER_WALLS))
     best.n_lps, best.steps = n_lps, steps
     best.message = (
         f"cell descent: {steps} moves, {n_lps} LPs, misfit {best.misfit:.3g}"
         + (", a certified local minimum" if best.local_minimum else
-           f", {best.n_tight} tight walls with positive multipliers")
+           f", {best.n_tight} tight walls" if whole else
+           " (of the fit with the noise floor tau; no certificate)")
     )
     return best
+
+
+#: At most this many walls tight at once are checked cell by cell (2^m - 1 neighbours).
+CORNER_WALLS = 3
+
+
+def _corner_flips(m: int) -> list[tuple[int, ...]]:
+    """Every subset of range(m) with at least two members (the single flips are apart)."""
+    return [flips for size in range(2, m + 1) for flips in combinations(range(m), size)]
 
 
 def _tight_walls(net: Network, fit: CellFit, flippable: int) -> list[tuple[float, int, int]]:

@@ -71,8 +71,8 @@ class CellFit:
     status: str = field(default="optimal")
     #: The cell's affine chain (`affine_chain`), for its neighbours to reuse.
     chain: Chain = field(default_factory=list, repr=False)
-    #: After a descent (`preimage.methods.search.cell_walk`): walls tight with a positive
-    #: multiplier at z, and whether z is certified a local minimum.
+    #: After a descent (`preimage.methods.search.cell_walk`): walls tight at z, and
+    #: whether z is certified a local minimum.
     n_tight: int = -1
     local_minimum: bool = False
 

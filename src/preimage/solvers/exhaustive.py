@@ -580,8 +580,10 @@ def global_projection(
 
     Every layer ReLU. The incumbent's misfit t bounds the search (`data_bounds`:
     any better z has G(z) within t of x), so the answer's bound holds for every z
-    in ``domain``. Status "optimal" when the gap is within rel_gap (relative) of
-    the misfit, else "time_limit" with the best z and the bound reached.
+    in ``domain`` (the box ``box`` on the coordinates the data do not bound, widened
+    to twice the start's largest |z_j| where it would not hold the start). Status
+    "optimal" when the gap is within rel_gap (relative) of the misfit, else
+    "time_limit" with the best z and the bound reached.
     ``tighten``: race a second search on bounds tightened first (`_race_searches`;
     measured no faster here, so `invert` leaves it off).
     """
@@ -644,6 +646,10 @@ def _projection(net: Network, x: np.ndarray, norm: str, z0: np.ndarray, seconds:
     cutoff = t0 * (1 + 1e-9)
     top = Top(lo=x - cutoff, hi=x + cutoff, x=x, norm=norm)
     lp_net = balanced(net, depth - 1)  # (as in `settle`; the output keeps its scale: x's)
+    # the box holds the start: a bound over a box that misses the incumbent compares it
+    # with nothing (a start at |z| = 58 was "the proved minimum" over |z| <= 10, and a z
+    # with half its misfit lay at |z| = 24)
+    box = max(box, 2.0 * float(np.max(np.abs(z0), initial=0.0)))
     domain = data_bounds(lp_net, depth, top, box=box, deadline=deadline)
     if not isinstance(domain, str):
         domain.unit = z_unit
@@ -693,7 +699,7 @@ def _projection(net: Network, x: np.ndarray, norm: str, z0: np.ndarray, seconds:
     return Settled(
         "time_limit" if timed else "optimal", z, None,
         f"global {norm} misfit {value * x_unit:.6g}, proved lower bound {bound * x_unit:.6g} "
-        f"({found.nodes} nodes)"
+        f"over {where if domain.boxed.any() else 'every z'} ({found.nodes} nodes)"
         + ("; out of time" if timed else ""),
         where, bool(domain.boxed.any()), out_of_time=timed, value=value, bound=bound,
         nodes=found.nodes, lps=found.lps,

@@ -105,13 +105,17 @@ class NoiseBound:
     l1: float
 
     @classmethod
-    def from_level(cls, norm: str, level: float, m: int) -> NoiseBound:
-        """The bound implied by ||e||_norm <= level for e of length m."""
+    def from_level(cls, norm: str, level: float, m: int, floor: float = 0.0) -> NoiseBound:
+        """The bound implied by ||e||_norm <= level for e of length m, plus an error of at
+        most `floor` in every coordinate (the data's own rounding: `data_floor`)."""
         if norm == "linf":
-            return cls(np.full(m, level), float(np.sqrt(m) * level), float(m * level))
-        if norm == "l1":
-            return cls(np.full(m, level), float(level), float(level))
-        return cls(np.full(m, level), float(level), float(np.sqrt(m) * level))
+            box, l2, l1 = level, np.sqrt(m) * level, m * level
+        elif norm == "l1":
+            box, l2, l1 = level, level, level
+        else:
+            box, l2, l1 = level, level, np.sqrt(m) * level
+        return cls(np.full(m, box + floor), float(l2 + np.sqrt(m) * floor),
+                   float(l1 + m * floor))
 
     @classmethod
     def unbounded(cls, m: int) -> NoiseBound:
