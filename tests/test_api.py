@@ -202,3 +202,12 @@ def test_an_observation_near_float64s_subnormals_is_refused_not_called_unique() 
         invert(net, np.stack([x, x * 1e-308]))
     assert invert(net, np.zeros(10)).status in ("unique", "non_unique")
     assert invert(net, x * 1e-90).status == invert(net, x).status
+
+
+def test_a_progress_that_is_not_callable_is_refused_before_any_work() -> None:
+    # it failed with "'int' object is not callable" after the first chunk was computed
+    net = random_network([4, 20, 60], seed=0)
+    x = net.forward(np.ones((2, 4)))
+    for method in ("exact", "adam"):
+        with pytest.raises(TypeError, match="`progress`"):
+            invert(net, x, method=method, progress=3)

@@ -267,9 +267,28 @@ def test_dask_cluster_is_one_invert_call(tmp_path: Path, client: Client, mnist: 
 def test_dask_retries_then_records_the_failure(tmp_path: Path, client: Client) -> None:
     net = random_network([6, 30, 80], seed=3)
     x = net.forward(np.random.default_rng(1).standard_normal((40, 6)))
-    x[25, 7] = np.nan  # chunk 2's task raises (invert refuses NaN observations)
-    report = invert_stream(net, x, tmp_path / "r", executor=client, chunk_size=10, retries=1)
-    assert list(report.failed) == [2] and "NaN" in report.failed[2]
+    x[25, 7] = 12345.0  # chunk 2's task raises on every worker (a failure planted there)
+
+    def plant(on: bool) -> None:
+        import preimage.jobs.stream as stream
+
+        def failing(net, rows, **settings):  # type: ignore[no-untyped-def]
+            if np.any(rows == 12345.0):
+                raise RuntimeError("planted failure")
+            return stream.__dict__["_real_invert"](net, rows, **settings)
+
+        if on and "_real_invert" not in stream.__dict__:
+            stream._real_invert, stream.invert = stream.invert, failing
+        elif not on and "_real_invert" in stream.__dict__:
+            stream.invert = stream.__dict__.pop("_real_invert")
+
+    client.run(plant, True)
+    try:
+        report = invert_stream(net, x, tmp_path / "r", executor=client, chunk_size=10,
+                               retries=1)
+    finally:
+        client.run(plant, False)
+    assert list(report.failed) == [2] and "planted" in report.failed[2]
     assert report.computed == 3
     entries = {e["chunk"]: e["status"] for e in manifest(tmp_path / "r")}
     assert entries == {0: "done", 1: "done", 2: "failed", 3: "done"}
@@ -409,3 +428,32 @@ def test_settings_equal_to_inverts_defaults_are_the_same_job(tmp_path: Path) -> 
     assert again.computed == 0 and again.skipped == 2
     with pytest.raises(ValueError, match="another settings"):
         invert_stream(net, tmp_path / "x.npy", tmp_path / "out", chunk_size=4, rtol=1e-6)
+
+
+def test_a_sample_with_nan_costs_its_chunk_no_other_answer(tmp_path: Path) -> None:
+    # invert refuses NaN for the whole batch: a NaN or inf row failed its whole chunk (18
+    # of 48 finite samples answered), retried for nothing
+    net = random_network([5, 30, 80], seed=0)
+    x = net.forward(np.random.default_rng(1).standard_normal((50, 5)))
+    x[3, 5], x[20, 0] = np.nan, np.inf
+    x[7] *= 1e-200  # below MIN_SCALE: refused too
+    x[32:48] = np.nan  # a chunk with no finite sample
+    np.save(tmp_path / "x.npy", x)
+    report = invert_stream(net, tmp_path / "x.npy", tmp_path / "out", chunk_size=16)
+    assert report.complete and not report.failed
+    res = load_results(tmp_path / "out")
+    bad = ~np.all(np.isfinite(x), axis=1)
+    bad[7] = True
+    assert np.all(res.status[bad] == "failed") and np.all(np.isnan(res.z[bad]))
+    assert all(m.startswith("not inverted: `x`") for m in res.message[bad])
+    assert "magnitude" in res.message[7] and "NaN" in res.message[3]
+    assert "inf" in res.message[20]
+    alone = invert(net, x[~bad])
+    np.testing.assert_array_equal(res.status[~bad], alone.status)
+    np.testing.assert_allclose(res.z[~bad], alone.z, rtol=1e-9, atol=1e-12)
+
+
+def test_a_bad_connect_timeout_is_named() -> None:
+    with pytest.raises(ValueError, match="timeout"), dask_client(scheduler="tcp://127.0.0.1:1",
+                                                                  timeout=-1):
+        pass

@@ -352,3 +352,21 @@ def test_a_node_read_wrong_is_caught_by_the_reference_evaluator(
                                         r"onnx's reference evaluator"):
         Network.from_onnx(path)
     assert skipped == [name]
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_a_batch_norm_exported_at_any_opset_is_read(opset: int, tmp_path: Path) -> None:
+    # onnx's evaluator of opsets 9-13 takes the batch's statistics whenever `momentum` is
+    # set (torch always sets it): the forward check refused every such batch norm
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(4, 20), nn.BatchNorm1d(20), nn.ReLU(), nn.Linear(20, 50),
+                      nn.ReLU())
+    with torch.no_grad():
+        g[1].running_mean.uniform_(-1, 1)
+        g[1].running_var.uniform_(0.5, 2)
+    g.eval()
+    path = tmp_path / "bn.onnx"
+    _export(g, torch.randn(2, 4), path, opset_version=opset)
+    net = Network.from_onnx(path)
+    z = np.random.default_rng(0).standard_normal((3, 4))
+    np.testing.assert_allclose(net.forward(z), _outputs(g, z), rtol=1e-5, atol=1e-5)

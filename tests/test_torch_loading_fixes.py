@@ -241,3 +241,40 @@ def test_a_wrong_input_shape_prints_nothing(capsys: pytest.CaptureFixture[str]) 
     assert sys.stderr is stderr
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 50), nn.ReLU())
+
+
+def test_a_compiled_module_is_read_as_the_module_it_compiled() -> None:
+    g = _mlp()
+    net = Network.from_torch(torch.compile(g))
+    _assert_reads_forward(g, net, 4)
+
+
+def test_a_module_that_changes_its_buffers_when_run_is_refused_and_put_back() -> None:
+    # a spectral norm in training mode runs its power iteration on every forward: reading
+    # the module changed its buffers _u and _v
+    g = _mlp()
+    g[0] = nn.utils.parametrizations.spectral_norm(g[0])
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    with pytest.raises(ValueError, match=r"changes its buffers.*\.eval\(\)"):
+        Network.from_torch(g)
+    assert all(torch.equal(v, before[k]) for k, v in g.state_dict().items())
+    _assert_reads_forward(g.eval(), Network.from_torch(g), 4)
+
+
+def test_an_entry_that_is_no_method_is_named() -> None:
+    with pytest.raises(TypeError, match="`entry`"):
+        Network.from_torch(_mlp(), entry="training")
+
+
+def test_reading_and_rebuilding_a_network_leave_torchs_random_numbers_alone() -> None:
+    net = Network.from_torch(_mlp())
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    net.to_torch()
+    assert torch.equal(torch.rand(3), expected)

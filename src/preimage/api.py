@@ -280,6 +280,8 @@ def invert(
         n_jobs = check_count(n_jobs, "n_jobs", 1)
     if batched is not None and not isinstance(batched, (bool, np.bool_)):
         raise TypeError(f"`batched` must be True or False; got {batched!r:.40}.")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"`progress` must be a callable(done, total); got {progress!r:.40}.")
     if fallback is not None and not isinstance(fallback, GlobalSettings):
         raise TypeError(f"`fallback` must be a GlobalSettings; got {type(fallback).__name__}.")
     if observe is not None and A is not None:

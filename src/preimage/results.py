@@ -612,6 +612,44 @@ def _concatenate(name: str, values: Sequence[Any]) -> Any:
     return np.concatenate(arrays, axis=0)
 
 
+def _spread(column: np.ndarray, kept: np.ndarray, missing: Any = None) -> np.ndarray:
+    """(B, ...) from the rows of `column` for kept samples; `missing` (by dtype when None:
+    NaN, False, -1, "") in the others."""
+    if column.dtype.kind == "U":  # (fixed-width strings would cut the messages written)
+        column = column.astype(object)
+    if missing is None:
+        kind = column.dtype.kind
+        missing = {"f": np.nan, "c": np.nan, "b": False, "i": -1, "u": 0}.get(kind, "")
+    out = np.full((kept.size, *column.shape[1:]), missing, dtype=column.dtype)
+    out[kept] = column[: int(kept.sum())]
+    return out
+
+
+def with_unread_samples(result: InversionResult, kept: np.ndarray,
+                        message: str | Sequence[str]) -> InversionResult:
+    """The result over a batch of which only the samples ``kept`` (bool (B,)) were inverted
+    (`result` is theirs, a batch result; where none is kept, any batch result, for its
+    layout): the others "failed" with `message` (one, or one each, in order) and no z."""
+    kept = np.asarray(kept, dtype=bool)
+    samples: dict[str, Any] = {}
+    for f in dataclasses.fields(InversionResult):
+        value = getattr(result, f.name)
+        if f.name in RUN_FIELDS or value is None:
+            continue
+        samples[f.name] = _spread(np.asarray(value), kept)
+    samples["status"][~kept] = "failed"
+    samples["message"][~kept] = message if isinstance(message, str) else list(message)
+    layers = tuple(
+        dataclasses.replace(report, **{
+            f.name: _spread(getattr(report, f.name), kept,
+                            REPORT_FIELDS.get(f.name, (None,))[0])
+            for f in dataclasses.fields(LayerReport)
+            if f.name != "index" and getattr(report, f.name) is not None})
+        for report in result.layers
+    )
+    return dataclasses.replace(result, layers=layers, **samples)
+
+
 def combine_results(parts: Sequence[InversionResult]) -> InversionResult:
     """The result over consecutive batches x_1, ..., x_c, from their results in order.
 

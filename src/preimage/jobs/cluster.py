@@ -35,6 +35,10 @@ def dask_client(
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                0 < timeout < float("inf")):
+            raise ValueError(f"`timeout` (--connect-timeout) must be a positive number of "
+                             f"seconds; got {timeout!r:.40}.")
         if not isinstance(scheduler, str) or not scheduler.strip():
             raise ValueError(f"`scheduler` must be an address like tcp://host:8786; got "
                              f"{scheduler!r}.")

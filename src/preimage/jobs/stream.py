@@ -49,7 +49,8 @@ from preimage.jobs.source import Rows
 from preimage.jobs.store import FORMAT, ResultsFolder, encode
 from preimage.methods.batched.context import chunk_size as default_chunk
 from preimage.model.network import Network
-from preimage.results import ProgressCallback
+from preimage.model.validation import refused_samples
+from preimage.results import ProgressCallback, with_unread_samples
 
 #: Arguments of `invert` that the job sets itself.
 OWN = ("progress", "batch_size")
@@ -102,7 +103,16 @@ def invert_chunk(net: Any, rows: np.ndarray, settings: dict[str, Any]) -> dict[s
         net = net.net
     if not rows.flags.owndata or rows.ctypes.data % ALIGNMENT:
         rows = rows.copy()
-    return encode(invert(net, rows, **settings))
+    refused = refused_samples(rows)
+    if not refused:
+        return encode(invert(net, rows, **settings))
+    # one sample that invert refuses (NaN, inf, out of scale) must not cost its chunk the
+    # others' answers, nor be retried (none left: a blank row gives the layout, dropped)
+    kept = np.ones(len(rows), dtype=bool)
+    kept[list(refused)] = False
+    result = invert(net, rows[kept] if kept.any() else np.zeros_like(rows[:1]), **settings)
+    return encode(with_unread_samples(result, kept, [
+        f"not inverted: {why}" for _, why in sorted(refused.items())]))
 
 
 #: The alignment, in bytes, of the arrays NumPy allocates (glibc's malloc: 16).

@@ -257,11 +257,34 @@ def _run_reference(model: Any, input_name: str, codes: np.ndarray | None) -> dic
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")  # (a log or division the codes push out of range)
-            results = ReferenceEvaluator(probe).run(None, {input_name: codes})
+            results = ReferenceEvaluator(probe, new_ops=[_inference_batch_norm()]).run(
+                None, {input_name: codes})
     except Exception:  # an op the evaluator lacks: keep the static shapes
         return {}
     outputs = [o.name for o in probe.graph.output]
     return dict(zip(outputs, results, strict=True))
+
+
+def _inference_batch_norm() -> type:
+    """onnx's BatchNormalization with the running statistics, as an inference node (one
+    output) computes it at every opset. onnx's own evaluator of opsets 9-13 takes the
+    batch's statistics whenever `momentum` is set, which torch's export always does: the
+    check refused every batch norm exported at those opsets. (Training-mode nodes, with
+    more outputs, are refused by the reader.)"""
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None,  # type: ignore[no-untyped-def]
+                 spatial=None, is_test=None, training_mode=None):
+            eps = 1e-5 if epsilon is None else epsilon
+            shape = (-1,) + (1,) * (x.ndim - 2)
+            y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(
+                var.reshape(shape) + eps) + bias.reshape(shape)
+            return (y.astype(x.dtype),)
+
+    return BatchNormalization
 
 
 def _folded(node: Any, values: dict[str, np.ndarray],

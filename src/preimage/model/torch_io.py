@@ -612,8 +612,13 @@ def layers_from_module(
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected a torch.nn.Module; got {type(module).__name__}.")
-    if not isinstance(entry, str) or not hasattr(module, entry):
-        raise TypeError(f"The module {type(module).__name__} has no method {entry!r:.40}.")
+    # torch.compile's wrapper: the layers are those of the module it compiled (tracing the
+    # wrapper fails inside dynamo)
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    if not isinstance(entry, str) or not callable(getattr(module, entry, None)):
+        raise TypeError(f"`entry`: the module {type(module).__name__} has no method "
+                        f"{entry!r:.40}.")
     # Before any forward pass (the shapes come from one): a batch norm in training mode
     # would update its running statistics, changing the caller's module.
     for where, mod in module.named_modules():
@@ -628,6 +633,26 @@ def layers_from_module(
             f"`input_shape` must be the shape of one code, positive integers such as (20,) or "
             f"(100, 1, 1); got {input_shape!r:.40}."
         )
+    # Reading runs the module's forward: a module that updates its own state there (a
+    # spectral norm's power iteration in training mode) is put back as it was and refused
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        layers, dtype, shape, out_shape = _read(module, entry, input_shape)
+    finally:
+        changed = _restore_buffers(module, buffers)
+    if changed:
+        raise ValueError(
+            f"{type(module).__name__}.{entry} changes its buffers when run "
+            f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): a module in "
+            "training mode is not one "
+            "function; call .eval() on it first."
+        )
+    return layers, str(dtype).replace("torch.", ""), shape, out_shape
+
+
+def _read(module: Any, entry: str, input_shape: Sequence[int] | None
+          ) -> tuple[list[Layer], Any, Shape, Shape]:
+    """`layers_from_module` once the module is checked: layers, dtype, shapes."""
     try:
         steps, shape = _traced_steps(module, entry, input_shape)
     except TypeError:  # a refusal of the loader's own (fx's failures come as _Untraceable)
@@ -643,15 +668,36 @@ def layers_from_module(
     layers, out_shape = chain.fold(steps, shape)
     dtype = _example_input(module, shape)[1]
     _check_forward(module, entry, layers, shape, dtype)
-    return layers, str(dtype).replace("torch.", ""), shape, out_shape
+    return layers, dtype, shape, out_shape
+
+
+def _restore_buffers(module: Any, saved: dict[str, Any]) -> list[str]:
+    """Put the module's buffers back to `saved`; the names of those that had changed."""
+    import torch
+
+    changed = []
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            old = saved.get(name)
+            if old is not None and old.shape == b.shape and not torch.equal(old, b):
+                b.copy_(old)
+                changed.append(name)
+    return changed
 
 
 def module_from_layers(layers: Sequence[Layer], dtype: Any = None) -> Any:
     """An ``nn.Sequential`` computing the layers on flattened inputs (float64 by default)."""
     import torch
-    import torch.nn as nn
 
     dtype = dtype or torch.float64
+    with torch.random.fork_rng(devices=[]):  # (nn.Linear's initial draw: not the caller's RNG)
+        return _sequential(layers, dtype)
+
+
+def _sequential(layers: Sequence[Layer], dtype: Any) -> Any:
+    import torch
+    import torch.nn as nn
+
     mods: list[nn.Module] = []
     for layer in layers:
         if isinstance(layer.weight, DenseOperator):

@@ -150,6 +150,27 @@ def check_latent(z: Any, width: int, name: str = "z") -> tuple[np.ndarray, bool]
     return _check_batch(to_float_array(z, name), width, name, "latent layer")
 
 
+def refused_samples(batch: np.ndarray, name: str = "x") -> dict[int, str]:
+    """{b: why} for the samples of a (B, n) batch that `check_observation` refuses (each
+    alone: NaN or inf, magnitudes beyond MAX_MAGNITUDE, or a scale below MIN_SCALE)."""
+    flat = np.asarray(batch, dtype=np.float64).reshape(len(batch), -1)
+    scale = np.max(np.abs(np.nan_to_num(flat, posinf=np.inf, neginf=np.inf)), axis=1,
+                   initial=0.0)
+    odd = ~np.all(np.isfinite(flat), axis=1) | (scale > MAX_MAGNITUDE) | (
+        (scale > 0) & (scale < MIN_SCALE))
+    why = {}
+    for b in np.flatnonzero(odd):
+        try:
+            check_finite(flat[b], name)
+        except ValueError as exc:
+            why[int(b)] = str(exc)
+            continue
+        why[int(b)] = (f"`{name}` has largest magnitude {float(scale[b]):.3g}; preimage "
+                       f"accepts samples of magnitude {MIN_SCALE:g} to {MAX_MAGNITUDE:g}, or "
+                       "all zero (rescale the data).")
+    return why
+
+
 def check_observation(x: Any, width: int, name: str = "x") -> tuple[np.ndarray, bool]:
     """x as a float64 (B, n) copy, and whether the caller passed one sample.
 
