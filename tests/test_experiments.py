@@ -295,6 +295,10 @@ def test_bad_experiment_options_get_one_line_and_status_2(
     for extra, says in ((["--runs", "0", "--out", str(tmp_path)], "--runs must be >= 1"),
                         (["--out", str(tmp_path / "afile")], "is a file"),
                         (["--model", str(tmp_path / "none"), "--out", str(tmp_path)],
-                         "does not exist")):
+                         "does not exist"),
+                        # (these ended in a traceback after rows were written)
+                        (["--adam-steps", "0", "--out", str(tmp_path)], "--adam-steps"),
+                        (["--adam-restarts", "-1", "--out", str(tmp_path)],
+                         "--adam-restarts")):
         assert main(["experiment", "noise", "--quick", *extra]) == 2
         assert says in capsys.readouterr().err

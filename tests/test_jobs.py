@@ -457,3 +457,12 @@ def test_a_bad_connect_timeout_is_named() -> None:
     with pytest.raises(ValueError, match="timeout"), dask_client(scheduler="tcp://127.0.0.1:1",
                                                                   timeout=-1):
         pass
+
+
+def test_a_stream_of_the_wrong_shape_names_the_files_shape(tmp_path: Path) -> None:
+    # invert, handed the first row, named the row's shape (1, 8, 10), not the file's
+    net = random_network([4, 20, 80], seed=0)
+    np.save(tmp_path / "x.npy", np.zeros((50, 8, 10)))
+    with pytest.raises(ValueError, match=r"width 80 \(shape \(80,\)\), as \(B, \.\.\.\); got "
+                                         r"an array of shape \(50, 8, 10\)"):
+        invert_stream(net, tmp_path / "x.npy", tmp_path / "out")

@@ -369,6 +369,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     runs = args.runs if args.runs is not None else experiment.default_runs
     # bad options: one line and status 2, as for `preimage invert`, before any run
     problem = (f"--runs must be >= 1; got {runs}" if runs < 1
+               else f"--adam-steps must be >= 1; got {args.adam_steps}" if args.adam_steps < 1
+               else f"--adam-restarts must be >= 1; got {args.adam_restarts}"
+               if args.adam_restarts < 1
                else f"--out {args.out} is a file, not a folder" if Path(args.out).is_file()
                else f"--model {args.model} does not exist" if args.model is not None
                and not Path(args.model).exists() else None)

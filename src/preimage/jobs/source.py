@@ -50,6 +50,13 @@ class Rows:
         if len(self.shape) == 0:
             raise ValueError("`x` must hold observations of shape (B, n); got a scalar.")
         self.rows_shape = (1, *self.shape) if self._single else self.shape
+        one = self.rows_shape[1:]
+        if one not in (tuple(net.output_shape), (net.output_dim,)):
+            # (here, with x's own shape: invert, given one row, would name the row's)
+            shapes = " or ".join(str(v) for v in dict.fromkeys(
+                (tuple(net.output_shape), (net.output_dim,))))
+            raise ValueError(f"`x` must hold observations of width {net.output_dim} (shape "
+                             f"{shapes}), as (B, ...); got an array of shape {self.shape}.")
 
     @property
     def count(self) -> int:

@@ -166,6 +166,19 @@ def cell_walk(
     whole = (A is not None or output_cell) and last.is_piecewise_linear
     flippable = len(net.layers) if whole else len(net.layers) - 1
     exhausted = False
+
+    def neighbour(units: list[tuple[int, int]]) -> tuple[list[np.ndarray], CellFit]:
+        """The cell with these (layer, unit)s flipped, and its best fit."""
+        trial = [p.copy() for p in patterns]
+        for i, j in units:
+            trial[i][j] = ~trial[i][j]
+        first = min(i for i, _ in units)  # pre_0..pre_first do not see the flips
+        return trial, cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z,
+                              known=best.chain[: first + 1], output_cell=output_cell)
+
+    def lower(fit: CellFit) -> bool:
+        return bool(fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit)
+
     while (
         n_lps < max_lps and np.isfinite(best.misfit) and best.misfit > target
         and time.perf_counter() < deadline
@@ -176,53 +189,28 @@ def cell_walk(
         if len(pushing) > 1 and n_lps < max_lps:
             # Across every wall that pushes back at once: one step where single flips
             # would take one each (a path of many small cells on a smooth-looking misfit).
-            trial = [p.copy() for p in patterns]
-            for i, j in pushing:
-                trial[i][j] = ~trial[i][j]
-            first = min(i for i, _ in pushing)
-            fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z,
-                          known=best.chain[: first + 1], output_cell=output_cell)
+            trial, fit = neighbour(pushing)
             n_lps += fit.n_lps
-            if fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit:
+            if lower(fit):
                 best, patterns = fit, trial
                 steps += 1
                 continue
-        for _, i, j in moves:
+        # one wall at a time, then (z on a corner of at most CORNER_WALLS cells' walls)
+        # every other combination of them: all those cells touch z
+        corner = whole and 2 <= len(moves) <= CORNER_WALLS
+        combos = [(m,) for m in range(len(moves))] + (
+            _corner_flips(len(moves)) if corner else [])
+        for flips in combos:
             if n_lps >= max_lps or time.perf_counter() >= deadline:
                 break
-            trial = [p.copy() for p in patterns]
-            trial[i][j] = ~trial[i][j]
-            fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z,
-                          known=best.chain[: i + 1],  # pre_0..pre_i do not see the flip
-                          output_cell=output_cell)
+            trial, fit = neighbour([moves[m][1:] for m in flips])
             n_lps += fit.n_lps
-            if fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit:
+            if lower(fit):
                 best, patterns, moved = fit, trial, True
                 steps += 1
                 break
         else:
-            exhausted = True  # every tight wall tried, none improves
-        if exhausted and whole and 2 <= len(moves) <= CORNER_WALLS:
-            # z sits on a corner of several cells: the cells of every other combination of
-            # its tight walls also touch z (single flips are tried above)
-            exhausted = False
-            for flips in _corner_flips(len(moves)):
-                if n_lps >= max_lps or time.perf_counter() >= deadline:
-                    break
-                trial = [p.copy() for p in patterns]
-                for m in flips:
-                    _, i, j = moves[m]
-                    trial[i][j] = ~trial[i][j]
-                first = min(moves[m][1] for m in flips)
-                fit = cell_lp(net, y, trial, A=A, norm=norm, tau=tau, z_ref=best.z,
-                              known=best.chain[: first + 1], output_cell=output_cell)
-                n_lps += fit.n_lps
-                if fit.misfit < best.misfit * (1 - 1e-9) - 1e-15 * best.misfit:
-                    best, patterns, moved = fit, trial, True
-                    steps += 1
-                    break
-            else:
-                exhausted = True  # every cell around z tried, none improves
+            exhausted = True  # every cell tried, none improves
         if not moved:
             break
     if np.isfinite(best.misfit) and best.wall_duals is not None:
