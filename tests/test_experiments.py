@@ -292,6 +292,9 @@ def test_bad_experiment_options_get_one_line_and_status_2(
     from preimage.apps.cli import main
 
     (tmp_path / "afile").write_text("")
+    import torch
+
+    torch.save({"fc1.weight": torch.zeros(3, 2)}, tmp_path / "other.pt")
     for extra, says in ((["--runs", "0", "--out", str(tmp_path)], "--runs must be >= 1"),
                         (["--out", str(tmp_path / "afile")], "is a file"),
                         (["--model", str(tmp_path / "none"), "--out", str(tmp_path)],
@@ -299,6 +302,8 @@ def test_bad_experiment_options_get_one_line_and_status_2(
                         # (these ended in a traceback after rows were written)
                         (["--adam-steps", "0", "--out", str(tmp_path)], "--adam-steps"),
                         (["--adam-restarts", "-1", "--out", str(tmp_path)],
-                         "--adam-restarts")):
+                         "--adam-restarts"),
+                        (["--model", str(tmp_path / "other.pt"), "--out", str(tmp_path)],
+                         "has no 'fc3.weight'")):
         assert main(["experiment", "noise", "--quick", *extra]) == 2
         assert says in capsys.readouterr().err

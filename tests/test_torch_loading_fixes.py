@@ -278,3 +278,9 @@ def test_reading_and_rebuilding_a_network_leave_torchs_random_numbers_alone() ->
     torch.manual_seed(123)
     net.to_torch()
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_module_on_the_meta_device_is_refused_by_what_it_lacks() -> None:
+    # it was told to "pass the shape of one code as input_shape", which cannot help
+    with pytest.raises(TypeError, match="'meta' device"):
+        Network.from_torch(_mlp().to("meta"))

@@ -26,7 +26,13 @@ from preimage.apps import experiments as ex
 from preimage.apps.demo import RECOVERY_RTOL, run_demo
 from preimage.apps.train_mnist import train_and_save
 from preimage.model.activations import ACTIVATIONS
-from preimage.model.mnist import DEFAULT_EPOCHS, N_PIXELS, WEIGHT_FILES, shipped_decoder
+from preimage.model.mnist import (
+    DEFAULT_EPOCHS,
+    N_PIXELS,
+    WEIGHT_FILES,
+    authors_decoders,
+    shipped_decoder,
+)
 from preimage.model.network import Network
 from preimage.results import NORMS, STATUS_MEANING
 
@@ -375,6 +381,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                else f"--out {args.out} is a file, not a folder" if Path(args.out).is_file()
                else f"--model {args.model} does not exist" if args.model is not None
                and not Path(args.model).exists() else None)
+    if problem is None and args.model is not None:
+        try:  # (read here, once: a file the experiment cannot use ended in a traceback)
+            authors_decoders(args.model)
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            problem = f"--model {args.model}: {exc}"
     if problem is not None:
         print(f"preimage experiment: {problem}", file=sys.stderr)
         return 2

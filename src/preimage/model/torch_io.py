@@ -616,6 +616,10 @@ def layers_from_module(
     # wrapper fails inside dynamo)
     while isinstance(getattr(module, "_orig_mod", None), nn.Module):
         module = module._orig_mod
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        raise TypeError(f"{type(module).__name__} has weights on the 'meta' device, which hold "
+                        "no values: load its weights first (e.g. module.to_empty(device='cpu') "
+                        "then load_state_dict).")
     if not isinstance(entry, str) or not callable(getattr(module, entry, None)):
         raise TypeError(f"`entry`: the module {type(module).__name__} has no method "
                         f"{entry!r:.40}.")
