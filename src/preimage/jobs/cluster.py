@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from preimage.model.validation import check_positive
+
 #: Seconds to wait for a scheduler to answer before giving up.
 CONNECT_TIMEOUT = 10.0
 
@@ -35,10 +37,7 @@ def dask_client(
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-                0 < timeout < float("inf")):
-            raise ValueError(f"`timeout` (--connect-timeout) must be a positive number of "
-                             f"seconds; got {timeout!r:.40}.")
+        timeout = check_positive(timeout, "timeout")  # (Dask's own message names neither)
         if not isinstance(scheduler, str) or not scheduler.strip():
             raise ValueError(f"`scheduler` must be an address like tcp://host:8786; got "
                              f"{scheduler!r}.")

@@ -648,8 +648,7 @@ def layers_from_module(
         raise ValueError(
             f"{type(module).__name__}.{entry} changes its buffers when run "
             f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): a module in "
-            "training mode is not one "
-            "function; call .eval() on it first."
+            "training mode is not one function; call .eval() on it first."
         )
     return layers, str(dtype).replace("torch.", ""), shape, out_shape
 

@@ -154,10 +154,8 @@ def refused_samples(batch: np.ndarray, name: str = "x") -> dict[int, str]:
     """{b: why} for the samples of a (B, n) batch that `check_observation` refuses (each
     alone: NaN or inf, magnitudes beyond MAX_MAGNITUDE, or a scale below MIN_SCALE)."""
     flat = np.asarray(batch, dtype=np.float64).reshape(len(batch), -1)
-    scale = np.max(np.abs(np.nan_to_num(flat, posinf=np.inf, neginf=np.inf)), axis=1,
-                   initial=0.0)
-    odd = ~np.all(np.isfinite(flat), axis=1) | (scale > MAX_MAGNITUDE) | (
-        (scale > 0) & (scale < MIN_SCALE))
+    scale = np.max(np.abs(flat), axis=1, initial=0.0)  # (NaN where x is: caught below)
+    odd = ~np.all(np.isfinite(flat), axis=1) | (scale > MAX_MAGNITUDE) | _tiny(scale)
     why = {}
     for b in np.flatnonzero(odd):
         try:
@@ -165,10 +163,18 @@ def refused_samples(batch: np.ndarray, name: str = "x") -> dict[int, str]:
         except ValueError as exc:
             why[int(b)] = str(exc)
             continue
-        why[int(b)] = (f"`{name}` has largest magnitude {float(scale[b]):.3g}; preimage "
-                       f"accepts samples of magnitude {MIN_SCALE:g} to {MAX_MAGNITUDE:g}, or "
-                       "all zero (rescale the data).")
+        why[int(b)] = f"`{name}` has largest magnitude {float(scale[b]):.3g}; {SCALE_RULE}"
     return why
+
+
+#: What `check_observation` accepts of a sample's largest magnitude.
+SCALE_RULE = (f"preimage accepts samples of magnitude {MIN_SCALE:g} to {MAX_MAGNITUDE:g}, or "
+              "all zero (rescale the data).")
+
+
+def _tiny(scale: np.ndarray) -> np.ndarray:
+    """Samples of largest magnitude not 0 but below MIN_SCALE."""
+    return (scale > 0) & (scale < MIN_SCALE)
 
 
 def check_observation(x: Any, width: int, name: str = "x") -> tuple[np.ndarray, bool]:
@@ -179,12 +185,11 @@ def check_observation(x: Any, width: int, name: str = "x") -> tuple[np.ndarray, 
     rounds such an x to 0 (x of 1e-308 was "unique" with z = 0, a 100% misfit)."""
     batch, single = _check_batch(to_float_array(x, name), width, name, "output layer")
     scale = np.max(np.abs(batch), axis=1)
-    tiny = np.flatnonzero((scale > 0) & (scale < MIN_SCALE))
+    tiny = np.flatnonzero(_tiny(scale))
     if tiny.size:
         raise ValueError(
             f"`{name}` has sample(s) {tiny[:5].tolist()} of largest magnitude "
-            f"{float(scale[tiny[0]]):.3g}; preimage accepts samples of magnitude "
-            f"{MIN_SCALE:g} to {MAX_MAGNITUDE:g}, or all zero (rescale the data)."
+            f"{float(scale[tiny[0]]):.3g}; {SCALE_RULE}"
         )
     return batch, single
 
