@@ -10,6 +10,7 @@ from preimage import random_network
 from preimage.methods.gradient import gradient_invert, latent_descent
 from preimage.methods.hybrid import hybrid_invert
 from preimage.methods.search import cell_walk
+from preimage.model.operators import dense
 from preimage.solvers.cell import activation_pattern, cell_lp
 from tests.conftest import authors_state_dict
 
@@ -31,6 +32,36 @@ def test_cell_lp_is_exact_in_the_true_cell(rng: np.random.Generator) -> None:
     flip = np.flatnonzero(wrong[0])[:5]
     wrong[0][flip] = False
     assert cell_lp(net, x, wrong).misfit > 1e-6
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("first", [5, 200])
+def test_cell_lp_row_generation_keeps_the_linf_optimum(
+    seed: int, first: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a reference point the l_inf cell LP through a bijective output starts from the
+    FIT_FIRST rows of largest misfit there (and the nearest walls), adding what its answer
+    violates: the optimum of the LP over every row, however few rows it starts with."""
+    import preimage.solvers.cell as cell
+
+    monkeypatch.setattr(cell, "FIT_FIRST", first)
+    rng = np.random.default_rng(seed)
+    base = random_network([6, 30, 400], bias=True, seed=seed)
+    net = preimage.Network.from_weights(
+        [dense(layer.weight) for layer in base.layers], [layer.bias for layer in base.layers],
+        activation=["relu", ("sigmoid", "tanh", "leaky_relu", "sigmoid")[seed]])
+    z = rng.standard_normal(6)
+    x = net.forward(z) + 0.02 * rng.uniform(-1, 1, 400)
+    start = z + 0.2 * rng.standard_normal(6)
+    patterns = activation_pattern(net, start)
+    whole = cell_lp(net, x, patterns)
+    generated = cell_lp(net, x, patterns, z_ref=start)
+    assert np.isfinite(whole.misfit) and whole.misfit > 1e-3  # the noise: a real fit
+    assert generated.misfit == pytest.approx(whole.misfit, rel=1e-7)
+    with monkeypatch.context() as off:  # the same LP with every row from the start
+        off.setattr(cell, "FIT_FIRST", 10**6)
+        assert cell_lp(net, x, patterns, z_ref=start).misfit == pytest.approx(whole.misfit,
+                                                                               rel=1e-7)
 
 
 def test_cell_walk_turns_a_near_miss_into_an_exact_answer(rng: np.random.Generator) -> None:
