@@ -224,6 +224,10 @@ def test_the_convolutional_decoder_runs_the_hybrid_and_says_so() -> None:
     try:
         z = np.random.default_rng(7).standard_normal((3, 3))
         res = invert(net, net.forward(z), rtol=1e-9, options={"steps": 200, "restarts": 2})
+        # method="hybrid" asked for by name, with noise too: no LP start on that layer
+        # (the per-layer LPs over every unit), random starts as above, and it says why
+        named = invert(net, net.forward(z), method="hybrid", noise="linf",
+                       options={"steps": 200, "restarts": 2})
     finally:
         layerwise.MAX_NULLITY = old
     assert res.method == "hybrid"
@@ -231,6 +235,8 @@ def test_the_convolutional_decoder_runs_the_hybrid_and_says_so() -> None:
     assert not np.any(res.status == "unique")  # nothing proved about uniqueness
     recovered = np.linalg.norm(res.z - z, axis=1) < 1e-6 * np.linalg.norm(z, axis=1)
     assert recovered.sum() >= 2 and np.all(res.residual[recovered] < 1e-8)
+    assert all("LP estimate" not in m and "contracts" in m for m in named.message)
+    assert np.all(named.misfit < 1e-6)
 
 
 @pytest.mark.parametrize("kind", ["relu", "leaky_relu"])

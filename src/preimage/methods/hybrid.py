@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from preimage.methods.gradient import check_descent, latent_descent, observations
-from preimage.methods.layerwise import invert_exact
+from preimage.methods.layerwise import invert_exact, layerwise_obstacle
 from preimage.methods.noisy import invert_noisy
 from preimage.methods.search import GlobalSettings, cell_walk
 from preimage.methods.sensing import pgd_invert
@@ -108,17 +108,23 @@ def hybrid_invert(
     ``max_lps`` (LP budget of each walk), ``rtol`` (of the exact inversion;
     default by the precision of x and of the network) and ``fallback`` (its
     search settings). ``reason``: why the layer-wise method cannot run on this
-    network (`preimage.methods.layerwise.layerwise_obstacle`); the LP estimate
-    is then skipped and gradient descent searches from random starts (default
-    lr 0.01, 1000 steps, 3 restarts instead of 1e-3, 300, 1), each restart's
-    answer walked until one is exact. ``seconds``: time budget of each sample's
-    walks; ``time_limit`` (seconds or a `preimage.results.Deadline`): the whole
+    network (default: `preimage.methods.layerwise.layerwise_obstacle`, None where
+    it can); the LP estimate is then skipped and gradient descent searches from
+    random starts (default lr 0.01, 1000 steps, 3 restarts instead of 1e-3, 300,
+    1), each restart's answer walked until one is exact. ``seconds``: time budget of
+    each sample's walks; ``time_limit`` (seconds or a `preimage.results.Deadline`): the whole
     call's, every stage stopping there with its best point so far.
 
     Returns
     -------
     InversionResult with method "hybrid"; ``steps`` counts gradient steps and LPs.
     """
+    if reason is None:
+        # Called as method="hybrid" on a network the layer-wise LPs cannot take (an image
+        # generator): its LP start would be one LP over every unit of the wide layer, which
+        # ran for more than 19 minutes on the shipped convolutional decoder and does not
+        # see the deadline inside HiGHS; search from random starts, as `invert` routes it.
+        reason = layerwise_obstacle(net) if isinstance(net, Network) else None  # (checked below)
     searching = reason is not None
     lr = (0.01 if searching else 1e-3) if lr is None else lr
     steps = (1000 if searching else 300) if steps is None else int(steps)
