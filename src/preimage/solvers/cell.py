@@ -372,9 +372,9 @@ def cell_lp(
         f = sys.fit @ (np.asarray(z_ref, dtype=np.float64) / sys.scale) - sys.r
         rows = np.flatnonzero(sys.two | (f > -0.1))
         if norm == "linf" and sys.inverse_fit and rows.size > FIT_FIRST:
-            # l_inf: only the rows of the largest misfit bind (k + 1 of them at a vertex)
-            misfit = np.where(sys.two[rows], np.abs(f[rows]), f[rows])
-            rows = np.sort(rows[np.argsort(-misfit)[:FIT_FIRST]])
+            # l_inf: only the rows of the largest misfit bind (k + 1 of them at a vertex);
+            # through an output's inverse every row is two-sided
+            rows = np.sort(rows[np.argsort(-np.abs(f[rows]))[:FIT_FIRST]])
     n_walls = sys.walls.shape[0] if walls else 0
     if z_ref is None or n_walls <= WALLS_FIRST:
         kept = np.arange(n_walls)
