@@ -77,6 +77,7 @@ def test_invert_with_noise_and_mask(tmp_path: Path, capsys: pytest.CaptureFixtur
         (lambda d: ["invert", str(d / "g.pt"), str(d / "nan.npy")], "NaN"),
         (lambda d: ["invert", str(d / "enc.pt"), "--codes", "2"], "--layers"),
         (lambda d: ["invert", str(d / "enc.pt"), "--codes", "2", "--layers", "fc9"], "fc9"),
+        (lambda d: ["invert", str(d / "g.pt"), "--codes", "2", "--layers", " , "], "at least one"),
         (lambda d: ["invert", str(d / "g.pt"), str(d / "x.npy"), "--codes", "2"], "either"),
         (lambda d: ["invert", str(d / "g.pt"), "--codes", "2", "--noise-level", "0.1"],
          "--noise"),

@@ -109,7 +109,13 @@ def _load_model(args: argparse.Namespace) -> Any:
         return shipped_decoder(SHIPPED[args.model])
     if str(args.model).endswith(".onnx"):
         return Network.from_onnx(args.model)
-    layers = args.layers.split(",") if args.layers else None
+    layers = None
+    if args.layers is not None:
+        layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+        if not layers:  # (an empty list would silently mean "every layer")
+            raise ValueError(
+                f"--layers must name at least one layer, e.g. fc3,fc4; got {args.layers!r}"
+            )
     return Network.from_file(
         args.model, layers, activation=args.activation, negative_slope=args.negative_slope
     )
