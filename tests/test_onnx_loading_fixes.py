@@ -370,3 +370,66 @@ def test_a_batch_norm_exported_at_any_opset_is_read(opset: int, tmp_path: Path) 
     net = Network.from_onnx(path)
     z = np.random.default_rng(0).standard_normal((3, 4))
     np.testing.assert_allclose(net.forward(z), _outputs(g, z), rtol=1e-5, atol=1e-5)
+
+
+# --- training mode, convolutions other than 2-D ------------------------------------------
+
+@pytest.mark.parametrize(("layer", "opset", "culprit"), [
+    (nn.BatchNorm1d, 17, r"BatchNormalization\) is in training mode \(training_mode = 1\)"),
+    (nn.BatchNorm1d, 11, r"BatchNormalization\) is in training mode \(5 outputs"),
+    (lambda width: nn.Dropout(0.5), 17, r"Dropout\) is in training mode "
+                                        r"\(training_mode = true\)"),
+], ids=["batch norm", "batch norm opset 11", "dropout"])
+def test_an_export_in_training_mode_is_refused_naming_the_node(
+    layer: Any, opset: int, culprit: str, tmp_path: Path
+) -> None:
+    # it was read as the module in eval mode: a different function from the file's, which
+    # normalizes by each batch's statistics (or drops random entries)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 16), layer(16), nn.ReLU(), nn.Linear(16, 8))
+    path = tmp_path / "train.onnx"
+    _export(module, torch.randn(8, 4), path, opset_version=opset,
+            training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    with pytest.raises(ValueError, match=culprit + r".*eval mode \(model\.eval\(\).*"
+                                             r"TrainingMode\.EVAL"):
+        Network.from_onnx(path)
+
+
+@pytest.mark.parametrize("flag", [None, False, True])
+def test_a_dropout_is_read_as_nothing_unless_its_training_mode_is_true(
+    flag: bool | None, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    inits: dict[str, np.ndarray] = {"w": rng.standard_normal((6, 3)).astype(np.float32),
+                                    "ratio": np.array(0.5, np.float32)}
+    inputs = ["g", "ratio"]
+    if flag is not None:
+        inits["train"] = np.array(flag)
+        inputs.append("train")
+    nodes = [helper.make_node("Gemm", ["z", "w"], ["g"], transB=1),
+             helper.make_node("Dropout", inputs, ["d"], name="drop"),
+             helper.make_node("Relu", ["d"], ["x"])]
+    path = _save(nodes, inits, tmp_path / "d.onnx")
+    if flag:
+        with pytest.raises(ValueError, match=r"node drop \(Dropout\) is in training mode"):
+            Network.from_onnx(path)
+        return
+    z = rng.standard_normal((2, 3))
+    assert np.abs(Network.from_onnx(path).forward(z) - _reference(path, z)).max() < 1e-5
+
+
+@pytest.mark.parametrize(("conv", "shape", "rank"), [
+    (nn.Conv1d(4, 8, 1), (4, 5), 1),
+    (nn.ConvTranspose1d(4, 8, 3, padding=1), (4, 5), 1),
+    (nn.Conv3d(1, 2, 1), (1, 2, 2, 2), 3),
+], ids=["Conv1d", "ConvTranspose1d", "Conv3d"])
+def test_a_convolution_other_than_2d_is_refused_as_such(
+    conv: nn.Module, shape: tuple[int, ...], rank: int, tmp_path: Path
+) -> None:
+    # it was refused for "asymmetric pads [0, 0]", pads that are symmetric
+    path = tmp_path / "conv.onnx"
+    _export(nn.Sequential(conv, nn.ReLU()).eval(), torch.randn(2, *shape), path,
+            opset_version=17)
+    with pytest.raises(TypeError, match=rf"Conv(Transpose)?\) is a {rank}-D convolution.*"
+                                        r"2-D convolutions only"):
+        Network.from_onnx(path)

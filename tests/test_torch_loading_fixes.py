@@ -77,7 +77,7 @@ def test_interpolation_refuses_an_unsupported_mode_naming_the_module() -> None:
 
 
 class _Untraceable(nn.Module):
-    """fc1, an operation in place, fc2, behind a data-dependent branch (no fx tracing)."""
+    """fc1, an operation in place, fc2, behind a branch on the code's shape (no fx tracing)."""
 
     def __init__(self, op: str) -> None:
         super().__init__()
@@ -85,8 +85,8 @@ class _Untraceable(nn.Module):
         self.fc1, self.fc2, self.op = nn.Linear(4, 20), nn.Linear(20, 30), op
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.abs().sum() > 1e9:
-            z = z / 2
+        if z.dim() != 2:  # (flat codes of any shape)
+            z = z.reshape(len(z), -1)
         h = self.fc1(z)
         if self.op == "relu":
             F.relu(h, inplace=True)
@@ -120,14 +120,16 @@ class _Doubled(nn.Linear):
 
 
 class _Branching(nn.Module):
+    """_Doubled, Tanh, Linear, behind a branch on the code's shape (no fx tracing)."""
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.fc1, self.act, self.fc2 = _Doubled(4, 20), nn.Tanh(), nn.Linear(20, 30)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.abs().sum() > 1e9:
-            z = z / 2
+        if z.dim() != 2:
+            z = z.reshape(len(z), -1)
         return self.fc2(self.act(self.fc1(z)))
 
 
@@ -284,3 +286,104 @@ def test_a_module_on_the_meta_device_is_refused_by_what_it_lacks() -> None:
     # it was told to "pass the shape of one code as input_shape", which cannot help
     with pytest.raises(TypeError, match="'meta' device"):
         Network.from_torch(_mlp().to("meta"))
+
+
+# --- 6. a forward that branches on the data; TorchScript; flat DCGAN codes ------------------
+
+
+class _DataBranch(nn.Module):
+    """Linear, a rescaling taken or not by the values of the data, ReLU, Linear."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.act, self.b, self.how = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 20), how
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.a(z)
+        if self.how == "bool":
+            if h.sum() > 0:
+                h = h * 0.5
+        elif self.how == "float":
+            if float(h.max()) > 1.0:
+                h = h * 0.5
+        elif torch.equal(h, torch.zeros_like(h)):
+            h = h + 1.0
+        return self.b(self.act(h))
+
+
+@pytest.mark.parametrize("how", ["bool", "float", "equal"])
+def test_a_forward_that_branches_on_the_data_is_refused(how: str) -> None:
+    # one recorded pass read one branch: the network then differed from the module on the
+    # codes that take the other, and invert called the module's own outputs infeasible
+    with pytest.raises(TypeError, match=r"_DataBranch.forward branches on its input.*after 'a' "
+                                        r"\(Linear\).*fixed chain.*nn.Sequential"):
+        Network.from_torch(_DataBranch(how).eval())
+
+
+class _ShapeBranch(nn.Module):
+    """Branches on the code's rank and device only (as PyTorch's DCGAN on `input.is_cuda`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.main = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 30))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 2:
+            z = z.view(z.size(0), 4)
+        if z.is_cuda and z.shape[0] > 1:
+            return nn.parallel.data_parallel(self.main, z)
+        return self.main(z)
+
+
+def test_a_forward_that_branches_on_shapes_is_still_read() -> None:
+    mod = _ShapeBranch().eval()
+    net = Network.from_torch(mod)
+    assert net.widths == [4, 20, 30]
+    _assert_reads_forward(mod, net, 4)
+
+
+@pytest.mark.parametrize("how", ["script", "trace", "script, input_shape", "submodule"])
+def test_a_torchscript_module_is_refused_up_front(how: str) -> None:
+    # it gave torch's "register_forward_pre_hook is not supported on ScriptModules" or a
+    # misleading "No linear layer found"
+    g = _mlp().eval()
+    kwargs: dict[str, Any] = {}
+    if how == "trace":
+        mod: nn.Module = torch.jit.trace(g, torch.randn(2, 4))
+    elif how == "submodule":
+        mod = nn.Sequential(torch.jit.script(g[0]), *g[1:])
+    else:
+        mod = torch.jit.script(g)
+        kwargs = {"input_shape": (4,)} if "input_shape" in how else {}
+    named = r"Sequential\.0 \(RecursiveScriptModule\)" if how == "submodule" else (
+        "TopLevelTracedModule" if how == "trace" else "RecursiveScriptModule")
+    with pytest.raises(TypeError, match=rf"{named} is a TorchScript module.*original "
+                                        r"nn\.Module.*Network\.from_onnx"):
+        Network.from_torch(mod, **kwargs)
+
+
+class _FlatCodes(nn.Module):
+    """A DCGAN generator that takes flat codes (B, nz) and views them as (B, nz, 1, 1)."""
+
+    def __init__(self, traceable: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.nz, self.traceable = 6, traceable
+        self.main = nn.Sequential(nn.ConvTranspose2d(6, 8, 4, 1, 0), nn.ReLU(),
+                                  nn.ConvTranspose2d(8, 2, 4, 2, 1), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.size(0) if self.traceable else int(z.size(0))  # (int(): no fx tracing)
+        return self.main(z.view(batch, self.nz, 1, 1))
+
+
+@pytest.mark.parametrize("traceable", [True, False], ids=["traced", "recorded"])
+def test_a_generator_of_flat_codes_keeps_their_shape(traceable: bool) -> None:
+    # it was read with codes of shape (nz, 1, 1), from its first ConvTranspose2d, where
+    # its ONNX export (and the model itself) takes (nz,)
+    mod = _FlatCodes(traceable).eval()
+    net = Network.from_torch(mod)
+    assert net.input_shape == (6,) and net.output_shape == (2, 8, 8)
+    _assert_reads_forward(mod, net, 6)

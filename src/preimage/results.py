@@ -66,6 +66,18 @@ def default_rtol(net: Network, x: Any) -> float:
     return max(DEFAULT_RTOL[precision_of(net.source_dtype)], DEFAULT_RTOL[input_precision(x)])
 
 
+#: The relative residual under which an estimate (gradient descent, PGD, the hybrid)
+#: counts as a preimage of float64 data: its iterations end near, not at, G(z) = x.
+SUCCESS_RTOL = 1e-6
+
+
+def success_tolerance(net: Network, x: Any, rtol: float | None = None) -> float:
+    """The residual |G(z) - x|_inf / |x|_inf under which an estimate is "feasible":
+    SUCCESS_RTOL, or the tolerance of the data (``rtol``, by default `default_rtol`)
+    where that is coarser: float16 measurements of a preimage miss by about 1e-4."""
+    return max(SUCCESS_RTOL, default_rtol(net, x) if rtol is None else rtol)
+
+
 def data_floor(net: Network, x: Any, xb: np.ndarray) -> np.ndarray:
     """(B,) the error a noise bound must allow in every coordinate of each sample of xb
     beyond the noise itself: float32 (or coarser) data or models define x only to
@@ -557,7 +569,7 @@ def build_result(
     done = np.flatnonzero(np.all(np.isfinite(z), axis=1))
 
     def measure_part(part: np.ndarray) -> None:
-        pred = net.forward(z[part])
+        pred = net.apply(z[part])
         if measure is not None:
             pred = measure(pred)
         residual[part] = relative_residual(pred, observed[part])

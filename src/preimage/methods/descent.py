@@ -47,6 +47,7 @@ from preimage.results import (
     estimate_rule,
     isolated,
     per_sample,
+    success_tolerance,
     vector_norm,
 )
 from preimage.solvers.cell import piecewise_linear
@@ -110,7 +111,7 @@ def project(
     kicks: int = 2,
     kick_steps: int = 50,
     seconds: float = np.inf,
-    success_rtol: float = 1e-6,
+    success_rtol: float | None = None,
     seed: int | None = 0,
     device: Any = None,
     progress: ProgressCallback | None = None,
@@ -172,6 +173,8 @@ def project(
         check_count(value, name, 1 if name == "descents" else 0)
     seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
     yb, single, meas = observations(net, x, A)
+    success_rtol = (success_tolerance(net, x) if success_rtol is None
+                    else check_positive(success_rtol, "success_rtol"))
     batch, k = yb.shape[0], net.latent_dim
     start = time.perf_counter()
     candidates = [_given_starts(net, starts, batch), _encoder_starts(net, encoder, yb)]

@@ -41,6 +41,7 @@ from preimage.model.network import Network
 from preimage.model.operators import Measurement, as_measurement
 from preimage.model.torch_io import default_device
 from preimage.model.validation import (
+    MEASURED,
     check_choice,
     check_count,
     check_observation,
@@ -53,6 +54,7 @@ from preimage.results import (
     build_result,
     check_noise,
     estimate_rule,
+    success_tolerance,
 )
 
 
@@ -107,7 +109,7 @@ def observations(
         xb, single = check_observation(x, net.output_dim)
         return xb, single, None
     meas = as_measurement(A, net.output_dim)
-    yb, single = check_observation(x, meas.shape[0], name="y")
+    yb, single = check_observation(x, meas.shape[0], name="y", what=MEASURED)
     return yb, single, meas
 
 
@@ -252,7 +254,7 @@ def gradient_invert(
     restarts: int = 10,
     lam: float = 0.0,
     bound: float | None = None,
-    success_rtol: float = 1e-6,
+    success_rtol: float | None = None,
     seed: int | None = 0,
     device: Any = None,
     dtype: Any = None,
@@ -276,7 +278,8 @@ def gradient_invert(
     bound : float, optional
         "clipping" only: the box [-bound, bound]^k (default 1, the paper's
         uniform latents; pass a larger bound for Gaussian codes).
-    success_rtol : relative misfit under which the answer counts as a preimage.
+    success_rtol : relative misfit under which the answer counts as a preimage (default
+        `preimage.results.success_tolerance`: 1e-6, coarser for float32 or float16 data).
     seed : seed of the random starts.
     device, dtype : torch device (default CUDA when available) and dtype
         (default float64).
@@ -303,6 +306,8 @@ def gradient_invert(
     box = check_positive(1.0 if bound is None else bound, "bound") if variant.clipping else None
     level = check_noise(noise, noise_level)
     yb, single, meas = observations(net, x, A)
+    success_rtol = (success_tolerance(net, x) if success_rtol is None
+                    else check_positive(success_rtol, "success_rtol"))
     start = time.perf_counter()
     run = latent_descent(
         net, yb, meas=meas, optimizer=variant.optimizer, lr=lr, steps=steps,

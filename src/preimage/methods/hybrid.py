@@ -30,7 +30,12 @@ from preimage.methods.search import GlobalSettings, cell_walk
 from preimage.methods.sensing import pgd_invert
 from preimage.model.network import Network
 from preimage.model.operators import Measurement
-from preimage.model.validation import check_count, check_positive
+from preimage.model.validation import (
+    check_count,
+    check_positive,
+    check_rtol,
+    input_precision,
+)
 from preimage.results import (
     OUT_OF_TIME,
     SUCCESS,
@@ -43,6 +48,7 @@ from preimage.results import (
     default_rtol,
     estimate_status,
     per_sample,
+    success_tolerance,
     vector_norm,
 )
 from preimage.solvers.cell import piecewise_linear
@@ -91,7 +97,7 @@ def hybrid_invert(
     lam: float = 0.0,
     max_lps: int = 60,
     seconds: float = np.inf,
-    success_rtol: float = 1e-6,
+    success_rtol: float | None = None,
     rtol: float | None = None,
     fallback: GlobalSettings | None = None,
     reason: str | None = None,
@@ -134,7 +140,10 @@ def hybrid_invert(
     max_lps = check_count(max_lps, "max_lps", 1)
     seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
     deadline = Deadline.of(time_limit)
-    own_rtol = default_rtol(net, x) if rtol is None else check_positive(rtol, "rtol")
+    own_rtol = (default_rtol(net, x) if rtol is None else
+                check_rtol(rtol, input_precision(x)))
+    success_rtol = (success_tolerance(net, x, own_rtol) if success_rtol is None
+                    else check_positive(success_rtol, "success_rtol"))
     yb, single, meas = observations(net, x, A)
     start = time.perf_counter()
     B, k = yb.shape[0], net.latent_dim

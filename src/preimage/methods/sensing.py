@@ -35,10 +35,13 @@ from preimage.methods.search import cell_walk
 from preimage.model.network import Network
 from preimage.model.operators import Measurement, as_measurement
 from preimage.model.validation import (
+    MEASURED,
     check_choice,
     check_count,
     check_observation,
     check_positive,
+    check_rtol,
+    input_precision,
 )
 from preimage.results import (
     NORMS,
@@ -48,8 +51,10 @@ from preimage.results import (
     ProgressCallback,
     SampleFailure,
     build_result,
+    default_rtol,
     estimate_rule,
     per_sample,
+    success_tolerance,
 )
 from preimage.solvers.cell import activation_pattern, cell_lp, piecewise_linear
 
@@ -65,8 +70,8 @@ def pgd_invert(
     step: float = 0.5,
     iterations: int = 60,
     max_lps: int = 100,
-    success_rtol: float = 1e-6,
-    rtol: float = 1e-9,
+    success_rtol: float | None = None,
+    rtol: float | None = None,
     seconds: float = np.inf,
     progress: ProgressCallback | None = None,
     time_limit: float | Deadline | None = None,
@@ -92,9 +97,11 @@ def pgd_invert(
         Most PGD iterations.
     max_lps : int
         Budget of the final pattern walk (0: no polish).
-    success_rtol : relative misfit under which a noise-free answer counts.
-    rtol : float
-        Relative floor of the projections' tau ladder.
+    success_rtol : relative misfit under which a noise-free answer counts (default
+        `preimage.results.success_tolerance`: 1e-6, or ``rtol`` where that is coarser).
+    rtol : float, optional
+        Relative floor of the projections' tau ladder; default by the precision of y
+        and of the network (`preimage.results.default_rtol`).
     seconds : float
         Time budget per sample (iterations and polish); a sample out of time
         keeps its best point and says so.
@@ -116,9 +123,12 @@ def pgd_invert(
     iterations = check_count(iterations, "iterations", 1)
     max_lps = check_count(max_lps, "max_lps", 0)
     seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
-    rtol = check_positive(rtol, "rtol")
+    rtol = (default_rtol(net, y) if rtol is None else
+            check_rtol(rtol, input_precision(y)))
+    success_rtol = (success_tolerance(net, y, rtol) if success_rtol is None
+                    else check_positive(success_rtol, "success_rtol"))
     deadline = Deadline.of(time_limit)
-    yb, single = check_observation(y, meas.shape[0], name="y")
+    yb, single = check_observation(y, meas.shape[0], name="y", what=MEASURED)
     start = time.perf_counter()
     nan = np.full(net.latent_dim, np.nan)
     outs = [

@@ -24,7 +24,7 @@ from preimage.model.activations import Activation
 from preimage.model.layer import Layer
 from preimage.model.operators import DenseOperator
 from preimage.model.torch_io import tensor_dtype, tensor_to_numpy
-from preimage.model.validation import PRECISIONS, check_finite, precision_of
+from preimage.model.validation import check_finite, coarsest, precision_of
 
 
 def read_state_dict(
@@ -169,5 +169,5 @@ def layers_from_state_dict(
                 f"{source}: layer {names[i]!r} takes inputs of width {layers[i].in_width} but "
                 f"{names[i - 1]!r} outputs width {layers[i - 1].out_width}."
             )
-    dtype = max(precisions, key=PRECISIONS.index)
+    dtype = coarsest(*precisions)
     return layers, dtype

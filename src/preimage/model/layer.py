@@ -14,7 +14,7 @@ import numpy as np
 
 from preimage.model.activations import Activation
 from preimage.model.operators import LinearOperator
-from preimage.model.validation import check_finite, check_positive, to_float_array
+from preimage.model.validation import check_finite, check_rtol, to_float_array
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def check_layer_input(layer: Any, y: Any, nonneg: Any, rtol: Any) -> tuple[np.nd
         raise TypeError(f"`layer` must be a preimage.Layer; got {type(layer).__name__}.")
     if not isinstance(nonneg, (bool, np.bool_)):
         raise TypeError(f"`nonneg` must be True or False; got {nonneg!r:.40}.")
-    rtol = check_positive(rtol, "rtol")
+    rtol = check_rtol(rtol)
     arr = to_float_array(y, "y")
     if arr.shape != (layer.out_width,):
         raise ValueError(

@@ -23,7 +23,7 @@ from preimage.model import files, onnx_io, torch_io
 from preimage.model.activations import Activation, ActivationKind
 from preimage.model.layer import Layer
 from preimage.model.operators import DenseOperator
-from preimage.model.validation import check_latent
+from preimage.model.validation import check_count, check_latent, coarsest, input_precision
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,17 @@ class Network:
         ndarray of shape (n,) or (B, n) (reshape to `output_shape` for the model's view)
         """
         zb, single = check_latent(flatten_samples(z, self.input_shape, "z"), self.latent_dim)
+        h = self.apply(zb)
+        return h[0] if single else h
+
+    def apply(self, zb: np.ndarray) -> np.ndarray:
+        """G(z) (B, n) of a float64 batch zb (B, k) the library computed itself, unchecked:
+        an answer may exceed the magnitudes `forward` accepts of a caller's z where x is
+        near them (x of magnitude 9e99 through a 5-20-50 net: z up to 1.9e100)."""
         h = zb
         for layer in self.layers:
             h = layer.forward(h)
-        return h[0] if single else h
+        return h
 
     def forward_all(self, z: np.ndarray) -> list[np.ndarray]:
         """Every layer's output for a batch z of shape (B, k): [z, x_1, ..., x_d]."""
@@ -130,7 +137,9 @@ class Network:
     ) -> Network:
         """A network from weight matrices W_1 (n_1, k), ..., W_d (n_d, n_{d-1}).
 
-        ``activation`` is one kind for every layer or one per layer.
+        ``activation`` is one kind for every layer or one per layer. The network's
+        ``source_dtype`` is the least precise dtype among the matrices and biases (float32
+        weights: float32 rounding in its outputs, `preimage.results.default_rtol`).
         """
         if not isinstance(weights, Sequence) or isinstance(weights, str):
             raise TypeError(
@@ -161,7 +170,8 @@ class Network:
         for w, b, kind in zip(weights, biases, kinds, strict=True):
             slope = negative_slope if kind == "leaky_relu" else 0.0
             layers.append(Layer(DenseOperator(w), b, Activation(kind, slope)))
-        return cls(tuple(layers))
+        dtype = coarsest(*(input_precision(a) for a in [*weights, *biases] if a is not None))
+        return cls(tuple(layers), source_dtype=dtype)
 
     @classmethod
     def from_state_dict(
@@ -244,7 +254,16 @@ class Network:
         return cls(tuple(layers), source_dtype=dtype, input_shape=shape_in, output_shape=shape_out)
 
     def to_torch(self, dtype: Any = None) -> Any:
-        """An ``nn.Sequential`` computing the same G (float64 unless ``dtype``)."""
+        """An ``nn.Sequential`` computing the same G (float64 unless ``dtype``: a torch
+        floating dtype or its name, "float32")."""
+        import torch
+
+        given = dtype
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None) if dtype.isidentifier() else None
+        if given is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError('`dtype` must be a torch floating dtype such as torch.float32 (or its '
+                            f'name, "float32"); got {given!r:.40}.')
         return torch_io.module_from_layers(self.layers, dtype=dtype)
 
     def input_nonnegative(self, i: int) -> bool:
@@ -309,11 +328,13 @@ def random_network(
     bias : add a Gaussian bias b_i ~ N(0, bias_scale^2 / n_i).
     seed : an int or a numpy Generator; the same seed gives the same network.
     """
-    widths = [int(w) for w in widths]
-    if len(widths) < 2 or min(widths) < 1:
+    if isinstance(widths, str) or np.ndim(widths) != 1 or len(widths) < 2:
         raise ValueError(
-            f"`widths` must list at least two positive widths [k, n_1, ...]; got {widths}."
+            f"`widths` must list at least two positive widths [k, n_1, ...]; got {widths!r:.60}."
         )
+    widths = [check_count(w, f"widths[{i}]", 1) for i, w in enumerate(widths)]
+    if not isinstance(seed, np.random.Generator) and seed is not None:
+        seed = check_count(seed, "seed", 0)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     weights, biases = [], []
     for n_in, n_out in itertools.pairwise(widths):

@@ -11,21 +11,23 @@ feeding a Reshape is followed and dropped. Each node becomes a step of
 | ONNX op | step |
 | --- | --- |
 | Gemm, MatMul (+ Add) | dense linear map (and bias) |
-| Conv, ConvTranspose | convolution (group = 1, symmetric pads) |
-| BatchNormalization | elementwise scale and shift |
+| Conv, ConvTranspose (2-D) | convolution (group = 1, symmetric pads) |
+| BatchNormalization (inference) | elementwise scale and shift |
 | Add, Sub, Mul, Div with a constant | elementwise shift / scale |
 | Resize (nearest, linear; from opset 11) | upsampling, where torch's interpolation is ONNX's |
 | Flatten, Reshape, Squeeze, Unsqueeze | a change of shape |
-| Identity, Dropout | nothing |
+| Identity, Dropout (inference) | nothing |
 | Relu, LeakyRelu, Elu, Softplus, Tanh, Sigmoid | activation |
 
 Every other op is refused with its name and the node's name, and so is a node
 whose attributes the step cannot reproduce (a cubic or antialiased Resize, a
-constant that broadcasts over the batch axis). Shapes come from running onnx's
-reference evaluator on two random codes (``onnx.shape_inference`` where it
-cannot run); the first (batch) dimension may be symbolic. The same run checks
-the result: a network whose forward pass differs from the evaluator's on those
-codes is refused, naming the first node where they part.
+constant that broadcasts over the batch axis) and a batch norm or dropout
+exported in training mode (a ValueError: export with the module in eval mode).
+Shapes come from running onnx's reference evaluator on two random codes
+(``onnx.shape_inference`` where it cannot run); the first (batch) dimension may
+be symbolic. The same run checks the result: a network whose forward pass
+differs from the evaluator's on those codes is refused, naming the first node
+where they part.
 """
 
 from __future__ import annotations
@@ -351,6 +353,8 @@ def _steps_of_node(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarra
             "Sigmoid": lambda: Activation("sigmoid"),
         }[op]()
         return [chain.Act(act, name)]
+    if op in ("BatchNormalization", "Dropout"):
+        _check_inference(node, attrs, values, where, path)
     if op in ("Identity", "Dropout"):
         return []
     if op in _RESHAPES:
@@ -394,6 +398,12 @@ def _steps_of_node(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarra
         if "output_shape" in attrs or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             raise TypeError(f"{path}: {where} sets output_shape or auto_pad; give explicit pads.")
         kernel = _constant(values, node.input[1], where)
+        # (before the pads, whose rule below is that of a 2-D convolution)
+        rank = len(attrs["kernel_shape"]) if "kernel_shape" in attrs else kernel.ndim - 2
+        if kernel.ndim != 4 or rank != 2:
+            raise TypeError(f"{path}: {where} is a {rank}-D convolution (its kernel has shape "
+                            f"{kernel.shape}); preimage supports 2-D convolutions only (as torch's "
+                            "Conv2d and ConvTranspose2d).")
         pads = list(attrs.get("pads", [0, 0, 0, 0]))
         if pads[:2] != pads[2:]:
             raise TypeError(f"{path}: {where} has asymmetric pads {pads}.")
@@ -417,6 +427,43 @@ def _steps_of_node(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarra
         "ConvTranspose, BatchNormalization, Resize, Flatten, Reshape, Squeeze, Unsqueeze, "
         "Identity, Dropout, Relu, LeakyRelu, Elu, Softplus, Tanh and Sigmoid."
     )
+
+
+def _check_inference(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarray],
+                     where: str, path: str) -> None:
+    """Refuse (ValueError) a BatchNormalization or Dropout exported in training mode.
+
+    Why: there a batch norm normalizes by the batch's own statistics (and outputs the
+    updated running ones) and a dropout zeroes random entries, so the model is not one
+    function of each code; reading the node as its inference form would invert another
+    model. Training mode shows as a batch norm's ``training_mode = 1`` (opset 14 on) or its
+    outputs beyond the first (the batch's statistics, at every opset), a Dropout's
+    ``training_mode`` input other than a constant false (opset 12 on), or an explicit
+    ``is_test = 0`` (opset 6 and before).
+    """
+    op = node.op_type
+    why = None
+    if int(attrs.get("is_test", 1)) == 0:
+        why = "is_test = 0"
+    elif op == "BatchNormalization":
+        outputs = [o for o in node.output if o]
+        if int(attrs.get("training_mode", 0)):
+            why = "training_mode = 1"
+        elif len(outputs) > 1:
+            why = f"{len(outputs)} outputs: the batch's statistics besides its result"
+    elif len(node.input) > 2 and node.input[2]:  # a Dropout's training_mode input
+        flag = values.get(node.input[2])
+        if flag is None:
+            why = "a training_mode input that is not a constant"
+        elif np.any(np.asarray(flag)):
+            why = "training_mode = true"
+    if why is not None:
+        raise ValueError(
+            f"{path}: {where} is in training mode ({why}), where its output depends on the "
+            f"batch{' (or is random)' if op == 'Dropout' else ''}; export the model with the "
+            "module in eval mode (model.eval(), torch.onnx.export(..., "
+            "training=torch.onnx.TrainingMode.EVAL))."
+        )
 
 
 def _resize_step(node: Any, attrs: dict[str, Any], values: dict[str, np.ndarray],

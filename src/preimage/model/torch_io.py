@@ -5,7 +5,10 @@
 where tracing meets Python control flow (the DCGAN generator of PyTorch's
 examples tests ``input.is_cuda``), by recording the leaf modules one forward
 pass calls, in order, checking that each takes exactly the output of the one
-before (or a view of it in another shape), unchanged in place. Each operation
+before (or a view of it in another shape), unchanged in place, and that the
+forward reads no value off the data (``if h.sum() > 0:`` would make the layers
+differ from code to code; a branch on shapes or the device is fine). TorchScript
+modules are refused: pass the nn.Module they came from. Each operation
 becomes a step of `preimage.model.chain`, which folds them into layers.
 Supported: Linear, Conv2d and ConvTranspose2d (groups = 1, zero padding),
 BatchNorm1d/2d in eval mode, Upsample / interpolate (nearest, bilinear; no
@@ -327,6 +330,20 @@ def _example_input(
     raise TypeError(f"No linear layer found in {type(module).__name__}.")
 
 
+def _candidate_shapes(shape: Shape, input_shape: Sequence[int] | None) -> list[Shape]:
+    """The code shapes to try, in order: the one given, else the one guessed, except that a
+    guess of DCGAN codes (nz, 1, 1) tries the flat (nz,) first.
+
+    Why: a generator whose forward takes (B, nz) and views it as (B, nz, 1, 1) for its
+    first ConvTranspose2d accepts both, and its codes are the flat ones (as its ONNX
+    export says); one that takes (B, nz, 1, 1) fails on flat codes (a ConvTranspose2d
+    takes no 2-D input), so the first shape whose forward runs is the model's own.
+    """
+    if input_shape is None and len(shape) == 3 and shape[1:] == (1, 1):
+        return [shape[:1], shape]
+    return [shape]
+
+
 class _Untraceable(Exception):
     """torch.fx could not trace the forward (the message says why; the cause is chained).
 
@@ -415,20 +432,25 @@ def _traced_steps(
             where = str(node.target)[len(prefix):] if str(node.target).startswith(prefix) else (
                 str(node.target))
             _steps_of_module(submodules[node.target], where, (), ())  # raises, naming it
-    shape, dtype = _example_input(module, input_shape, used)
-    # ShapeProp prints the traceback of a failing node to stderr (traceback.print_exc)
-    # before raising; the error below names it, and chains the original.
-    printed = io.StringIO()
-    try:
-        with torch.no_grad(), contextlib.redirect_stderr(printed):
-            ShapeProp(graph_module).propagate(torch.zeros((2, *shape), dtype=dtype))
-    except Exception as exc:  # the module's own error on the example input
-        cause = exc.__cause__ or exc  # (ShapeProp wraps it in "ShapeProp error for: node=...")
-        raise TypeError(
-            f"{type(module).__name__}.{entry} fails on codes of shape {shape} "
-            f"({type(cause).__name__}: {_first_line(cause)}); pass "
-            "the shape of one code as `input_shape`."
-        ) from exc
+    guess, dtype = _example_input(module, input_shape, used)
+    candidates = _candidate_shapes(guess, input_shape)
+    for shape in candidates:
+        # ShapeProp prints the traceback of a failing node to stderr (traceback.print_exc)
+        # before raising; the error below names it, and chains the original.
+        printed = io.StringIO()
+        try:
+            with torch.no_grad(), contextlib.redirect_stderr(printed):
+                ShapeProp(graph_module).propagate(torch.zeros((2, *shape), dtype=dtype))
+            break
+        except Exception as exc:  # the module's own error on the example input
+            if shape != candidates[-1]:
+                continue  # (flat codes, refused by a generator that takes (nz, 1, 1))
+            cause = exc.__cause__ or exc  # (ShapeProp wraps it: "ShapeProp error for: node=")
+            raise TypeError(
+                f"{type(module).__name__}.{entry} fails on codes of shape {shape} "
+                f"({type(cause).__name__}: {_first_line(cause)}); pass "
+                "the shape of one code as `input_shape`."
+            ) from exc
     sys.stderr.write(printed.getvalue())  # what the forward itself printed, if anything
     prefix = "root." if entry != "forward" else ""
     steps: list[chain.Step] = []
@@ -480,12 +502,67 @@ def _traced_steps(
     return steps, shape
 
 
+#: Tensor methods and torch functions whose result is a Python value read off a tensor's
+#: entries (not its shape, dtype or device): what control flow on the data goes through.
+_VALUE_READS = frozenset({"__bool__", "__int__", "__float__", "__index__", "__complex__",
+                          "item", "tolist", "numpy", "__array__", "equal", "allclose",
+                          "is_nonzero"})
+
+
+class _BranchesOnData(Exception):
+    """A forward read a value off a tensor computed from the code (the message says how)."""
+
+
+def _watch_data_reads(code: Any) -> Any:
+    """A torch function mode that raises `_BranchesOnData` where the forward reads a Python
+    value off a tensor computed from `code` (``if h.sum() > 0:``, ``h.max().item()``).
+
+    Why: with such a branch the forward computes a different chain of layers for different
+    codes, and one recorded pass sees only the branch its example took; a branch on shapes
+    (``if z.dim() == 2``, ``input.is_cuda``) reads no entries and passes. Which tensors come
+    from the code is followed through every torch function the forward calls (one whose
+    arguments hold such a tensor returns such tensors); the mode is off inside each call, so
+    torch's own code (F.interpolate's checks) is not watched, only the module's.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    def tensors(value: Any) -> list[Any]:
+        """The tensors in a function's arguments or result (nested in tuples, lists, dicts)."""
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (tuple, list)):
+            return [t for v in value for t in tensors(v)]
+        return []
+
+    class Watch(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.derived: dict[int, Any] = {id(code): code}  # (kept alive: ids stay unique)
+
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                               kwargs: dict | None = None) -> Any:
+            kwargs = kwargs or {}
+            tainted = any(id(t) in self.derived for t in tensors((args, kwargs)))
+            if tainted and getattr(func, "__name__", "") in _VALUE_READS:
+                raise _BranchesOnData(getattr(func, "__name__", str(func)))
+            result = func(*args, **kwargs)
+            if tainted:
+                self.derived.update((id(t), t) for t in tensors(result))
+            return result
+
+    return Watch()
+
+
 def _recorded_steps(module: Any, entry: str, shape: Shape) -> list[chain.Step]:
     """Steps from the leaf modules one forward pass calls, checked to form a chain.
 
     Between two modules the tensor may only be viewed in another shape (h.view(B, C, H, W));
     an operation in place (F.relu(h, inplace=True), h.mul_(2)) keeps the tensor object but
-    bumps its version counter, which is how it is caught.
+    bumps its version counter, which is how it is caught. A forward that reads values off
+    the data (a branch on them) is refused: the pass would record one branch only.
     """
     import torch
 
@@ -510,13 +587,27 @@ def _recorded_steps(module: Any, entry: str, shape: Shape) -> list[chain.Step]:
             handles.append(mod.register_forward_pre_hook(before))
             handles.append(mod.register_forward_hook(after))
     x = torch.zeros((2, *shape), dtype=_example_input(module, shape)[1])
+    name = type(module).__name__
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _watch_data_reads(x):
             out = getattr(module, entry)(x)
+    except _BranchesOnData as exc:
+        after = f"after {calls[-1][0]!r} ({type(calls[-1][1]).__name__})" if calls else (
+            "before its first layer")
+        raise TypeError(
+            f"{name}.{entry} branches on its input: it reads the value of a tensor computed "
+            f"from the code ({exc}() {after}), as `if h.sum() > 0:` or `h.max().item()` do, so "
+            "its layers differ from code to code and cannot be read as one fixed chain. Pass "
+            "the nn.Sequential of the layers it applies."
+        ) from None
+    except Exception as exc:  # the module's own error on the example input
+        raise TypeError(
+            f"{name}.{entry} fails on codes of shape {shape} ({type(exc).__name__}: "
+            f"{_first_line(exc)}); pass the shape of one code as `input_shape`."
+        ) from exc
     finally:
         for h in handles:
             h.remove()
-    name = type(module).__name__
     steps: list[chain.Step] = []
     previous, previous_version, previous_name = x, x._version, "the code"
     for where, mod, given, given_version, result, result_version in calls:
@@ -608,6 +699,7 @@ def layers_from_module(
     module: Any, *, entry: str = "forward", input_shape: Sequence[int] | None = None
 ) -> tuple[list[Layer], str, Shape, Shape]:
     """The layers of a module's computation, its parameters' dtype and its input / output shapes."""
+    import torch
     import torch.nn as nn
 
     if not isinstance(module, nn.Module):
@@ -616,6 +708,17 @@ def layers_from_module(
     # wrapper fails inside dynamo)
     while isinstance(getattr(module, "_orig_mod", None), nn.Module):
         module = module._orig_mod
+    # TorchScript keeps a compiled graph, not the Python forward that fx traces and the
+    # hooks record (it takes no forward hooks either): refused before any of them is tried
+    for where, mod in module.named_modules():
+        if isinstance(mod, torch.jit.ScriptModule):
+            what = type(module).__name__ if not where else (
+                f"{type(module).__name__}.{where} ({type(mod).__name__})")
+            raise TypeError(
+                f"{what} is a TorchScript module (from torch.jit.script, torch.jit.trace or "
+                "torch.jit.load), which preimage cannot read: pass the original nn.Module, or "
+                "export it to ONNX and read that with Network.from_onnx."
+            )
     if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
         raise TypeError(f"{type(module).__name__} has weights on the 'meta' device, which hold "
                         "no values: load its weights first (e.g. module.to_empty(device='cpu') "
@@ -663,11 +766,15 @@ def _read(module: Any, entry: str, input_shape: Sequence[int] | None
     except Exception as traced:  # fx raises many kinds on data-dependent control flow
         why = str(traced) if isinstance(traced, _Untraceable) else (
             f"{type(traced).__name__}: {_first_line(traced)}")
-        shape, _ = _example_input(module, input_shape)
-        try:
-            steps = _recorded_steps(module, entry, shape)
-        except TypeError as exc:
-            raise TypeError(f"{exc} (symbolic tracing failed too: {why})") from exc
+        candidates = _candidate_shapes(_example_input(module, input_shape)[0], input_shape)
+        for shape in candidates:
+            try:
+                steps = _recorded_steps(module, entry, shape)
+                break
+            except TypeError as exc:
+                if shape != candidates[-1]:
+                    continue  # (flat codes, refused by a generator that takes (nz, 1, 1))
+                raise TypeError(f"{exc} (symbolic tracing failed too: {why})") from exc
     layers, out_shape = chain.fold(steps, shape)
     dtype = _example_input(module, shape)[1]
     _check_forward(module, entry, layers, shape, dtype)

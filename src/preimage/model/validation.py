@@ -116,8 +116,8 @@ def _check_batch(arr: np.ndarray, width: int, name: str, what: str) -> tuple[np.
         raise ValueError(f"`{name}` is an empty batch: it has shape {arr.shape}.")
     if batch.shape[1] != width:
         raise ValueError(
-            f"`{name}` has {batch.shape[1]} entries per sample but the network's {what} has "
-            f"width {width}; expected shape ({width},) or (batch, {width})."
+            f"`{name}` has {batch.shape[1]} entries per sample but {what} has width "
+            f"{width}; expected shape ({width},) or (batch, {width})."
         )
     check_finite(batch, name, rows="sample")
     return batch, single
@@ -147,7 +147,7 @@ def check_finite(arr: np.ndarray, name: str, *, rows: str | None = None) -> None
 
 def check_latent(z: Any, width: int, name: str = "z") -> tuple[np.ndarray, bool]:
     """z as a float64 (B, k) copy, and whether the caller passed one sample."""
-    return _check_batch(to_float_array(z, name), width, name, "latent layer")
+    return _check_batch(to_float_array(z, name), width, name, "the network's latent layer")
 
 
 def refused_samples(batch: np.ndarray, name: str = "x") -> dict[int, str]:
@@ -177,13 +177,19 @@ def _tiny(scale: np.ndarray) -> np.ndarray:
     return (scale > 0) & (scale < MIN_SCALE)
 
 
-def check_observation(x: Any, width: int, name: str = "x") -> tuple[np.ndarray, bool]:
-    """x as a float64 (B, n) copy, and whether the caller passed one sample.
+#: Whose width measurements y = A G(z) must have, in `check_observation`'s message.
+MEASURED = "the measurement A's output (its number of rows)"
+
+
+def check_observation(x: Any, width: int, name: str = "x",
+                      what: str = "the network's output layer") -> tuple[np.ndarray, bool]:
+    """x as a float64 (B, n) copy, and whether the caller passed one sample (``what``:
+    whose width n is, for the message: "the measurement A's output" for y = A G(z)).
 
     A sample whose largest magnitude is not 0 but below MIN_SCALE is refused as well: the
     checks' tolerances are relative to it, and near float64's subnormals a forward pass
     rounds such an x to 0 (x of 1e-308 was "unique" with z = 0, a 100% misfit)."""
-    batch, single = _check_batch(to_float_array(x, name), width, name, "output layer")
+    batch, single = _check_batch(to_float_array(x, name), width, name, what)
     scale = np.max(np.abs(batch), axis=1)
     tiny = np.flatnonzero(_tiny(scale))
     if tiny.size:
@@ -205,6 +211,39 @@ def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
     if not ok:
         rule = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"`{name}` must be a finite number {rule}; got {value!r}.")
+    return v
+
+
+#: The largest relative tolerance accepted: at rtol ~ 1, G(z) = 0 "reproduces" any x to
+#: within its tolerance (the random 10-40-200 net then called z = 0 `unique` for every x).
+MAX_RTOL = 0.1
+
+#: The machine epsilon of each precision: below it a tolerance asks for more digits
+#: than the data hold (float64 x = G(z) was called `infeasible` at rtol = 1e-16).
+EPSILON: dict[str, float] = {
+    "float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
+    "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0 ** -7,
+}
+
+
+def coarsest(*precisions: str) -> str:
+    """The least precise of `precision_of` names (a float32 model and float64 x: float32)."""
+    return max(precisions, key=PRECISIONS.index)
+
+
+def check_rtol(value: Any, precision: str = "float64") -> float:
+    """A relative tolerance in [EPSILON[precision], MAX_RTOL], or a TypeError /
+    ValueError naming ``rtol`` and the rule. ``precision``: that of the observations
+    (not of the weights: a float32 model's G(z) computed in float64 holds float64's
+    digits, and the authors' float32 decoder is inverted at 1e-9 that way)."""
+    v = check_positive(value, "rtol")
+    floor = EPSILON[precision]
+    if not floor <= v <= MAX_RTOL:
+        raise ValueError(
+            f"`rtol` must lie between {floor:.3g} ({precision}'s machine epsilon: the data "
+            f"hold no more digits) and {MAX_RTOL:g} (beyond it G(z) = 0 fits any x to "
+            f"within its tolerance); got {value!r}."
+        )
     return v
 
 

@@ -24,7 +24,8 @@ from typing import Literal
 
 import numpy as np
 
-from preimage.model.layer import Layer
+from preimage.model.layer import Layer, check_layer_input
+from preimage.model.validation import check_finite, check_positive, to_float_array
 from preimage.solvers.highs import RowLP
 
 Verdict = Literal["unique", "non_unique", "feasible"]
@@ -158,6 +159,8 @@ def certify_unique(
     tol : how close to its bound a constraint must be to count as tight
     check_tol : the forward-pass tolerance a witness must meet
     """
+    y, h, active, null_basis = _checked(layer, y, h, active, null_basis, nonneg)
+    tol, check_tol = check_positive(tol, "tol"), check_positive(check_tol, "check_tol")
     k = null_basis.shape[1]
     if k == 0:
         return Certificate("unique", None, 0, "the active rows have full column rank")
@@ -211,3 +214,26 @@ def certify_unique(
         n_tight,
         f"uniqueness not settled numerically (null(W_A) dimension {k}, {n_tight} tight rows)",
     )
+
+
+def _checked(layer: Layer, y: object, h: object, active: object, null_basis: object,
+             nonneg: object) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`certify_unique`'s arrays as float64 (m,), (n,), bool (m,), (n, k), or a TypeError /
+    ValueError naming the argument and the shape it must have."""
+    y_arr, _ = check_layer_input(layer, y, nonneg, 1e-9)
+    n = layer.in_width
+    h_arr = to_float_array(h, "h")
+    if h_arr.shape != (n,):
+        raise ValueError(f"`h` must have shape ({n},): a point of the layer's input; got an "
+                         f"array of shape {h_arr.shape}.")
+    check_finite(h_arr, "h")
+    act = np.asarray(active)
+    if act.dtype != bool or act.shape != (layer.out_width,):
+        raise ValueError(f"`active` must be a boolean array of shape ({layer.out_width},): the "
+                         f"rows taken as equalities; got {act.dtype} of shape {act.shape}.")
+    basis = to_float_array(null_basis, "null_basis")
+    if basis.ndim != 2 or basis.shape[0] != n:
+        raise ValueError(f"`null_basis` must have shape ({n}, k): a basis of null(W_A) as "
+                         f"columns; got an array of shape {basis.shape}.")
+    check_finite(basis, "null_basis")
+    return y_arr, h_arr, act, basis
