@@ -456,8 +456,9 @@ class InversionResult:
     layers : tuple of LayerReport
         Per-layer diagnostics, `layers[i]` for network layer i (0 = latent side).
     method : str
-        The method that ran: "exact", "noisy", "pgd", "adam", "clipping",
-        "negation" or "hybrid".
+        The method that ran: "exact" (method="layerwise" without noise is the same
+        method), "noisy", "descent", "pgd", "adam", "clipping", "negation", "hybrid"
+        or "global".
     rtol : float
     time : float
         Wall-clock seconds for the whole call.
