@@ -30,6 +30,7 @@ from preimage.model.network import Network
 from preimage.model.validation import (
     check_choice,
     check_positive,
+    check_rtol,
     input_precision,
     precision_of,
 )
@@ -71,10 +72,20 @@ def default_rtol(net: Network, x: Any) -> float:
 SUCCESS_RTOL = 1e-6
 
 
-def success_tolerance(net: Network, x: Any, rtol: float | None = None) -> float:
-    """The residual |G(z) - x|_inf / |x|_inf under which an estimate is "feasible":
-    SUCCESS_RTOL, or the tolerance of the data (``rtol``, by default `default_rtol`)
-    where that is coarser: float16 measurements of a preimage miss by about 1e-4."""
+def given_rtol(net: Network, x: Any, rtol: Any) -> float:
+    """A caller's ``rtol`` checked against the precision of x (`check_rtol`), or
+    `default_rtol` where it is None."""
+    return default_rtol(net, x) if rtol is None else check_rtol(rtol, input_precision(x))
+
+
+def success_tolerance(net: Network, x: Any, success_rtol: Any = None,
+                      rtol: float | None = None) -> float:
+    """The residual |G(z) - x|_inf / |x|_inf under which an estimate is "feasible": the
+    caller's ``success_rtol`` (checked), else SUCCESS_RTOL, or the tolerance of the data
+    (``rtol``, by default `default_rtol`) where that is coarser: float16 measurements of a
+    preimage miss by about 1e-4."""
+    if success_rtol is not None:
+        return check_positive(success_rtol, "success_rtol")
     return max(SUCCESS_RTOL, default_rtol(net, x) if rtol is None else rtol)
 
 

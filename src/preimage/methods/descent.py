@@ -173,8 +173,7 @@ def project(
         check_count(value, name, 1 if name == "descents" else 0)
     seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
     yb, single, meas = observations(net, x, A)
-    success_rtol = (success_tolerance(net, x) if success_rtol is None
-                    else check_positive(success_rtol, "success_rtol"))
+    success_rtol = success_tolerance(net, x, success_rtol)
     batch, k = yb.shape[0], net.latent_dim
     start = time.perf_counter()
     candidates = [_given_starts(net, starts, batch), _encoder_starts(net, encoder, yb)]

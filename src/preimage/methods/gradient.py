@@ -306,8 +306,7 @@ def gradient_invert(
     box = check_positive(1.0 if bound is None else bound, "bound") if variant.clipping else None
     level = check_noise(noise, noise_level)
     yb, single, meas = observations(net, x, A)
-    success_rtol = (success_tolerance(net, x) if success_rtol is None
-                    else check_positive(success_rtol, "success_rtol"))
+    success_rtol = success_tolerance(net, x, success_rtol)
     start = time.perf_counter()
     run = latent_descent(
         net, yb, meas=meas, optimizer=variant.optimizer, lr=lr, steps=steps,

@@ -30,12 +30,7 @@ from preimage.methods.search import GlobalSettings, cell_walk
 from preimage.methods.sensing import pgd_invert
 from preimage.model.network import Network
 from preimage.model.operators import Measurement
-from preimage.model.validation import (
-    check_count,
-    check_positive,
-    check_rtol,
-    input_precision,
-)
+from preimage.model.validation import check_count, check_positive
 from preimage.results import (
     OUT_OF_TIME,
     SUCCESS,
@@ -45,8 +40,8 @@ from preimage.results import (
     SampleFailure,
     build_result,
     check_noise,
-    default_rtol,
     estimate_status,
+    given_rtol,
     per_sample,
     success_tolerance,
     vector_norm,
@@ -140,10 +135,8 @@ def hybrid_invert(
     max_lps = check_count(max_lps, "max_lps", 1)
     seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
     deadline = Deadline.of(time_limit)
-    own_rtol = (default_rtol(net, x) if rtol is None else
-                check_rtol(rtol, input_precision(x)))
-    success_rtol = (success_tolerance(net, x, own_rtol) if success_rtol is None
-                    else check_positive(success_rtol, "success_rtol"))
+    own_rtol = given_rtol(net, x, rtol)
+    success_rtol = success_tolerance(net, x, success_rtol, own_rtol)
     yb, single, meas = observations(net, x, A)
     start = time.perf_counter()
     B, k = yb.shape[0], net.latent_dim

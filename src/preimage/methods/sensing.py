@@ -40,8 +40,6 @@ from preimage.model.validation import (
     check_count,
     check_observation,
     check_positive,
-    check_rtol,
-    input_precision,
 )
 from preimage.results import (
     NORMS,
@@ -51,8 +49,8 @@ from preimage.results import (
     ProgressCallback,
     SampleFailure,
     build_result,
-    default_rtol,
     estimate_rule,
+    given_rtol,
     per_sample,
     success_tolerance,
 )
@@ -123,10 +121,8 @@ def pgd_invert(
     iterations = check_count(iterations, "iterations", 1)
     max_lps = check_count(max_lps, "max_lps", 0)
     seconds = np.inf if seconds == np.inf else check_positive(seconds, "seconds", allow_zero=True)
-    rtol = (default_rtol(net, y) if rtol is None else
-            check_rtol(rtol, input_precision(y)))
-    success_rtol = (success_tolerance(net, y, rtol) if success_rtol is None
-                    else check_positive(success_rtol, "success_rtol"))
+    rtol = given_rtol(net, y, rtol)
+    success_rtol = success_tolerance(net, y, success_rtol, rtol)
     deadline = Deadline.of(time_limit)
     yb, single = check_observation(y, meas.shape[0], name="y", what=MEASURED)
     start = time.perf_counter()
