@@ -150,3 +150,47 @@ def test_certify_unique_checks_its_arrays() -> None:
         with pytest.raises(ValueError, match=name):
             certify_unique(layer, *args, **common)
     assert preimage.certify_unique is certify_unique
+
+
+def test_nan_and_inf_are_each_named_with_their_samples() -> None:
+    # an inf was reported as NaN, in the NaN's samples, when another sample held NaN
+    net, x = random_network([5, 20], seed=0), np.ones((6, 20))
+    x[4, 2] = np.inf
+    with pytest.raises(ValueError, match=r"contains inf \(in sample\(s\) \[4\]\)\.$"):
+        invert(net, x)
+    x[1] = np.nan
+    with pytest.raises(ValueError, match=r"NaN \(in sample\(s\) \[1\]\) and inf "
+                                         r"\(in sample\(s\) \[4\]\)"):
+        invert(net, x)
+
+
+def test_a_measurement_that_sees_nothing_leaks_no_overflow() -> None:
+    # scipy's nnls on a matrix of no rows returned uninitialised memory (3e233 here),
+    # which the l_2 fit's line search then squared
+    import warnings
+
+    net = random_network([5, 20, 50], seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = invert(net, np.zeros(10), A=np.zeros((10, 50)))
+    assert result.status == "feasible" and np.all(np.isfinite(result.z))
+
+
+def test_integers_beyond_float_precision_are_counts() -> None:
+    from preimage.model.validation import check_count
+
+    assert check_count(2**60 + 1, "n") == 2**60 + 1
+    assert check_count(np.int64(2**62 + 1), "n") == 2**62 + 1
+    with pytest.raises(ValueError, match="`n` must be an integer >= 0"):
+        check_count(2.5, "n")
+
+
+def test_gradient_descent_takes_a_dtype_or_its_name() -> None:
+    from preimage.methods.gradient import gradient_invert
+
+    net = random_network([5, 20, 50], seed=0)
+    x = net.forward(np.random.default_rng(0).standard_normal((1, 5)))
+    result = gradient_invert(net, x, dtype="float32", restarts=1, steps=5)
+    assert result.z.shape == (1, 5)
+    with pytest.raises(TypeError, match="`dtype` must be a torch floating dtype"):
+        gradient_invert(net, x, dtype="int8", restarts=1, steps=5)

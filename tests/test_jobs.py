@@ -168,6 +168,7 @@ def test_unwritable_folders_and_bad_arguments(tmp_path: Path) -> None:
     bad = [
         ({"chunk_size": 0}, ValueError, "`chunk_size` must be an integer >= 1"),
         ({"retries": -1}, ValueError, "`retries` must be an integer >= 0"),
+        ({"progress": 3}, TypeError, "`progress` must be a callable"),
         ({"executor": "dask"}, TypeError, "`executor` must be None"),
         ({"batch_size": 3}, TypeError, "use `chunk_size`"),
         ({"method": "nope"}, ValueError, "`method` must be one of"),
@@ -404,6 +405,27 @@ def test_a_damaged_chunk_or_a_cut_manifest_line_is_redone_not_loaded(tmp_path: P
     assert_identical(load_results(folder), whole)
     again = invert_stream(net, tmp_path / "x.npy", folder, chunk_size=10)
     assert again.computed == 0  # the manifest is readable after the repair
+
+
+@pytest.mark.parametrize("line", ['{"chunk": 1}', '[1, 2]', '{"chunk": 1, "start": 0, '
+                                  '"stop": 10, "input": "x", "status": "done"}'])
+def test_a_manifest_line_of_another_program_is_named(tmp_path: Path, line: str) -> None:
+    # a line without "status" stopped the run with the bare KeyError "status"
+    net = random_network([5, 40, 100], seed=0)
+    x = net.forward(np.random.default_rng(0).standard_normal((20, 5)))
+    invert_stream(net, x, tmp_path / "out", chunk_size=10)
+    with (tmp_path / "out" / "manifest.jsonl").open("a") as fh:
+        fh.write(line + "\n")
+    with pytest.raises(ValueError, match=r"manifest.jsonl: line 3 is not a chunk's entry"):
+        invert_stream(net, x, tmp_path / "out", chunk_size=10)
+
+
+def test_a_chunk_larger_than_any_float_holds_exactly_is_one_chunk(tmp_path: Path) -> None:
+    # 10**20 is not a float's integer: the check through float refused it, at the chunk
+    net = random_network([5, 40, 100], seed=0)
+    x = net.forward(np.random.default_rng(0).standard_normal((6, 5)))
+    report = invert_stream(net, x, tmp_path / "out", chunk_size=10**20)
+    assert report.complete and report.chunks == 1 and report.counts == {"unique": 6}
 
 
 def test_a_forking_process_pool_is_refused_not_left_to_hang(tmp_path: Path) -> None:

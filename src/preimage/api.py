@@ -45,6 +45,7 @@ from preimage.model.network import Network, flatten_samples
 from preimage.model.operators import Mask, as_mask, as_measurement
 from preimage.model.torch_io import default_device
 from preimage.model.validation import (
+    check_callback,
     check_choice,
     check_count,
     check_device,
@@ -287,8 +288,7 @@ def invert(
         n_jobs = check_count(n_jobs, "n_jobs", 1)
     if batched is not None and not isinstance(batched, (bool, np.bool_)):
         raise TypeError(f"`batched` must be True or False; got {batched!r:.40}.")
-    if progress is not None and not callable(progress):
-        raise TypeError(f"`progress` must be a callable(done, total); got {progress!r:.40}.")
+    check_callback(progress, "progress")
     if fallback is not None and not isinstance(fallback, GlobalSettings):
         raise TypeError(f"`fallback` must be a GlobalSettings; got {type(fallback).__name__}.")
     if observe is not None and A is not None:

@@ -197,10 +197,18 @@ class ResultsFolder:
         out = []
         for k, line in enumerate(lines):
             try:
-                out.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:
                 if k < len(lines) - 1 and line.rstrip().endswith("}"):
                     raise ValueError(f"{path}: line {k + 1} is not JSON") from None
+                continue
+            missing = _entry_problem(entry)
+            if missing:
+                raise ValueError(
+                    f"{path}: line {k + 1} is not a chunk's entry ({missing}); the folder "
+                    "was edited by hand or by another program"
+                )
+            out.append(entry)
         return out
 
     def state(self) -> dict[int, dict[str, Any]]:
@@ -303,6 +311,28 @@ def load_results(path: str | os.PathLike[str]) -> InversionResult:
             f"({len(failed)} failed: {failed[:5]}); rerun the job to finish them"
         )
     return combine_results([folder.read_chunk(i) for i in range(job["chunks"])])
+
+
+#: The fields every manifest line has, and those of a chunk done.
+ENTRY_FIELDS = ("chunk", "start", "stop", "input", "status")
+DONE_FIELDS = ("counts",)
+
+
+def _entry_problem(entry: Any) -> str:
+    """What is wrong with one parsed manifest line ("" when nothing)."""
+    if not isinstance(entry, dict):
+        return f"a JSON {type(entry).__name__}, not an object"
+    need = ENTRY_FIELDS + (DONE_FIELDS if entry.get("status") == "done" else ())
+    missing = [k for k in need if k not in entry]
+    if missing:
+        return f"no {', '.join(map(repr, missing))}"
+    counts = ("chunk", "start", "stop")
+    if not all(isinstance(entry[k], int) and not isinstance(entry[k], bool) and entry[k] >= 0
+               for k in counts):
+        return f"{', '.join(counts)} must be integers >= 0"
+    if not isinstance(entry["status"], str):
+        return "its status must be a string"
+    return ""
 
 
 def _intact(path: Path) -> bool:

@@ -49,7 +49,7 @@ from preimage.jobs.source import Rows
 from preimage.jobs.store import FORMAT, ResultsFolder, encode
 from preimage.methods.batched.context import chunk_size as default_chunk
 from preimage.model.network import Network
-from preimage.model.validation import refused_samples
+from preimage.model.validation import check_callback, check_count, refused_samples
 from preimage.results import ProgressCallback, with_unread_samples
 
 #: Arguments of `invert` that the job sets itself.
@@ -204,11 +204,12 @@ def invert_stream(
                 + (" (use `chunk_size`)" if name == "batch_size" else " (pass it to invert_stream)")
                 + "."
             )
-    retries = _count(retries, "retries", minimum=0)
+    retries = check_count(retries, "retries", 0)
     if chunk_size is not None:
-        chunk_size = _count(chunk_size, "chunk_size", minimum=1)
+        chunk_size = check_count(chunk_size, "chunk_size", 1)
     if max_in_flight is not None:
-        max_in_flight = _count(max_in_flight, "max_in_flight", minimum=1)
+        max_in_flight = check_count(max_in_flight, "max_in_flight", 1)
+    check_callback(progress, "progress")
     kind = _executor_kind(executor)
     takes = route_arguments(net, **_route_settings(settings))
     if kind != "local" and "n_jobs" in takes:
@@ -484,12 +485,6 @@ def _executor_kind(executor: Any) -> str:
         "`executor` must be None (this process), a dask.distributed.Client or a "
         f"concurrent.futures.Executor; got {type(executor).__name__}."
     )
-
-
-def _count(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-    return int(value)
 
 
 def _route_settings(settings: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import numpy as np
 
 from preimage.model.network import Network
 from preimage.model.operators import Measurement, as_measurement
-from preimage.model.torch_io import default_device
+from preimage.model.torch_io import default_device, torch_dtype
 from preimage.model.validation import (
     MEASURED,
     check_choice,
@@ -165,7 +165,7 @@ def latent_descent(
     import torch
 
     device = device or default_device()
-    dtype = dtype or torch.float64
+    dtype = torch.float64 if dtype is None else torch_dtype(dtype)
     model = net.to_torch(dtype).to(device)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -256,14 +256,7 @@ class Network:
     def to_torch(self, dtype: Any = None) -> Any:
         """An ``nn.Sequential`` computing the same G (float64 unless ``dtype``: a torch
         floating dtype or its name, "float32")."""
-        import torch
-
-        given = dtype
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype, None) if dtype.isidentifier() else None
-        if given is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError('`dtype` must be a torch floating dtype such as torch.float32 (or its '
-                            f'name, "float32"); got {given!r:.40}.')
+        dtype = None if dtype is None else torch_io.torch_dtype(dtype)
         return torch_io.module_from_layers(self.layers, dtype=dtype)
 
     def input_nonnegative(self, i: int) -> bool:

@@ -69,6 +69,20 @@ def tensor_dtype(t: Any) -> str:
     return str(getattr(t, "dtype", "float64")).replace("torch.", "")
 
 
+def torch_dtype(value: Any, name: str = "dtype") -> Any:
+    """A torch floating dtype from itself or its name ("float32"), else a TypeError
+    naming `name`."""
+    import torch
+
+    dtype = value
+    if isinstance(value, str):
+        dtype = getattr(torch, value, None) if value.isidentifier() else None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f'`{name}` must be a torch floating dtype such as torch.float32 (or '
+                        f'its name, "float32"); got {value!r:.40}.')
+    return dtype
+
+
 # --- activations ------------------------------------------------------------------
 
 

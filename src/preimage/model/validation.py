@@ -130,17 +130,22 @@ def check_finite(arr: np.ndarray, name: str, *, rows: str | None = None) -> None
     """
     bad = ~np.isfinite(arr)
     large = np.abs(np.where(bad, 0.0, arr)) > MAX_MAGNITUDE
-    if not (bad.any() or large.any()):
-        return
-    where = ""
-    if rows is not None and arr.ndim >= 1:
-        hit = np.unique(np.nonzero(bad | large)[0])[:5].tolist()
-        where = f" (in {rows}(s) {hit})"
+
+    def where(hit: np.ndarray) -> str:
+        if rows is None or arr.ndim == 0:
+            return ""
+        return f" (in {rows}(s) {np.unique(np.nonzero(hit)[0])[:5].tolist()})"
+
     if bad.any():
-        kind = "NaN" if np.isnan(arr).any() else "inf"
-        raise ValueError(f"`{name}` contains {kind}{where}.")
+        # each kind with its own samples: an inf is not reported as NaN beside one
+        found = [f"{kind}{where(hit)}" for kind, hit in
+                 (("NaN", np.isnan(arr)), ("inf", np.isinf(arr))) if hit.any()]
+        raise ValueError(f"`{name}` contains {' and '.join(found)}.")
+    if not large.any():
+        return
     raise ValueError(
-        f"`{name}` has entries of magnitude up to {float(np.max(np.abs(arr))):.3g}{where}; "
+        f"`{name}` has entries of magnitude up to {float(np.max(np.abs(arr))):.3g}"
+        f"{where(large)}; "
         f"preimage accepts magnitudes up to {MAX_MAGNITUDE:g} (rescale the data)."
     )
 
@@ -252,9 +257,18 @@ def check_count(value: Any, name: str, minimum: int = 0) -> int:
     value), or a TypeError / ValueError naming `name` and the rule."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be an integer >= {minimum}; got {value!r:.40}.")
-    if not (np.isfinite(float(value)) and float(value) == int(value) and value >= minimum):
+    # an int is exact as it is: through float, one above 2**53 would seem fractional
+    whole = isinstance(value, (int, np.integer)) or (
+        np.isfinite(float(value)) and float(value) == int(value))
+    if not (whole and value >= minimum):
         raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r:.40}.")
     return int(value)
+
+
+def check_callback(value: Any, name: str) -> None:
+    """None or a callable(done, total), else a TypeError naming `name`."""
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be a callable(done, total); got {value!r:.40}.")
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str], *, optional: bool = False) -> Any:

@@ -272,6 +272,10 @@ def _two_stage(
 
 
 def _least_squares(a: np.ndarray, r: np.ndarray, nonneg: bool) -> np.ndarray:
+    """argmin ||a h - r||_2 (h >= 0 with `nonneg`), the least-norm one: 0 with no rows
+    (scipy's nnls returns uninitialised memory for a matrix of no rows)."""
+    if a.shape[0] == 0:
+        return np.zeros(a.shape[1])
     if nonneg:
         return nnls(a, r, maxiter=50 * a.shape[1])[0]
     return np.linalg.lstsq(a, r, rcond=None)[0]
@@ -305,7 +309,7 @@ def _solve_l2(
     def grad(h: np.ndarray) -> np.ndarray:
         return 2 * (w_on.T @ (w_on @ h - r_on) + w_off.T @ np.maximum(w_off @ h - r_off, 0.0))
 
-    h = _least_squares(w_on, r_on, nonneg) if w_on.shape[0] else np.zeros(w_on.shape[1])
+    h = _least_squares(w_on, r_on, nonneg)
     fh = f(h)
     previous = None
     iterations = 0
