@@ -344,6 +344,7 @@ def test_a_forward_that_branches_on_shapes_is_still_read() -> None:
     _assert_reads_forward(mod, net, 4)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # made here, on purpose
 @pytest.mark.parametrize("how", ["script", "trace", "script, input_shape", "submodule"])
 def test_a_torchscript_module_is_refused_up_front(how: str) -> None:
     # it gave torch's "register_forward_pre_hook is not supported on ScriptModules" or a

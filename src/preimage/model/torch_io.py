@@ -29,7 +29,7 @@ import contextlib
 import io
 import operator
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -358,6 +358,19 @@ def _candidate_shapes(shape: Shape, input_shape: Sequence[int] | None) -> list[S
     return [shape]
 
 
+def _first_shape_that_runs(candidates: list[Shape], attempt: Callable[[Shape], Any],
+                           errors: type[BaseException]) -> tuple[Shape, Any]:
+    """(shape, attempt(shape)) for the first of `candidates` on which `attempt` raises no
+    `errors`; the last one's error is raised (a flat DCGAN code refused by a generator
+    that takes (nz, 1, 1) moves on to the next shape)."""
+    for shape in candidates[:-1]:
+        try:
+            return shape, attempt(shape)
+        except errors:
+            continue
+    return candidates[-1], attempt(candidates[-1])
+
+
 class _Untraceable(Exception):
     """torch.fx could not trace the forward (the message says why; the cause is chained).
 
@@ -448,23 +461,24 @@ def _traced_steps(
             _steps_of_module(submodules[node.target], where, (), ())  # raises, naming it
     guess, dtype = _example_input(module, input_shape, used)
     candidates = _candidate_shapes(guess, input_shape)
-    for shape in candidates:
+
+    def propagate(shape: Shape) -> io.StringIO:
         # ShapeProp prints the traceback of a failing node to stderr (traceback.print_exc)
         # before raising; the error below names it, and chains the original.
         printed = io.StringIO()
-        try:
-            with torch.no_grad(), contextlib.redirect_stderr(printed):
-                ShapeProp(graph_module).propagate(torch.zeros((2, *shape), dtype=dtype))
-            break
-        except Exception as exc:  # the module's own error on the example input
-            if shape != candidates[-1]:
-                continue  # (flat codes, refused by a generator that takes (nz, 1, 1))
-            cause = exc.__cause__ or exc  # (ShapeProp wraps it: "ShapeProp error for: node=")
-            raise TypeError(
-                f"{type(module).__name__}.{entry} fails on codes of shape {shape} "
-                f"({type(cause).__name__}: {_first_line(cause)}); pass "
-                "the shape of one code as `input_shape`."
-            ) from exc
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
+            ShapeProp(graph_module).propagate(torch.zeros((2, *shape), dtype=dtype))
+        return printed
+
+    try:
+        shape, printed = _first_shape_that_runs(candidates, propagate, Exception)
+    except Exception as exc:  # the module's own error on the example input
+        cause = exc.__cause__ or exc  # (ShapeProp wraps it: "ShapeProp error for: node=")
+        raise TypeError(
+            f"{type(module).__name__}.{entry} fails on codes of shape {candidates[-1]} "
+            f"({type(cause).__name__}: {_first_line(cause)}); pass "
+            "the shape of one code as `input_shape`."
+        ) from exc
     sys.stderr.write(printed.getvalue())  # what the forward itself printed, if anything
     prefix = "root." if entry != "forward" else ""
     steps: list[chain.Step] = []
@@ -781,14 +795,11 @@ def _read(module: Any, entry: str, input_shape: Sequence[int] | None
         why = str(traced) if isinstance(traced, _Untraceable) else (
             f"{type(traced).__name__}: {_first_line(traced)}")
         candidates = _candidate_shapes(_example_input(module, input_shape)[0], input_shape)
-        for shape in candidates:
-            try:
-                steps = _recorded_steps(module, entry, shape)
-                break
-            except TypeError as exc:
-                if shape != candidates[-1]:
-                    continue  # (flat codes, refused by a generator that takes (nz, 1, 1))
-                raise TypeError(f"{exc} (symbolic tracing failed too: {why})") from exc
+        try:
+            shape, steps = _first_shape_that_runs(
+                candidates, lambda shape: _recorded_steps(module, entry, shape), TypeError)
+        except TypeError as exc:
+            raise TypeError(f"{exc} (symbolic tracing failed too: {why})") from exc
     layers, out_shape = chain.fold(steps, shape)
     dtype = _example_input(module, shape)[1]
     _check_forward(module, entry, layers, shape, dtype)
