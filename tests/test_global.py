@@ -514,3 +514,25 @@ def test_the_projections_box_holds_its_start_and_its_message_names_the_domain() 
     assert res.misfit <= np.abs(net.forward(better[None])[0] - x).max() * (1 + 1e-9)
     assert res.misfit_bound <= res.misfit * (1 + 1e-9)
     assert "over z with |z_j| <=" in res.message
+
+
+def test_a_unit_bounded_just_above_zero_keeps_its_triangle_valid() -> None:
+    # After tightening, a unit of this generator had U = 1e-8 against L = -0.25: its
+    # triangle row's entries s w (s = U / (U - L)) fell below HiGHS's 1e-9 and were
+    # dropped, the row then cut off the true point, and 2 of these 8 x = G(z) were
+    # "proved" infeasible (`relaxation._row_factor`)
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Unflatten(1, (4, 4, 4)),
+                      nn.ConvTranspose2d(4, 1, 4, stride=(2, 3), padding=(2, 3), dilation=2,
+                                         output_padding=(0, 2), bias=False),
+                      nn.Sigmoid()).double().eval()
+    net = Network.from_torch(g)
+    z = torch.randn(8, 6, dtype=torch.float64)
+    with torch.no_grad():
+        x = g(z).numpy()
+    res = invert(net, x)
+    assert set(res.status) <= {"unique", "non_unique", "feasible"}, res.message
+    assert np.allclose(net.forward(res.z), x.reshape(8, -1), rtol=0, atol=1e-8)

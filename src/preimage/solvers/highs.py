@@ -218,6 +218,10 @@ def _not_optimal(status: Any, raw: str) -> LPSolution:
 ITERATIONS_UNLIMITED = 2**31 - 1
 
 
+#: The least small_matrix_value HiGHS accepts (entries below it are dropped).
+SMALL_MATRIX_VALUE = 1e-12
+
+
 class LiveLP:
     """An LP kept alive in one HiGHS instance, changed in place between solves.
 
@@ -238,6 +242,9 @@ class LiveLP:
         self._highs = _Highs()
         self._highs.setOptionValue("output_flag", False)
         self._highs.setOptionValue("presolve", "off")
+        # HiGHS drops matrix entries below this (default 1e-9): a relaxation's row whose
+        # entries are small by design would be another row (`relaxation._row_factor`)
+        self._highs.setOptionValue("small_matrix_value", SMALL_MATRIX_VALUE)
         none = np.zeros(0, dtype=np.int32)
         self._highs.addCols(
             k, np.asarray(cost, dtype=float), _bounds(lower, k), _bounds(upper, k),
@@ -349,6 +356,9 @@ class RowLP:
         self._highs = _Highs()
         self._highs.setOptionValue("output_flag", False)
         self._highs.setOptionValue("presolve", "off")
+        # HiGHS drops matrix entries below this (default 1e-9): a relaxation's row whose
+        # entries are small by design would be another row (`relaxation._row_factor`)
+        self._highs.setOptionValue("small_matrix_value", SMALL_MATRIX_VALUE)
         none = np.zeros(0, dtype=np.int32)
         self._highs.addCols(
             k, self._cost / cost_norm if cost_norm > 0 else self._cost,

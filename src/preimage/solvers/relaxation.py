@@ -9,7 +9,8 @@ The pre-activations a_i = W_i r_{i-1} + b_i (r_{-1} = z) are expressions, not
 columns. Rows, per unit of layer i with bounds L <= a <= U::
 
     r - w r_{i-1} >= b                                (r >= a; on: = b, r = a)
-    r - s w r_{i-1} <= s (b - L),  s = U / (U - L)    (unstable: the triangle r <= s (a - L))
+    r - s w r_{i-1} <= s (b - L),  s = U / (U - L)    (unstable: the triangle r <= s (a - L);
+                                                       times 1e-3 / s for s < 1e-3: `_row_factor`)
     L - b <= w r_{i-1} <= U - b                       (stable: its interval)
     top, exact:   lo <= W_top r_{top-1} <= hi         (active: y - b +- tol; inactive: <= tau - b)
     top, misfit:  r_out - t <= x,  x - r_out <= t     (l_inf: one t; l_1: one t_j per output)
@@ -350,6 +351,28 @@ def data_bounds(
     return Domain(z_lo, z_hi, lower, upper, boxed, float(box))
 
 
+#: The smallest slope s = U / (U - L) a triangle row is written with as it is; below it
+#: the row is multiplied by SMALL_SLOPE / s (`_row_factor`).
+SMALL_SLOPE = 1e-3
+
+
+def _row_factor(slope: np.ndarray) -> np.ndarray:
+    """What a triangle row r - s w.prev <= s (b - L) is multiplied by: 1, or SMALL_SLOPE / s
+    where s is below SMALL_SLOPE.
+
+    Why: HiGHS drops matrix entries below its small_matrix_value (LiveLP sets 1e-12, its
+    least; the default is 1e-9). With U << -L the entries s w fell below it, and the row
+    left then cut off true points: a ConvTranspose2d generator whose unit had U = 1e-8
+    after tightening, L = -0.25, was called `infeasible` for x = G(z). Scaled, its entries
+    are at least SMALL_SLOPE |w_j|, as in the unit's other rows to within that factor.
+    (Writing every triangle as r / s - w.prev <= b - L, the same rows, led HiGHS to other
+    vertices, whose points lay off the ReLU more often: the misfit search on 5-20-50 then
+    needed 4,000-9,000 nodes where it had needed 100.)"""
+    slope = np.asarray(slope, dtype=float)
+    return np.where((slope > 0) & (slope < SMALL_SLOPE),
+                    SMALL_SLOPE / np.where(slope > 0, slope, 1.0), 1.0)
+
+
 class Relaxation:
     """The LP relaxation (module docstring) of layers 0..depth-1 and a top block, in HiGHS.
 
@@ -403,12 +426,14 @@ class Relaxation:
         lo_u, hi_u = self.lower, self.upper
         unstable = (lo_u < 0) & (hi_u > 0)
         self._slope = np.where(unstable, hi_u / np.where(unstable, hi_u - lo_u, 1.0), 0.0)
+        factor = _row_factor(self._slope)
         for i in range(depth):
             units = slice(offsets[i], offsets[i + 1])
             m = sparse.lil_matrix((widths[i], n_cols))
-            m[:, self._inputs[i]] = np.where(unstable[units], -self._slope[units],
+            m[:, self._inputs[i]] = np.where(unstable[units], -(factor * self._slope)[units],
                                              1.0)[:, None] * self._weights[i]
-            m[np.arange(widths[i]), self.r_col[units]] = unstable[units].astype(float)
+            m[np.arange(widths[i]), self.r_col[units]] = np.where(unstable[units],
+                                                                  factor[units], 0.0)
             blocks.append(m.tocsr())
         row_lo.append(np.full(n_units, -np.inf))
         row_hi.append(np.full(n_units, np.inf))
@@ -464,16 +489,17 @@ class Relaxation:
             lo, hi, b = float(self.lower[g]), float(self.upper[g]), float(self.bias[g])
             state = 1 if lo >= 0 else (0 if hi <= 0 else -1)
             slope = hi / (hi - lo) if state < 0 else 0.0
+            factor = float(_row_factor(np.array(slope)))
             if slope != self._slope[g]:  # (a coefficient change costs HiGHS its factor)
                 cols, w = self._unit_row(g)
-                coef = -slope * w if state < 0 else w
+                coef = -factor * slope * w if state < 0 else w
                 for c, v in zip(cols, coef, strict=True):
                     self.lp.set_coefficient(self.upper_row[g], c, v)
                 self.lp.set_coefficient(self.upper_row[g], self.r_col[g],
-                                        1.0 if state < 0 else 0.0)
+                                        factor if state < 0 else 0.0)
                 self._slope[g] = slope
             if state < 0:
-                self.lp.set_row_bounds(self.upper_row[g], -np.inf, slope * (b - lo))
+                self.lp.set_row_bounds(self.upper_row[g], -np.inf, factor * slope * (b - lo))
             else:
                 self.lp.set_row_bounds(self.upper_row[g], lo - b, hi - b)
             self.stable[g] = state
