@@ -185,6 +185,31 @@ def test_the_source_dtype_is_the_weights_precision(dtype: torch.dtype, tmp_path:
     assert "infeasible" not in list(invert(net, x).status)
 
 
+@pytest.mark.parametrize(("eps", "slope", "precision"), [
+    (0.1, 0.7, "float32"), (1e-5, 0.7, "float32"), (0.1, 0.5, "float32"),
+    (1e-5, 0.5, "float64"),
+])
+def test_float_attributes_rounded_to_float32_make_the_model_float32(
+    eps: float, slope: float, precision: str, tmp_path: Path
+) -> None:
+    # ONNX keeps epsilon and alpha as float32: a float64 export with eps 0.1 and a slope
+    # of 0.7 differs from its module by 1e-9 - 1e-8, and the module's x = G(z) was
+    # `infeasible` at float64's tolerance (eps = 1e-5 is off by 2.5e-14 only; 0.5 exact)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16, eps=eps), nn.ReLU(),
+                           nn.Linear(16, 40), nn.LeakyReLU(slope))
+    with torch.no_grad():
+        module[1].running_mean.normal_(0, 0.5)
+        module[1].running_var.uniform_(0.1, 2)
+    module = module.double().eval()
+    path = tmp_path / "g.onnx"
+    _export(module, torch.zeros((1, 5), dtype=torch.float64), path, opset_version=17)
+    net = Network.from_onnx(path)
+    assert net.source_dtype == precision
+    x = _outputs(module, np.random.default_rng(1).standard_normal((4, 5)))
+    assert "infeasible" not in list(invert(net, x).status)
+
+
 def test_the_precision_is_that_of_the_weights_the_nodes_compute_with(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     # float16 weights cast up to float32 before use: the model computes in float32

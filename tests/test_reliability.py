@@ -349,3 +349,23 @@ def _prepared(x: np.ndarray, kwargs: dict[str, Any]) -> tuple[np.ndarray, dict[s
         kwargs["A"] = GaussianMatrix(60, 90, seed=0)
         x = kwargs["A"].apply(x)
     return x, kwargs
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_layer_with_unreached_inputs_keeps_its_answer_near_the_data(seed: int) -> None:
+    # Columns of W that are zero (inputs a convolution's padding hides) and float32
+    # outputs: the rows of the null basis for the other coordinates are rounding
+    # (1e-17) while h0 misses h >= 0 by rounding; divided by their largest entry they
+    # asked for h = 1e9 - 1e10 in a zero column (18 of 40 seeds), which the layer
+    # below could only reach with |z| = 1e10 (and then G(z) missed x by 1e-3)
+    rng = np.random.default_rng(seed)
+    w = np.zeros((4, 8))
+    w[:, [2, 3, 6, 7]] = rng.standard_normal((4, 4)) * 0.1
+    net = Network.from_weights([w], [np.full(4, -0.25)], activation=["sigmoid"])
+    h = np.zeros(8)
+    h[[2, 7]] = rng.uniform(0.2, 0.4, 2)
+    y = net.layers[0].forward(h[None])[0].astype(np.float32).astype(np.float64)
+    found = layer_solver.invert_layer(net.layers[0], y, nonneg=True, rtol=1e-5)
+    assert found.status in ("non_unique", "unique", "feasible")
+    assert np.max(np.abs(found.h)) < 10 * np.max(h)
+    assert np.allclose(net.layers[0].forward(found.h[None])[0], y, rtol=0, atol=1e-5)

@@ -68,6 +68,30 @@ def _attributes(node: Any) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+#: How far (absolute) a function attribute may have been rounded to float32 and the
+#: model still be float64 (a tenth of float64's default rtol, 1e-9: `_rounded_attributes`).
+ATTRIBUTE_ROUNDING = 1e-10
+#: The float attributes that enter a node's function (ONNX stores them as float32).
+_FUNCTION_ATTRIBUTES = {"BatchNormalization": ("epsilon",), "InstanceNormalization": ("epsilon",),
+                        "LeakyRelu": ("alpha",), "Elu": ("alpha",), "Gemm": ("alpha", "beta")}
+
+
+def _rounded_attributes(op_type: str, attrs: dict[str, Any]) -> bool:
+    """Whether one of the node's function attributes was rounded to float32 by more than
+    ATTRIBUTE_ROUNDING: its value differs from the float64 number its shortest float32
+    decimal names (LeakyReLU(0.7): 0.69999998808, off by 1.2e-8; a BatchNorm eps of 0.1:
+    1.5e-9; eps = 1e-5: 2.5e-14, below). Such a model computes in float32 there,
+    whatever its weights: a float64 export with eps = 0.1 and slopes 0.7 and 0.2 differed
+    from its torch module by 7.5e-9 (relative), and x = G(z) from the module was then
+    `infeasible` at float64's tolerance."""
+    for name in _FUNCTION_ATTRIBUTES.get(op_type, ()):
+        value = attrs.get(name)
+        if isinstance(value, float) and abs(float(str(np.float32(value))) - value) > (
+                ATTRIBUTE_ROUNDING):
+            return True
+    return False
+
+
 def _text(attrs: dict[str, Any], name: str, default: str) -> str:
     value = attrs.get(name, default)
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -184,6 +208,8 @@ def _read(model: Any, path: Path) -> tuple[list[Layer], str, Shape, Shape]:
         for i in node.input if node.op_type in _WEIGHTED else ():
             if i in values and (kind := stored.get(i) or _precision_of_array(values[i])):
                 precisions.add(kind)
+        if _rounded_attributes(node.op_type, attrs):
+            precisions.add("float32")
         nodes.append((where, out, len(steps)))
         current = out
     outputs = [o.name for o in graph.output]

@@ -356,9 +356,6 @@ class RowLP:
         self._highs = _Highs()
         self._highs.setOptionValue("output_flag", False)
         self._highs.setOptionValue("presolve", "off")
-        # HiGHS drops matrix entries below this (default 1e-9): a relaxation's row whose
-        # entries are small by design would be another row (`relaxation._row_factor`)
-        self._highs.setOptionValue("small_matrix_value", SMALL_MATRIX_VALUE)
         none = np.zeros(0, dtype=np.int32)
         self._highs.addCols(
             k, self._cost / cost_norm if cost_norm > 0 else self._cost,
