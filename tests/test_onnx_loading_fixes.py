@@ -458,3 +458,27 @@ def test_a_convolution_other_than_2d_is_refused_as_such(
     with pytest.raises(TypeError, match=rf"Conv(Transpose)?\) is a {rank}-D convolution.*"
                                         r"2-D convolutions only"):
         Network.from_onnx(path)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_shapes_left_open_when_the_reference_evaluator_fails_are_explained(
+    opset: int, tmp_path: Path
+) -> None:
+    # onnx's reference evaluator cannot run a ConvTranspose with dilation 2 and output
+    # padding 1 (torch can): the view(z.size(0), ...) reshape kept no shape, and the error
+    # was a convolution's "got ()" naming no node, or "not static" with no reason
+    class G(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 32)
+            self.ct1 = nn.ConvTranspose2d(2, 3, 4, 2, 1)
+            self.ct2 = nn.ConvTranspose2d(3, 1, 1, dilation=2, output_padding=1)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc(z)).view(z.size(0), 2, 4, 4)
+            return torch.tanh(self.ct2(torch.relu(self.ct1(h))))
+
+    path = tmp_path / "g.onnx"
+    _export(G().eval(), torch.zeros((2, 6)), path, opset_version=opset)
+    with pytest.raises(ValueError, match=r"g\.onnx: node .*reference evaluator.*could not run"):
+        Network.from_onnx(path)

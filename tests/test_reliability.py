@@ -369,3 +369,27 @@ def test_a_layer_with_unreached_inputs_keeps_its_answer_near_the_data(seed: int)
     assert found.status in ("non_unique", "unique", "feasible")
     assert np.max(np.abs(found.h)) < 10 * np.max(h)
     assert np.allclose(net.layers[0].forward(found.h[None])[0], y, rtol=0, atol=1e-5)
+
+
+def test_a_latent_layer_pinned_by_a_barely_active_unit_is_not_called_unique() -> None:
+    # a float32 generator's x = G(z0) whose preimages form a segment through z0 was
+    # "unique": float32 rounding carried up from the layers above lifted an inactive
+    # latent unit above the threshold, and with it the latent layer looked injective
+    rng = np.random.default_rng(0)
+    k = 8
+    w0 = rng.standard_normal((24, k))
+    z0 = rng.standard_normal(k)
+    pre = w0 @ z0
+    order = np.argsort(-pre)
+    b0 = np.zeros(24)
+    b0[order[7:]] = -pre[order[7:]] - 1.0  # 7 units on, the others off by a margin
+    b0[order[7]] = -pre[order[7]] + 3e-5 * np.max(pre)  # and one barely on: 3 float32 rtol
+    w1 = rng.standard_normal((40, 24)) / 5
+    for dtype, expected in ((np.float32, "feasible"), (np.float64, "unique")):
+        net = Network.from_weights([w0.astype(dtype), w1.astype(dtype)],
+                                   [b0.astype(dtype), np.zeros(40, dtype)],
+                                   activation=["relu", "sigmoid"])
+        x = net.forward(z0[None])[0].astype(dtype)
+        result = invert(net, x)
+        assert result.status == expected, result.message
+        assert np.allclose(net.forward(result.z[None])[0], x, rtol=0, atol=1e-5)

@@ -256,11 +256,16 @@ def test_a_compiled_module_is_read_as_the_module_it_compiled() -> None:
     _assert_reads_forward(g, net, 4)
 
 
-def test_a_module_that_changes_its_buffers_when_run_is_refused_and_put_back() -> None:
+@pytest.mark.parametrize("spectral_norm", [nn.utils.parametrizations.spectral_norm,
+                                           nn.utils.spectral_norm])
+def test_a_module_that_changes_its_buffers_when_run_is_refused_and_put_back(
+    spectral_norm: Any,
+) -> None:
     # a spectral norm in training mode runs its power iteration on every forward: reading
-    # the module changed its buffers _u and _v
+    # the module changed its buffers _u and _v (with the classic nn.utils.spectral_norm
+    # the refusal blamed "an operation preimage did not see" instead)
     g = _mlp()
-    g[0] = nn.utils.parametrizations.spectral_norm(g[0])
+    g[0] = spectral_norm(g[0])
     before = {k: v.clone() for k, v in g.state_dict().items()}
     with pytest.raises(ValueError, match=r"changes its buffers.*\.eval\(\)"):
         Network.from_torch(g)
@@ -388,3 +393,16 @@ def test_a_generator_of_flat_codes_keeps_their_shape(traceable: bool) -> None:
     net = Network.from_torch(mod)
     assert net.input_shape == (6,) and net.output_shape == (2, 8, 8)
     _assert_reads_forward(mod, net, 6)
+
+
+def test_an_uninitialised_lazy_module_is_refused_and_left_lazy() -> None:
+    # the loader's example codes of width 0 made the caller's LazyLinear a Linear(0, 32)
+    # for good, and the error was about a weight of shape (32, 0)
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    g = nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 70)).eval()
+    with pytest.raises(TypeError, match=r"Sequential\.0 \(LazyLinear\) is a lazy module"):
+        Network.from_torch(g)
+    assert isinstance(g[0], LazyModuleMixin) and g[0].has_uninitialized_params()
+    g(torch.zeros(2, 6))  # made by the caller's own first batch, it is read
+    assert Network.from_torch(g).latent_dim == 6

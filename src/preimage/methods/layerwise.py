@@ -272,6 +272,10 @@ def _settle_globally(
 #: witness too: each layer checks its own step, and their tolerances can compound.
 ANSWER_RTOL = 1000.0
 
+#: A latent unit on by at most this many rtol (of its layer's largest output) may be an
+#: inactive one lifted by rounding: a `unique` verdict must hold without it.
+WEAK_BAND = 10.0
+
 #: Answers to data of this relative precision or worse are polished in their cells.
 POLISH_RTOL = 1e-7
 POLISH_STEPS = 3
@@ -563,6 +567,13 @@ def _assemble(
             messages[b] += (f"; its second preimage does not reproduce x within {ANSWER_RTOL:g} "
                             "rtol, so uniqueness is unsettled")
 
+    for b in _pinned_by_weak_units(net, z, status, rtol):
+        status[b] = "feasible"
+        messages[b] += (f"; but the latent layer's unique preimage rests on units active by "
+                        f"less than {WEAK_BAND:g} rtol (the data's rounding, carried up "
+                        "from the layers above, may have lifted an inactive one): "
+                        "uniqueness unsettled")
+
     def verified(residual: np.ndarray, misfit: np.ndarray) -> np.ndarray:
         """Each answer checked end to end: one whose G(z) misses x by more than
         ANSWER_RTOL rtol (the layers' tolerances compounded) keeps z, but no verdict.
@@ -585,6 +596,36 @@ def _assemble(
     result.proof_domain = str(domains[0]) if single else domains
     result.out_of_time = bool(timed[0]) if single else timed
     return result
+
+
+def _pinned_by_weak_units(net: Network, z: np.ndarray, status: np.ndarray,
+                          rtol: float) -> np.ndarray:
+    """The `unique` samples whose latent layer (a ReLU one) is pinned only with units
+    barely on: at the answer z, the units with 0 < a_j <= WEAK_BAND rtol max relu(a) left
+    out, the other active rows of W_0 no longer have full column rank.
+
+    Why: the latent layer's observation is recovered from the layers above, whose
+    rounding it carries; an inactive unit lifted to 1e-5 by float32 data counts as an
+    equality, and with it a layer that is not injective there looks so (a float32
+    generator's x = G(z0), preimages a segment through z0: "unique", 0.43 from z0).
+    """
+    first = net.layers[0]
+    unique = np.flatnonzero(np.asarray(status) == "unique")
+    # (alone, the layer sees x itself: its threshold already covers the data's rounding)
+    if unique.size == 0 or first.activation.kind != "relu" or len(net.layers) == 1:
+        return unique[:0]
+    pre = first.preactivation(np.nan_to_num(z[unique]))
+    scale = np.maximum(np.max(np.maximum(pre, 0.0), axis=1, keepdims=True), 1e-300)
+    weak = (pre > 0) & (pre <= WEAK_BAND * rtol * scale)
+    if not weak.any():
+        return unique[:0]
+    out = []
+    k = first.in_width
+    for i in np.flatnonzero(weak.any(axis=1)):
+        strong = np.flatnonzero(pre[i] > WEAK_BAND * rtol * scale[i, 0])
+        if strong.size < k or np.linalg.matrix_rank(first.weight.rows(strong)) < k:
+            out.append(unique[i])
+    return np.array(out, dtype=int)
 
 
 def _polish(net: Network, xb: np.ndarray, z: np.ndarray, ok: np.ndarray, rtol: float) -> None:

@@ -168,7 +168,7 @@ def _read(model: Any, path: Path) -> tuple[list[Layer], str, Shape, Shape]:
     # may compute with it), else two.
     batch = shapes[current][0] if shapes[current][:1] and shapes[current][0] > 0 else 2
     codes = _codes(in_type, (batch, *in_shape))
-    run = _run_reference(model, current, codes)
+    run, unrun = _run_reference(model, current, codes)
     shapes.update({name: (-1, *np.shape(value)[1:]) for name, value in run.items()
                    if np.ndim(value) >= 1})
     meta: set[str] = set()  # tensors computed from shapes, not from the data
@@ -204,7 +204,18 @@ def _read(model: Any, path: Path) -> tuple[list[Layer], str, Shape, Shape]:
             steps.append(_resize_step(node, attrs, values, run, here, there, where, str(path),
                                       opsets))
         else:
-            steps += _steps_of_node(node, attrs, values, here, there, where, str(path))
+            try:
+                steps += _steps_of_node(node, attrs, values, here, there, where, str(path))
+            except (TypeError, ValueError) as exc:
+                if not unrun:
+                    raise
+                # the shapes static inference left open stayed open: say where, and why
+                said = str(exc).rstrip(".") if where in str(exc) else f"{path}: {where}: {exc}"
+                raise type(exc)(
+                    f"{said} (onnx's reference evaluator, which computes "
+                    f"the shapes a reshape takes from the batch, could not run the graph: "
+                    f"{unrun}; an export with a static batch, or h.view(-1, C, H, W) written "
+                    "with constants, may be read)") from exc
         for i in node.input if node.op_type in _WEIGHTED else ():
             if i in values and (kind := stored.get(i) or _precision_of_array(values[i])):
                 precisions.add(kind)
@@ -263,8 +274,10 @@ def _codes(elem_type: int, shape: Shape) -> np.ndarray | None:
     return np.random.default_rng(0).standard_normal(shape).astype(kinds[elem_type])
 
 
-def _run_reference(model: Any, input_name: str, codes: np.ndarray | None) -> dict[str, Any]:
-    """Every tensor of the graph, from onnx's reference evaluator on a batch of codes.
+def _run_reference(model: Any, input_name: str, codes: np.ndarray | None
+                   ) -> tuple[dict[str, Any], str]:
+    """Every tensor of the graph, from onnx's reference evaluator on a batch of codes, and
+    why it could not run ("" when it could, or was not asked to).
 
     Static shape inference leaves the targets of computed reshapes (torch's
     Unflatten and view export Shape -> Slice -> Concat -> Reshape) unknown; the
@@ -276,7 +289,7 @@ def _run_reference(model: Any, input_name: str, codes: np.ndarray | None) -> dic
     from onnx.reference import ReferenceEvaluator
 
     if codes is None:
-        return {}
+        return {}, ""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -287,10 +300,11 @@ def _run_reference(model: Any, input_name: str, codes: np.ndarray | None) -> dic
             warnings.simplefilter("ignore")  # (a log or division the codes push out of range)
             results = ReferenceEvaluator(probe, new_ops=[_inference_batch_norm()]).run(
                 None, {input_name: codes})
-    except Exception:  # an op the evaluator lacks: keep the static shapes
-        return {}
+    except Exception as exc:  # an op the evaluator lacks: keep the static shapes
+        text = str(exc).strip().splitlines()
+        return {}, f"{type(exc).__name__}: {text[0][:200] if text else ''}"
     outputs = [o.name for o in probe.graph.output]
-    return dict(zip(outputs, results, strict=True))
+    return dict(zip(outputs, results, strict=True)), ""
 
 
 def _inference_batch_norm() -> type:

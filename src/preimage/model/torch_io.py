@@ -747,6 +747,19 @@ def layers_from_module(
                 "torch.jit.load), which preimage cannot read: pass the original nn.Module, or "
                 "export it to ONNX and read that with Network.from_onnx."
             )
+    # a lazy module (nn.LazyLinear, ...) takes its shapes from its first input: the
+    # loader's example codes would fix them for good, in the caller's module
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    for where, mod in module.named_modules():
+        if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params():
+            what = type(module).__name__ if not where else (
+                f"{type(module).__name__}.{where} ({type(mod).__name__})")
+            raise TypeError(
+                f"{what} is a lazy module whose weights are not made yet: run the model once "
+                "on a batch of its codes (or load its weights) first, so that its shapes are "
+                "its own and not those of preimage's example input."
+            )
     if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
         raise TypeError(f"{type(module).__name__} has weights on the 'meta' device, which hold "
                         "no values: load its weights first (e.g. module.to_empty(device='cpu') "
@@ -770,17 +783,24 @@ def layers_from_module(
         )
     # Reading runs the module's forward: a module that updates its own state there (a
     # spectral norm's power iteration in training mode) is put back as it was and refused
+    # (first: the reading may fail because of the change, nn.utils.spectral_norm's forward
+    # check then blamed "an operation preimage did not see")
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    error: BaseException | None = None
     try:
-        layers, dtype, shape, out_shape = _read(module, entry, input_shape)
-    finally:
-        changed = _restore_buffers(module, buffers)
+        read = _read(module, entry, input_shape)
+    except BaseException as exc:  # (re-raised below unless the buffers say why)
+        error = exc
+    changed = _restore_buffers(module, buffers)
     if changed:
         raise ValueError(
             f"{type(module).__name__}.{entry} changes its buffers when run "
             f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): a module in "
             "training mode is not one function; call .eval() on it first."
-        )
+        ) from error
+    if error is not None:
+        raise error
+    layers, dtype, shape, out_shape = read
     return layers, str(dtype).replace("torch.", ""), shape, out_shape
 
 
