@@ -393,3 +393,26 @@ def test_a_latent_layer_pinned_by_a_barely_active_unit_is_not_called_unique() ->
         result = invert(net, x)
         assert result.status == expected, result.message
         assert np.allclose(net.forward(result.z[None])[0], x, rtol=0, atol=1e-5)
+
+
+def test_a_fold_nets_latent_layer_keeps_its_answer_near_the_data() -> None:
+    # W_0 = [V; -V] (a fold): the inactive rows v are minus the active rows, so their rows
+    # along null(W_A) are rounding; divided by their largest entry they put z at 1e15,
+    # where G(z) missed x by 0.59 (relative): `failed`, though |z| < 10 holds preimages
+    v = np.array([[-0.3064947800456559, -1.2027170522353865, 0.65959148703698],
+                  [-1.0144993479682267, -0.01845994675811599, -0.19602831316491337]])
+    c = np.array([0.44793540201905513, 0.3890145209165975])
+    a = np.array([[-0.9419512896310858, 0.20533773625691368],
+                  [2.2664801353714195, 0.8623935273325731],
+                  [-1.152951845844343, -0.7351940590759148],
+                  [0.0658512162706448, -1.3955647652897212]])
+    b2 = np.array([-0.1589983547958304, 0.2539078444395553, 0.2501515089554591,
+                   0.3791966778424565])
+    net = Network.from_weights([np.vstack([v, -v]), np.hstack([a, a])],
+                               [np.concatenate([c, c]), b2])
+    x = np.array([0.0, 4.781456589250295, 0.0, 0.0])
+    for method in ("exact", "global"):
+        result = invert(net, x, method=method)
+        assert result.status == "non_unique", result.message
+        assert np.max(np.abs(result.z)) < 10
+        assert np.allclose(net.forward(result.witness[None])[0], x, rtol=0, atol=1e-8)

@@ -51,7 +51,7 @@ VIOLATION_RTOL = 1e-12
 #: far above the tolerances that call a constraint tight, so that none is.
 DEPTH_RTOL = 1e-3
 #: A row of the LPs in null-space coordinates whose entries are all below this times
-#: the largest is rounding (`_rounding_rows_zeroed`).
+#: what they would be without cancellation is rounding (`_rounding_rows_zeroed`).
 NOISE_RTOL = 1e-12
 
 
@@ -99,7 +99,9 @@ def _polyhedron_lp(
     if nonneg:
         a_rows.append(-null_basis)
         b_rows.append(h0)
-    a_pool, b_pool = _rounding_rows_zeroed(np.vstack(a_rows)), np.concatenate(b_rows)
+    sizes = [np.linalg.norm(w_ineq, axis=1)] + ([np.ones(len(h0))] if nonneg else [])
+    a_pool = _rounding_rows_zeroed(np.vstack(a_rows), np.concatenate(sizes))
+    b_pool = np.concatenate(b_rows)
     keep = b_pool < 0  # rows violated at u = 0
     if nonneg:
         smallest = np.argsort(h0)[: min(h0.size, 2 * k + NONNEG_MARGIN)]
@@ -132,19 +134,21 @@ def _polyhedron_lp(
     return None, "failed", "row generation did not settle"  # not reached: the pool is finite
 
 
-def _rounding_rows_zeroed(a: np.ndarray) -> np.ndarray:
-    """`a` with the rows whose entries are all below NOISE_RTOL max|a| set to 0.
+def _rounding_rows_zeroed(a: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """`a` with the rows whose entries are all below NOISE_RTOL times their `size` (what
+    they would be without cancellation: |w_r| for a row w_r N of an orthonormal N, 1 for
+    a row of N) set to 0.
 
-    Such a row of W N or N is rounding (the coordinate does not move along null(W_A)):
-    its constraint is on h0 alone. Left as it is, `RowLP` divides the row by its largest
-    entry, and a bound that h0 misses by rounding (h0_j = -6.6e-6 for a unit whose
-    column of W is not in the null space, the row of N of order 1e-17) becomes a demand
-    of 1e11 along the row: HiGHS then met it with h = 7e9 in a zero column of W, a
-    "preimage" of the layer that the layer below could reach only with |z| = 1e10."""
+    Such a row is rounding (the unit's pre-activation does not move along null(W_A)): its
+    constraint is on h0 alone. Left as it is, `RowLP` divides the row by its largest
+    entry, and a bound that h0 misses by rounding becomes a demand of 1e11 along it:
+    h0_j = -6.6e-6 for a unit whose column of W is not in the null space (its row of N
+    of order 1e-17) got h = 7e9 in a zero column of W, which the layer below could reach
+    only with |z| = 1e10; the inactive rows v of a fold net (W = [V; -V], the rows -v
+    active) got z = 1e15, where G(z) missed x by 0.59."""
     if a.size == 0:
         return a
-    largest = np.max(np.abs(a), axis=1)
-    noise = largest <= NOISE_RTOL * float(np.max(largest))
+    noise = np.max(np.abs(a), axis=1) <= NOISE_RTOL * size
     if not noise.any():
         return a
     out = a.copy()
@@ -173,7 +177,7 @@ def _inner_point_lp(
     free layer is the latent one, whose rows are few.
     """
     k = null_basis.shape[1]
-    a = _rounding_rows_zeroed(w_ineq @ null_basis)
+    a = _rounding_rows_zeroed(w_ineq @ null_basis, np.linalg.norm(w_ineq, axis=1))
     slack = rhs_ineq - w_ineq @ h0
     size = natural_scale(a, slack, h0)  # (not 1: the same LP at every scale of the data)
     depth = DEPTH_RTOL * max(float(np.linalg.norm(h0)), size)
