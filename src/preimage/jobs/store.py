@@ -202,10 +202,10 @@ class ResultsFolder:
                 if k < len(lines) - 1 and line.rstrip().endswith("}"):
                     raise ValueError(f"{path}: line {k + 1} is not JSON") from None
                 continue
-            missing = _entry_problem(entry)
-            if missing:
+            problem = _entry_problem(entry)
+            if problem:
                 raise ValueError(
-                    f"{path}: line {k + 1} is not a chunk's entry ({missing}); the folder "
+                    f"{path}: line {k + 1} is not a chunk's entry ({problem}); the folder "
                     "was edited by hand or by another program"
                 )
             out.append(entry)
@@ -326,10 +326,10 @@ def _entry_problem(entry: Any) -> str:
     missing = [k for k in need if k not in entry]
     if missing:
         return f"no {', '.join(map(repr, missing))}"
-    counts = ("chunk", "start", "stop")
+    positions = ("chunk", "start", "stop")
     if not all(isinstance(entry[k], int) and not isinstance(entry[k], bool) and entry[k] >= 0
-               for k in counts):
-        return f"{', '.join(counts)} must be integers >= 0"
+               for k in positions):
+        return f"{', '.join(positions)} must be integers >= 0"
     if not isinstance(entry["status"], str):
         return "its status must be a string"
     return ""

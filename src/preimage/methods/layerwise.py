@@ -615,15 +615,14 @@ def _pinned_by_weak_units(net: Network, z: np.ndarray, status: np.ndarray,
     if unique.size == 0 or first.activation.kind != "relu" or len(net.layers) == 1:
         return unique[:0]
     pre = first.preactivation(np.nan_to_num(z[unique]))
-    scale = np.maximum(np.max(np.maximum(pre, 0.0), axis=1, keepdims=True), 1e-300)
-    weak = (pre > 0) & (pre <= WEAK_BAND * rtol * scale)
-    if not weak.any():
-        return unique[:0]
+    band = WEAK_BAND * rtol * np.maximum(np.max(pre, axis=1, keepdims=True), 1e-300)
+    strong = pre > band
+    weak = (pre > 0) & ~strong
     out = []
     k = first.in_width
     for i in np.flatnonzero(weak.any(axis=1)):
-        strong = np.flatnonzero(pre[i] > WEAK_BAND * rtol * scale[i, 0])
-        if strong.size < k or np.linalg.matrix_rank(first.weight.rows(strong)) < k:
+        rows = np.flatnonzero(strong[i])
+        if rows.size < k or np.linalg.matrix_rank(first.weight.rows(rows)) < k:
             out.append(unique[i])
     return np.array(out, dtype=int)
 

@@ -736,25 +736,22 @@ def layers_from_module(
     # wrapper fails inside dynamo)
     while isinstance(getattr(module, "_orig_mod", None), nn.Module):
         module = module._orig_mod
-    # TorchScript keeps a compiled graph, not the Python forward that fx traces and the
-    # hooks record (it takes no forward hooks either): refused before any of them is tried
+    from torch.nn.modules.lazy import LazyModuleMixin
+
     for where, mod in module.named_modules():
+        what = type(module).__name__ if not where else (
+            f"{type(module).__name__}.{where} ({type(mod).__name__})")
+        # TorchScript keeps a compiled graph, not the Python forward that fx traces and the
+        # hooks record (it takes no forward hooks either): refused before any of them is tried
         if isinstance(mod, torch.jit.ScriptModule):
-            what = type(module).__name__ if not where else (
-                f"{type(module).__name__}.{where} ({type(mod).__name__})")
             raise TypeError(
                 f"{what} is a TorchScript module (from torch.jit.script, torch.jit.trace or "
                 "torch.jit.load), which preimage cannot read: pass the original nn.Module, or "
                 "export it to ONNX and read that with Network.from_onnx."
             )
-    # a lazy module (nn.LazyLinear, ...) takes its shapes from its first input: the
-    # loader's example codes would fix them for good, in the caller's module
-    from torch.nn.modules.lazy import LazyModuleMixin
-
-    for where, mod in module.named_modules():
+        # a lazy module (nn.LazyLinear, ...) takes its shapes from its first input: the
+        # loader's example codes would fix them for good, in the caller's module
         if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params():
-            what = type(module).__name__ if not where else (
-                f"{type(module).__name__}.{where} ({type(mod).__name__})")
             raise TypeError(
                 f"{what} is a lazy module whose weights are not made yet: run the model once "
                 "on a batch of its codes (or load its weights) first, so that its shapes are "
